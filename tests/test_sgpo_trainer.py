@@ -1,0 +1,372 @@
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+from trl.experimental.online_dpo import OnlineDPOTrainer
+
+from trl_sgpo import SGPOConfig, SGPOTrainer
+from trl_sgpo.collators import encode_improver_example
+from trl_sgpo.templates import improver_prompt, render_prompt
+
+
+def conv_dataset(n=8):
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(n)]})
+
+
+def make_args(tmp_path, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        max_new_tokens=6,
+        max_length=128,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        seed=0,
+    )
+    defaults.update(kw)
+    return SGPOConfig(**defaults)
+
+
+class FixedAnswers:
+    """Stand-in for the sampler: the policy always says `bad`, the improver always says `good`."""
+
+    def __init__(self, tokenizer, bad="one", good="two two", improver=None):
+        eos = tokenizer.eos_token_id
+        self.ids = {
+            "policy": tokenizer(bad, add_special_tokens=False)["input_ids"] + [eos],
+            "improver": (improver if improver is not None else tokenizer(good, add_special_tokens=False)["input_ids"])
+            + [eos],
+        }
+        self.calls = []
+
+    def __call__(self, model, prompts_text, role):
+        self.calls.append((role, list(prompts_text)))
+        return [list(self.ids[role]) for _ in prompts_text]
+
+
+def seq_logp(model, tokenizer, prompt, completion_ids):
+    prompt_ids = tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
+    return logits.log_softmax(-1).gather(1, torch.tensor(completion_ids)[:, None]).sum().item()
+
+
+def test_is_online_dpo_subclass_and_public_api():
+    import trl_sgpo
+
+    assert issubclass(SGPOTrainer, OnlineDPOTrainer)
+    for name in ("SGPOTrainer", "SGPOConfig", "ImproverSFTTrainer", "ImproverSFTConfig"):
+        assert hasattr(trl_sgpo, name)
+
+
+def test_improver_sees_exactly_x_and_y_with_the_sft_tokens(tmp_path, tiny_model, tiny_tokenizer):
+    trainer = SGPOTrainer(tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer)
+    calls = []
+    generate = trainer.model.generate
+
+    def spy(**kwargs):
+        out = generate(**kwargs)
+        calls.append((kwargs["input_ids"], kwargs["attention_mask"], out[:, kwargs["input_ids"].size(1) :]))
+        return out
+
+    trainer.model.generate = spy
+    prompts = [[{"role": "user", "content": "What is 3 plus 3?"}], [{"role": "user", "content": "Name a color."}]]
+    pairs = trainer.generate_pairs(trainer.model, prompts)
+    assert len(calls) == 2  # one policy generation, one improver generation, same model
+    (p_ids, p_mask, _), (i_ids, i_mask, _) = calls
+    for row, prompt in enumerate(prompts):
+        # Policy prompt: the rendered question only.
+        policy_tokens = p_ids[row][p_mask[row].bool()].tolist()
+        assert policy_tokens == tiny_tokenizer(render_prompt(prompt, tiny_tokenizer), add_special_tokens=False)["input_ids"]
+        # Improver prompt: token for token what improver SFT trains on, built from x and the decoded y.
+        improver_tokens = i_ids[row][i_mask[row].bool()].tolist()
+        sft_prompt_ids, _ = encode_improver_example(tiny_tokenizer, prompt, pairs.responses[row], "target")
+        assert improver_tokens == sft_prompt_ids
+        text = tiny_tokenizer.decode(improver_tokens)
+        assert prompt[0]["content"] in text and f"### Draft answer\n{pairs.responses[row]}" in text
+
+
+def test_pairs_put_improved_first_and_score_both_under_the_policy_prompt(tmp_path, tiny_model, tiny_tokenizer):
+    trainer = SGPOTrainer(tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer)
+    fixed = FixedAnswers(tiny_tokenizer)
+    trainer._sample = fixed
+    prompts = [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "What is 1 plus 1?"}]]
+    pairs = trainer.generate_pairs(trainer.model, prompts)
+    B = len(prompts)
+    ids = [row[mask.bool()].tolist() for row, mask in zip(pairs.completion_ids, pairs.completion_mask)]
+    assert ids[:B] == [fixed.ids["improver"]] * B and ids[B:] == [fixed.ids["policy"]] * B
+    for row in range(B):
+        policy = tiny_tokenizer(render_prompt(prompts[row], tiny_tokenizer), add_special_tokens=False)["input_ids"]
+        for half in (row, row + B):
+            assert pairs.prompt_ids[half][pairs.prompt_mask[half].bool()].tolist() == policy
+    assert pairs.keep.all()
+    # The improver was asked about the policy's answer.
+    role, texts = fixed.calls[1]
+    assert role == "improver" and all("### Draft answer\none" in t for t in texts)
+
+
+def test_chosen_is_improved_and_rejected_is_original_in_the_loss(tmp_path, tiny_model, tiny_tokenizer):
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hi?"}]] * 4})
+    trainer = SGPOTrainer(
+        tiny_model, args=make_args(tmp_path, max_steps=1), train_dataset=dataset, processing_class=tiny_tokenizer
+    )
+    fixed = FixedAnswers(tiny_tokenizer)
+    trainer._sample = fixed
+    ref = trainer.ref_model
+    good = seq_logp(ref, tiny_tokenizer, dataset[0]["prompt"], fixed.ids["improver"])
+    bad = seq_logp(ref, tiny_tokenizer, dataset[0]["prompt"], fixed.ids["policy"])
+    assert abs(good - bad) > 1e-3
+    trainer.train()
+    logs = next(h for h in trainer.state.log_history if "logps/chosen" in h)
+    # Logged before the update, when the policy still equals the reference.
+    assert logs["logps/chosen"] == pytest.approx(good, abs=1e-3)
+    assert logs["logps/rejected"] == pytest.approx(bad, abs=1e-3)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_training_raises_the_improved_over_original_log_ratio(tmp_path, tiny_model, tiny_tokenizer, loss_type):
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hi?"}]] * 16})
+    args = make_args(tmp_path, max_steps=8, learning_rate=5e-3, loss_type=loss_type, beta=0.1)
+    trainer = SGPOTrainer(tiny_model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer)
+    fixed = FixedAnswers(tiny_tokenizer)
+    trainer._sample = fixed
+    prompt = dataset[0]["prompt"]
+
+    def log_ratio(model):
+        return seq_logp(model, tiny_tokenizer, prompt, fixed.ids["improver"]) - seq_logp(
+            model, tiny_tokenizer, prompt, fixed.ids["policy"]
+        )
+
+    before = log_ratio(trainer.model) - log_ratio(trainer.ref_model)
+    trainer.train()
+    after = log_ratio(trainer.model) - log_ratio(trainer.ref_model)
+    assert before == pytest.approx(0.0, abs=1e-5)
+    assert after > 0.5
+    margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
+    assert margins[-1] > margins[0]
+
+
+def test_generation_uses_kv_cache_with_gradient_checkpointing(tmp_path, tiny_model, tiny_tokenizer):
+    trainer = SGPOTrainer(
+        tiny_model,
+        args=make_args(tmp_path, gradient_checkpointing=True),
+        train_dataset=conv_dataset(),
+        processing_class=tiny_tokenizer,
+    )
+    assert trainer.generation_config.use_cache is True
+    assert trainer.improver_generation_config.use_cache is True
+    seen = []
+    generate = trainer.model.generate
+
+    def spy(**kwargs):
+        seen.append((kwargs["generation_config"].use_cache, trainer.model.is_gradient_checkpointing))
+        return generate(**kwargs)
+
+    trainer.model.generate = spy
+    trainer.train()
+    assert seen and all(cache and not ckpt for cache, ckpt in seen)
+    assert trainer.model.is_gradient_checkpointing  # switched back on for the backward pass
+
+
+def test_user_can_turn_the_cache_off(tmp_path, tiny_model, tiny_tokenizer):
+    args = make_args(tmp_path, generation_kwargs={"use_cache": False})
+    trainer = SGPOTrainer(tiny_model, args=args, train_dataset=conv_dataset(), processing_class=tiny_tokenizer)
+    assert trainer.generation_config.use_cache is False
+
+
+def _param_delta(tmp_path, tokenizer, build_model, batch_size, accumulation):
+    model = build_model()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Q{i}?"}] for i in range(2)]})
+    args = make_args(
+        tmp_path / f"ga{accumulation}",
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+    )
+    trainer = SGPOTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer._sample = FixedAnswers(tokenizer)
+    trainer.train()
+    return {n: (p.detach() - start[n]) for n, p in trainer.model.named_parameters()}
+
+
+def test_gradient_accumulation_matches_a_full_batch(tmp_path, tiny_tokenizer):
+    from trl_sgpo.tiny import build_tiny_model
+
+    full = _param_delta(tmp_path, tiny_tokenizer, lambda: build_tiny_model(tiny_tokenizer), 2, 1)
+    accumulated = _param_delta(tmp_path, tiny_tokenizer, lambda: build_tiny_model(tiny_tokenizer), 1, 2)
+    norm = sum(d.norm() ** 2 for d in full.values()) ** 0.5
+    assert norm > 0
+    for name in full:
+        torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_shares_one_adapter_and_reference_is_adapter_off(tmp_path, tiny_model, tiny_tokenizer):
+    base = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = SGPOTrainer(
+        tiny_model,
+        args=make_args(tmp_path, learning_rate=1e-2),
+        train_dataset=conv_dataset(),
+        processing_class=tiny_tokenizer,
+        peft_config=peft_config,
+    )
+    assert trainer.ref_model is None
+    seen_models = []
+    sample = trainer._sample
+
+    def spy(model, texts, role):
+        seen_models.append((role, model))
+        return sample(model, texts, role)
+
+    trainer._sample = spy
+    trainer.train()
+    assert {role for role, _ in seen_models} == {"policy", "improver"}
+    assert len({id(m) for _, m in seen_models}) == 1  # policy and improver: the same (adapted) model
+    changed = [n for n, p in trainer.model.named_parameters() if "lora_" in n and p.requires_grad]
+    assert changed
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: non-zero means it trained
+    for name, param in trainer.model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            clean = name.replace(".base_layer", "")
+            torch.testing.assert_close(param, base[clean])
+
+
+def test_full_finetune_changes_weights_and_save_load_round_trip(tmp_path, tiny_model, tiny_tokenizer):
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    trainer = SGPOTrainer(tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer)
+    trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    trainer.create_model_card(model_name="saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, param in trainer.model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], param)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "sgpo" in card and "2507.20181" in card and "SGPO" in card
+    assert "| pairs_made | 4 |" in card and "rewards/margins" in card
+
+
+def test_args_none_and_model_path(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = SGPOTrainer(str(tiny_model_dir), train_dataset=conv_dataset())
+    assert trainer.args.output_dir.endswith("tiny-model-SGPO")
+    assert trainer.args.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert trainer.processing_class.pad_token is not None
+
+
+def test_per_epoch_beta_list(tmp_path, tiny_model, tiny_tokenizer):
+    args = make_args(tmp_path, max_steps=-1, num_train_epochs=2, beta=[0.1, 0.3], per_device_train_batch_size=2)
+    trainer = SGPOTrainer(tiny_model, args=args, train_dataset=conv_dataset(4), processing_class=tiny_tokenizer)
+    trainer._sample = FixedAnswers(tiny_tokenizer)
+    trainer.train()
+    betas = [h["beta"] for h in trainer.state.log_history if "beta" in h]
+    assert betas[0] == pytest.approx(0.1) and betas[-1] == pytest.approx(0.3)
+
+
+def test_evaluate_reports_pair_metrics(tmp_path, tiny_model, tiny_tokenizer):
+    trainer = SGPOTrainer(
+        tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), eval_dataset=conv_dataset(4),
+        processing_class=tiny_tokenizer,
+    )
+    fixed = FixedAnswers(tiny_tokenizer)
+    trainer._sample = fixed
+    metrics = trainer.evaluate()
+    assert metrics["eval_sgpo/kept_frac"] == 1.0
+    # Before training, policy == reference: the DPO logit is 0 and the loss is log 2.
+    assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics["eval_sgpo/improved_length"] == len(fixed.ids["improver"])
+    trainer.train()
+    assert trainer.evaluate()["eval_rewards/margins"] > 0
+
+
+def test_judge_drops_pairs_it_does_not_prefer(tmp_path, tiny_model, tiny_tokenizer):
+    def judge(prompts, completions, **kwargs):
+        # Prefers the improved answer only for even-numbered questions.
+        scores = []
+        for prompt, completion in zip(prompts, completions):
+            even = int(prompt[0]["content"].split()[2]) % 2 == 0
+            improved = completion[0]["content"] == "two two"
+            scores.append(1.0 if improved == even else 0.0)
+        return scores
+
+    trainer = SGPOTrainer(
+        tiny_model, reward_funcs=judge, args=make_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=conv_dataset(8), processing_class=tiny_tokenizer,
+    )
+    trainer._sample = FixedAnswers(tiny_tokenizer)
+    trainer.train()
+    assert trainer.pair_counts == {"made": 8, "kept": 4, "empty": 0, "identical": 0, "judge_rejected": 4}
+    logs = [h for h in trainer.state.log_history if "sgpo/kept_frac" in h]
+    assert all(h["sgpo/kept_frac"] == 0.5 and h["sgpo/judge_dropped_frac"] == 0.5 for h in logs)
+    assert all(h["objective/scores_margin"] == 1.0 for h in logs)  # only preferred pairs trained
+
+
+def test_empty_or_identical_improvements_are_skipped_without_an_update(tmp_path, tiny_model, tiny_tokenizer):
+    args = make_args(tmp_path, optim="sgd", learning_rate=1.0, weight_decay=0.0, max_steps=2)
+    trainer = SGPOTrainer(tiny_model, args=args, train_dataset=conv_dataset(), processing_class=tiny_tokenizer)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    answers = FixedAnswers(tiny_tokenizer, improver=[])  # the improver writes nothing
+    trainer._sample = answers
+    trainer.train()
+    assert trainer.pair_counts["empty"] == 4 and trainer.pair_counts["kept"] == 0
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    assert all(h["sgpo/empty_frac"] == 1.0 for h in trainer.state.log_history if "sgpo/empty_frac" in h)
+
+    trainer2 = SGPOTrainer(
+        tiny_model, args=make_args(tmp_path / "b"), train_dataset=conv_dataset(), processing_class=tiny_tokenizer
+    )
+    trainer2._sample = FixedAnswers(tiny_tokenizer, bad="same", good="same")
+    trainer2.train()
+    assert trainer2.pair_counts["identical"] == 4 and trainer2.pair_counts["kept"] == 0
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path, tiny_model, tiny_tokenizer):
+    args = make_args(tmp_path)
+    with pytest.raises(ValueError, match=r"missing the column\(s\) \['prompt'\]"):
+        SGPOTrainer(tiny_model, args=args, train_dataset=Dataset.from_dict({"question": ["q"]}), processing_class=tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"empty `prompt` in row\(s\) 1"):
+        SGPOTrainer(
+            tiny_model, args=args, train_dataset=Dataset.from_dict({"prompt": ["ok", "  "]}), processing_class=tiny_tokenizer
+        )
+    with pytest.raises(ValueError, match="missing_eos_penalty"):
+        make_args(tmp_path, missing_eos_penalty=1.0)
+    with pytest.raises(ValueError, match="Every prompt"):
+        SGPOTrainer(
+            tiny_model, args=make_args(tmp_path, max_length=16, max_new_tokens=8),
+            train_dataset=Dataset.from_dict({"prompt": ["a long prompt " * 10]}), processing_class=tiny_tokenizer,
+        )
+
+
+def test_long_prompts_are_skipped_and_missing_pad_token_is_filled(tmp_path, tiny_model, tiny_tokenizer, caplog):
+    tiny_tokenizer.pad_token = None
+    dataset = Dataset.from_dict({"prompt": ["short", "a long prompt " * 40, "also short"]})
+    trainer = SGPOTrainer(
+        tiny_model, args=make_args(tmp_path, max_length=64, max_new_tokens=8), train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+    )
+    assert trainer.train_dataset["prompt"] == ["short", "also short"]
+    assert "Skipping 1 of 3 prompts" in caplog.text
+    assert tiny_tokenizer.pad_token == tiny_tokenizer.eos_token
+
+
+def test_standard_text_prompts_train(tmp_path, tiny_model, tiny_tokenizer):
+    dataset = Dataset.from_dict({"prompt": [f"Question {i}: what is {i} times 2?" for i in range(4)]})
+    trainer = SGPOTrainer(tiny_model, args=make_args(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer)
+    trainer.train()
+    assert trainer.pair_counts["made"] == 4
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])

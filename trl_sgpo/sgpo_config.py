@@ -1,0 +1,75 @@
+"""Configuration of :class:`~trl_sgpo.SGPOTrainer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl.experimental.online_dpo import OnlineDPOConfig
+
+from .templates import DEFAULT_INSTRUCTION
+from .utils import apply_cpu_defaults
+
+
+@dataclass
+class SGPOConfig(OnlineDPOConfig):
+    r"""
+    Configuration class for the [`SGPOTrainer`].
+
+    Only the parameters specific to SGPO are listed here; the generation, loss (`beta`, `loss_type`), vLLM and
+    training parameters are those of TRL's [`~trl.experimental.online_dpo.OnlineDPOConfig`] and
+    [`~transformers.TrainingArguments`]. Differences from `OnlineDPOConfig`:
+
+    - `bf16` defaults to `True` only when a bf16-capable accelerator is present (TRL's `True` errors on CPU), and
+      `use_cpu` is switched on when there is no accelerator (so several CPU processes train with gloo DDP).
+    - Generation always uses the KV cache, also with `gradient_checkpointing=True` (TRL's OnlineDPO generates
+      without it there, about 6x slower); set `generation_kwargs={"use_cache": False}` to opt out.
+    - `missing_eos_penalty` is rejected: SGPO's chosen answer is always the improved one, so a reward penalty cannot
+      reorder a pair. Pass a judge as `reward_funcs` to drop pairs instead.
+
+    Parameters:
+        improver_instruction (`str`, *optional*):
+            The instruction shown to the model in its improver role, above the question and the draft answer. Defaults
+            to [`~trl_sgpo.templates.DEFAULT_INSTRUCTION`]. Must be the same as the one used for improver SFT.
+        improver_temperature (`float`, *optional*):
+            Sampling temperature of the improver generation. Defaults to `temperature`.
+        improver_max_new_tokens (`int`, *optional*):
+            Maximum number of tokens the improver may write. Defaults to `max_new_tokens`.
+        judge_margin (`float`, *optional*, defaults to `0.0`):
+            Only used when `reward_funcs` (a judge) is given: a pair is kept when the judge scores the improved answer
+            more than `judge_margin` above the original one; other pairs are dropped from the batch and counted.
+    """
+
+    improver_instruction: str = field(
+        default=DEFAULT_INSTRUCTION,
+        metadata={"help": "Instruction shown to the improver above the question and the draft answer."},
+    )
+    improver_temperature: float | None = field(
+        default=None,
+        metadata={"help": "Sampling temperature of the improver. Defaults to `temperature`."},
+    )
+    improver_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Maximum number of tokens the improver may write. Defaults to `max_new_tokens`."},
+    )
+    judge_margin: float = field(
+        default=0.0,
+        metadata={
+            "help": "With a judge in `reward_funcs`: keep a pair only when the judge scores the improved answer more "
+            "than this above the original."
+        },
+    )
+
+    def __post_init__(self):
+        apply_cpu_defaults(self)
+        super().__post_init__()
+        if self.missing_eos_penalty is not None:
+            raise ValueError(
+                "`missing_eos_penalty` is not supported by SGPO: the improved answer is always the chosen one, so a "
+                "reward penalty cannot reorder a pair. Unset it, or pass a judge as `reward_funcs` to drop pairs."
+            )
+        if self.improver_temperature is not None and self.improver_temperature < 0:
+            raise ValueError(f"`improver_temperature` must be >= 0, got {self.improver_temperature}.")
+        if self.improver_max_new_tokens is not None and self.improver_max_new_tokens < 1:
+            raise ValueError(f"`improver_max_new_tokens` must be >= 1, got {self.improver_max_new_tokens}.")
+        if not self.improver_instruction.strip():
+            raise ValueError("`improver_instruction` is empty; leave it unset to use the default instruction.")

@@ -1,0 +1,581 @@
+"""SGPOTrainer: on-policy DPO where one model answers (policy) and then improves its own answer (improver)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from datasets import Dataset, IterableDataset
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from trl.data_utils import is_conversational
+from trl.experimental.online_dpo import OnlineDPOTrainer
+from trl.experimental.utils import truncate_right
+from trl.models.utils import unwrap_model_for_generation
+
+from .data import check_prompt_dataset
+from .models import DEFAULT_MODEL, load_model_and_tokenizer
+from .sgpo_config import SGPOConfig
+from .templates import ImproverTemplate, improver_prompt, render_prompt
+from .utils import SGPO_PAPER
+
+logger = get_logger(__name__)
+
+SGPO_STATS = (
+    "sgpo/policy_length",
+    "sgpo/improved_length",
+    "sgpo/empty_frac",
+    "sgpo/identical_frac",
+    "sgpo/judge_dropped_frac",
+    "sgpo/kept_frac",
+)
+
+
+def _placeholder_reward(completions, **kwargs):
+    # OnlineDPOTrainer requires `reward_funcs`; SGPO needs none (the improved answer is the chosen one).
+    return [0.0] * len(completions)
+
+
+@dataclass
+class SGPOPairs:
+    """One micro-batch of self-generated pairs, in OnlineDPO's block layout: rows ``[improved; original]``.
+
+    ``keep`` marks the pairs that train; the tensors hold every pair (``B`` prompts, ``2B`` rows).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    responses: list[str]
+    improved: list[str]
+    keep: torch.Tensor
+    judge_scores: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> SGPOPairs:
+        """The pairs at ``index`` (positions among the ``B`` prompts), keeping the block layout."""
+        batch_size = len(self.responses)
+        rows = torch.cat([index, index + batch_size])
+        scores = None if self.judge_scores is None else self.judge_scores[rows.to(self.judge_scores.device)]
+        idx = index.tolist()
+        return SGPOPairs(
+            prompt_ids=self.prompt_ids[rows],
+            prompt_mask=self.prompt_mask[rows],
+            completion_ids=self.completion_ids[rows],
+            completion_mask=self.completion_mask[rows],
+            responses=[self.responses[i] for i in idx],
+            improved=[self.improved[i] for i in idx],
+            keep=self.keep[index],
+            judge_scores=scores,
+        )
+
+
+class SGPOTrainer(OnlineDPOTrainer):
+    r"""
+    Trainer for Self-Generated Preference Optimization (SGPO, [arXiv 2507.20181](https://huggingface.co/papers/2507.20181)).
+
+    For each prompt `x` of a batch, the model being trained first answers as the **policy** (`y`), then, prompted
+    with `x` and `y` through [`~trl_sgpo.templates.improver_prompt`], rewrites the answer as the **improver** (`y'`).
+    Both roles use the same weights (and the same LoRA adapter, if any). The pair (chosen `y'`, rejected `y`), both
+    scored as answers to `x`, trains with OnlineDPO's loss (`loss_type="sigmoid"` or `"ipo"`) against the reference
+    model (a frozen copy, or the model with its adapter disabled under PEFT).
+
+    Pairs whose improved answer is empty or identical to the original are dropped (they carry no preference). With a
+    judge in `reward_funcs`, pairs where the judge does not score `y'` more than `args.judge_margin` above `y` are
+    dropped too. Dropped pairs are counted in the `sgpo/*` logs and in [`pair_counts`].
+
+    What this subclass changes in TRL's `OnlineDPOTrainer` (1.16), besides the SGPO pairs:
+    - generation uses the KV cache even with gradient checkpointing on;
+    - the loss is divided by the gradient-accumulation steps before `backward` (OnlineDPO sums micro-batches);
+    - `evaluate()` works (it reports the DPO loss and reward margins of self-generated pairs, without training);
+    - a per-epoch `beta` list works; `args=None`, `reward_funcs=None` and a model id without `processing_class` work.
+
+    Args:
+        model: Model to train: a `PreTrainedModel`, a Hub id, a local path, or `"smollm2-135m-instruct"` for the
+            embedded default. A string is loaded with `args.model_init_kwargs` (with `device_map=None` so that
+            distributed launches work).
+        ref_model: Reference model. Defaults to a frozen copy of `model`, or to the adapter-disabled model under PEFT.
+        reward_funcs: Optional judge(s), in OnlineDPO's `reward_funcs` format (callables, sequence-classification
+            models or model ids). Used only to drop pairs, never to pick the chosen answer.
+        args: An [`SGPOConfig`]. Defaults to `SGPOConfig("<model name>-SGPO")`.
+        train_dataset: Dataset with a `prompt` column (standard string or conversational messages).
+        processing_class: Tokenizer. Defaults to the tokenizer of `model` when `model` is a string.
+        **kwargs: The other arguments of [`~trl.experimental.online_dpo.OnlineDPOTrainer`].
+    """
+
+    _tag_names = ["trl", "sgpo"]
+    _name = "SGPO"
+    _paper = SGPO_PAPER
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        reward_funcs=None,
+        args: SGPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        reward_processing_classes=None,
+        peft_config=None,
+        compute_metrics: Callable | None = None,
+        callbacks=None,
+        optimizers=(None, None),
+        preprocess_logits_for_metrics=None,
+    ) -> None:
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = SGPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-SGPO")
+        elif not isinstance(args, SGPOConfig):
+            raise TypeError(f"`args` must be an `SGPOConfig`, got {type(args).__name__}.")
+
+        if model == DEFAULT_MODEL:
+            # Loaded here rather than by OnlineDPO so the model card names the Hub model, not the cache folder.
+            model, default_tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, **(args.model_init_kwargs or {}))
+            args.model_init_kwargs = None
+            processing_class = processing_class or default_tokenizer
+        if isinstance(model, str):
+            # OnlineDPO defaults string models to device_map="auto", which accelerate refuses under DDP/FSDP.
+            args.model_init_kwargs = {"device_map": None, **(args.model_init_kwargs or {})}
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(
+                    model, trust_remote_code=args.trust_remote_code, revision=args.model_init_kwargs.get("revision")
+                )
+        if ref_model is None and peft_config is None and is_deepspeed_zero3_enabled():
+            # OnlineDPO cannot deep-copy a ZeRO-3 partitioned policy into a reference (trl#2532): load a second copy.
+            source = model if isinstance(model, str) else model.config._name_or_path
+            if not source or not (os.path.isdir(source) or "/" in source):
+                raise ValueError(
+                    "Under DeepSpeed ZeRO-3 without PEFT, pass `ref_model` (the reference cannot be copied from a "
+                    "partitioned model) or a model id/path the trainer can load it from."
+                )
+            ref_model = AutoModelForCausalLM.from_pretrained(source, **(args.model_init_kwargs or {}))
+        if processing_class is None:
+            raise ValueError("`processing_class` (the tokenizer) is required when `model` is not a model id or path.")
+        if not isinstance(processing_class, PreTrainedTokenizerBase):
+            raise TypeError(
+                "SGPOTrainer supports text models only: `processing_class` must be a tokenizer, got "
+                f"{type(processing_class).__name__}."
+            )
+        if processing_class.pad_token is None:
+            if processing_class.eos_token is None:
+                raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
+            processing_class.pad_token = processing_class.eos_token
+
+        self.improver_template = ImproverTemplate(instruction=args.improver_instruction)
+        train_dataset = check_prompt_dataset(
+            train_dataset, processing_class, args.max_length - args.max_new_tokens, name="train_dataset"
+        )
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                key: check_prompt_dataset(
+                    ds, processing_class, args.max_length - args.max_new_tokens, name=f"eval_dataset[{key!r}]"
+                )
+                for key, ds in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = check_prompt_dataset(
+                eval_dataset, processing_class, args.max_length - args.max_new_tokens, name="eval_dataset"
+            )
+
+        self.has_judge = reward_funcs is not None and reward_funcs != []
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            reward_funcs=reward_funcs if self.has_judge else _placeholder_reward,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            peft_config=peft_config,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+
+        if not self.has_judge:
+            # Without a judge OnlineDPO's score statistics would only echo the placeholder.
+            self.reward_funcs = None
+            for key in ("objective/rlhf_reward", "objective/scores_margin", "objective/scores"):
+                self.stats.pop(key, None)
+        for key in SGPO_STATS:
+            self.stats[key] = []
+        self.pair_counts = {"made": 0, "kept": 0, "empty": 0, "identical": 0, "judge_rejected": 0}
+        self._pending_pairs: SGPOPairs | None = None
+
+        if not self.use_vllm:
+            # OnlineDPO sets use_cache = not gradient_checkpointing; generation runs with checkpointing switched off
+            # (unwrap_model_for_generation), so the cache is always safe and about 6x faster.
+            user_kwargs = args.generation_kwargs or {}
+            if "use_cache" not in user_kwargs:
+                self.generation_kwargs["use_cache"] = True
+                self.generation_config.use_cache = True
+            improver_kwargs = dict(self.generation_kwargs)
+            if args.improver_temperature is not None:
+                improver_kwargs["temperature"] = args.improver_temperature
+                if args.improver_temperature == 0:
+                    improver_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
+            if args.improver_max_new_tokens is not None:
+                improver_kwargs["max_new_tokens"] = args.improver_max_new_tokens
+            self.improver_generation_config = GenerationConfig(
+                **{k: v for k, v in improver_kwargs.items() if v is not None}
+            )
+
+    # ------------------------------------------------------------------ schedule and loss scaling fixes
+
+    @property
+    def beta(self):
+        # OnlineDPO indexes the list with the float `state.epoch` and crashes on step 2 (trl#6806).
+        if isinstance(self._beta, list):
+            epoch = int(self.state.epoch or 0)
+            return self._beta[min(epoch, len(self._beta) - 1)]
+        return self._beta
+
+    @contextmanager
+    def _backward_scaled_for_accumulation(self):
+        """Divide the loss by the accumulation steps in ``backward``, as ``Trainer.training_step`` does.
+
+        OnlineDPO 1.16 calls ``accelerator.backward(loss)`` unscaled, so gradients are summed over micro-batches
+        (except under DeepSpeed, whose engine divides by itself). Patching ``backward`` for the duration of the step
+        fixes that without copying OnlineDPO's training step.
+        """
+        backward = self.accelerator.backward
+        steps = self.current_gradient_accumulation_steps
+
+        def scaled_backward(loss, **kwargs):
+            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+                kwargs["scale_wrt_gas"] = False
+            return backward(loss / steps, **kwargs)
+
+        self.accelerator.backward = scaled_backward
+        try:
+            yield
+        finally:
+            self.accelerator.backward = backward
+
+    # ------------------------------------------------------------------ generation of the pairs
+
+    def _sample(self, model, prompts_text: list[str], role: str) -> list[list[int]]:
+        """Sample one completion per prompt text; returns token ids up to and including the first EOS."""
+        if self.use_vllm:
+            return self._sample_vllm(prompts_text, role)
+        config = self.generation_config if role == "policy" else self.improver_generation_config
+        inputs = self._tokenizer(
+            text=prompts_text, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        ).to(self.accelerator.device)
+        with (
+            unwrap_model_for_generation(
+                model,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                # OnlineDPO passes none, so a user's `use_reentrant` is lost after the first generation.
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            FSDP.summon_full_params(self.model_wrapped, recurse=False) if self.is_fsdp_enabled else nullcontext(),
+        ):
+            output = unwrapped_model.generate(**inputs, generation_config=config)
+        completion_ids, completion_mask = truncate_right(
+            output[:, inputs["input_ids"].size(1) :], self.eos_token_ids, self._tokenizer.pad_token_id
+        )
+        return [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask, strict=True)]
+
+    def _vllm_sampling_params(self, role: str):
+        from vllm import SamplingParams
+
+        params = {
+            "n": 1,  # OnlineDPO samples n=2 per prompt; SGPO samples once per role
+            "repetition_penalty": self.repetition_penalty,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": -1 if not self.top_k else self.top_k,
+            "min_p": 0.0 if self.min_p is None else self.min_p,
+            "max_tokens": self.args.max_new_tokens,
+            "detokenize": False,
+            **(self.args.generation_kwargs or {}),
+        }
+        if role == "improver":
+            if self.args.improver_temperature is not None:
+                params["temperature"] = self.args.improver_temperature
+            if self.args.improver_max_new_tokens is not None:
+                params["max_tokens"] = self.args.improver_max_new_tokens
+        return SamplingParams(**params)
+
+    def _sample_vllm(self, prompts_text: list[str], role: str) -> list[list[int]]:
+        """vLLM counterpart of :meth:`_sample` (colocate or server mode), weights synced once per optimizer step."""
+        if self.state.global_step != getattr(self, "_last_loaded_step", None):
+            self._move_model_to_vllm()
+            self._last_loaded_step = self.state.global_step
+        params = self._vllm_sampling_params(role)
+        if self.vllm_mode == "colocate":
+            if self.args.vllm_enable_sleep_mode:
+                self.llm.wake_up()
+            outputs = self.llm.generate(prompts_text, params, use_tqdm=False)
+            if self.args.vllm_enable_sleep_mode:
+                self.llm.sleep(level=2)
+            completion_ids = [list(out.outputs[0].token_ids) for out in outputs]
+        else:
+            all_prompts = gather_object(prompts_text)
+            if self.accelerator.is_main_process:
+                result = self.vllm_client.generate(
+                    prompts=all_prompts,
+                    n=1,
+                    repetition_penalty=params.repetition_penalty,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    top_k=params.top_k,
+                    min_p=params.min_p,
+                    max_tokens=params.max_tokens,
+                    generation_kwargs=self.args.generation_kwargs,
+                )
+                completion_ids = result["completion_ids"]
+            else:
+                completion_ids = [None] * len(all_prompts)
+            completion_ids = broadcast_object_list(completion_ids, from_process=0)
+            start = self.accelerator.process_index * len(prompts_text)
+            completion_ids = completion_ids[start : start + len(prompts_text)]
+        # Cut at the first EOS, like truncate_right on the transformers path.
+        cut = []
+        for ids in completion_ids:
+            ends = [i for i, t in enumerate(ids) if t in self.eos_token_ids]
+            cut.append(ids[: ends[0] + 1] if ends else list(ids))
+        return cut
+
+    def _pad_right(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, max(len(r) for r in rows))
+        pad = self._tokenizer.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.accelerator.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.accelerator.device)
+        return ids, mask
+
+    def generate_pairs(self, model, prompts: list, inputs: dict[str, Any] | None = None) -> SGPOPairs:
+        """Let ``model`` answer each prompt, then improve its own answer; return the pairs and which to keep.
+
+        ``inputs`` (the collated batch) supplies the extra dataset columns a judge may read.
+        """
+        tokenizer = self._tokenizer
+        policy_texts = [render_prompt(p, tokenizer) for p in prompts]
+        response_ids = self._sample(model, policy_texts, role="policy")
+        responses = [t.strip() for t in tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
+
+        improver_texts = [
+            render_prompt(improver_prompt(p, y, self.improver_template), tokenizer)
+            for p, y in zip(prompts, responses, strict=True)
+        ]
+        improved_ids = self._sample(model, improver_texts, role="improver")
+        improved = [t.strip() for t in tokenizer.batch_decode(improved_ids, skip_special_tokens=True)]
+
+        # Both answers are scored as answers to x: the prompt is the policy prompt, repeated for the two halves.
+        prompt_inputs = tokenizer(
+            text=policy_texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        ).to(self.accelerator.device)
+        completion_ids, completion_mask = self._pad_right(improved_ids + response_ids)
+
+        device = self.accelerator.device
+        empty = torch.tensor([not t for t in improved], dtype=torch.bool, device=device)
+        identical = torch.tensor([a == b for a, b in zip(improved, responses)], dtype=torch.bool, device=device)
+        keep = ~empty & ~identical
+        judge_scores = None
+        if self.has_judge:
+            judge_scores = self._judge(prompts, improved + responses, improved_ids + response_ids, inputs or {})
+            better, worse = judge_scores.split(len(prompts))
+            # NaN (a judge that abstains) compares False: the pair is dropped.
+            keep &= (better - worse) > self.args.judge_margin
+
+        return SGPOPairs(
+            prompt_ids=prompt_inputs["input_ids"].repeat(2, 1),
+            prompt_mask=prompt_inputs["attention_mask"].repeat(2, 1),
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            responses=responses,
+            improved=improved,
+            keep=keep,
+            judge_scores=judge_scores,
+        )
+
+    def _judge(self, prompts, completions, completion_ids, inputs) -> torch.Tensor:
+        if is_conversational({"prompt": prompts[0]}):
+            completions = [[{"role": "assistant", "content": c}] for c in completions]
+        extra = {k: (v * 2 if isinstance(v, (list, tuple)) else v) for k, v in inputs.items() if k != "prompt"}
+        return super()._calculate_rewards_from_functions(
+            prompts=2 * list(prompts), completions=completions, completion_ids_list=completion_ids, **extra
+        )
+
+    def _record_pair_stats(self, pairs: SGPOPairs) -> None:
+        gather = self.accelerator.gather_for_metrics
+        batch_size = len(pairs.responses)
+        lengths = pairs.completion_mask.sum(1).float()
+        empty = torch.tensor([not t for t in pairs.improved], dtype=torch.float, device=lengths.device)
+        identical = torch.tensor(
+            [a == b and bool(a) for a, b in zip(pairs.improved, pairs.responses)], dtype=torch.float, device=lengths.device
+        )
+        judge_dropped = (1 - pairs.keep.float()) - torch.maximum(empty, identical)
+        per_pair = torch.stack(
+            [lengths[batch_size:], lengths[:batch_size], empty, identical, judge_dropped, pairs.keep.float()], dim=1
+        )
+        per_pair = gather(per_pair)
+        for key, column in zip(SGPO_STATS, per_pair.mean(0).tolist(), strict=True):
+            self.stats[key].append(column)
+        totals = per_pair.sum(0).tolist()
+        self.pair_counts["made"] += per_pair.size(0)
+        self.pair_counts["empty"] += int(totals[2])
+        self.pair_counts["identical"] += int(totals[3])
+        self.pair_counts["judge_rejected"] += int(round(totals[4]))
+        self.pair_counts["kept"] += int(totals[5])
+
+    # ------------------------------------------------------------------ OnlineDPO seams
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if "image" in inputs:
+            raise NotImplementedError("SGPOTrainer supports text prompts only (the dataset has an `image` column).")
+        prompts = inputs["prompt"]
+        pairs = self.generate_pairs(model, prompts, inputs)
+        self._record_pair_stats(pairs)
+
+        kept = pairs.keep.nonzero().flatten().cpu()
+        if len(kept) > 0:
+            pairs = pairs.select(kept)
+            inputs = {
+                k: ([v[i] for i in kept.tolist()] if isinstance(v, list) else v[kept] if torch.is_tensor(v) else v)
+                for k, v in inputs.items()
+            }
+        else:
+            # Nothing to learn from, but every process must still run backward (DDP all-reduces there): train on
+            # the pairs with their completions masked out, which gives a zero gradient.
+            pairs.completion_mask = torch.zeros_like(pairs.completion_mask)
+        self._pending_pairs = pairs
+        try:
+            with self._backward_scaled_for_accumulation():
+                return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._pending_pairs = None
+
+    def _take_pending(self):
+        if self._pending_pairs is None:
+            raise RuntimeError("SGPO pairs are generated in `training_step`; `_generate` cannot be called on its own.")
+        p = self._pending_pairs
+        return p.prompt_ids, p.prompt_mask, p.completion_ids, p.completion_mask
+
+    def _generate(self, model, prompts, images=None):
+        return (*self._take_pending(), None)
+
+    def _generate_vllm(self, prompts, images=None):
+        return self._take_pending()
+
+    def _calculate_rewards_from_functions(self, prompts, completions, completion_ids_list, **reward_kwargs):
+        # The first half (improved answers) is the chosen one. Judge scores are reported when there is a judge;
+        # kept pairs already satisfy improved > original there.
+        if self._pending_pairs is not None and self._pending_pairs.judge_scores is not None:
+            return self._pending_pairs.judge_scores
+        batch_size = len(prompts) // 2
+        return torch.cat([torch.ones(batch_size), torch.zeros(batch_size)]).to(self.accelerator.device)
+
+    # ------------------------------------------------------------------ model card
+
+    def training_figures(self) -> dict[str, float]:
+        """Pair counts so far and the last logged loss and reward statistics, for summaries and the model card."""
+        figures: dict[str, float] = {f"pairs_{k}": v for k, v in self.pair_counts.items()}
+        for entry in reversed(self.state.log_history):
+            if "rewards/margins" in entry:
+                for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+                    if key in entry:
+                        figures[key] = entry[key]
+                break
+        return figures
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card (tags ``trl``, ``sgpo``, the SGPO citation) plus a table of SGPO training figures."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in self.training_figures().items())
+        section = (
+            "\n## SGPO training figures\n\nPairs are (chosen: the model's improvement of its own answer, rejected: "
+            "its answer). Values at the last logged step.\n\n| figure | value |\n|---|---|\n" + rows + "\n"
+        )
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(section)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _pair_losses(self, model, pairs: SGPOPairs) -> dict[str, torch.Tensor]:
+        """DPO loss and implicit rewards of ``pairs`` (no gradient): OnlineDPO's objective, evaluated."""
+        args = (pairs.prompt_ids, pairs.prompt_mask, pairs.completion_ids, pairs.completion_mask)
+        with torch.no_grad():
+            logps = (self._forward(model, *args) * pairs.completion_mask).sum(1)
+            if self.ref_model is not None:
+                ref_logps = (self._forward(self.ref_model, *args) * pairs.completion_mask).sum(1)
+            else:
+                with self.accelerator.unwrap_model(self.model).disable_adapter():
+                    ref_logps = (self._forward(self.model, *args) * pairs.completion_mask).sum(1)
+        chosen, rejected = logps.chunk(2)
+        ref_chosen, ref_rejected = ref_logps.chunk(2)
+        logits = (chosen - rejected) - (ref_chosen - ref_rejected)
+        if self.args.loss_type == "sigmoid":
+            loss = -F.logsigmoid(self.beta * logits)
+        else:
+            loss = (logits - 1 / (2 * self.beta)) ** 2
+        margins = self.beta * logits
+        return {"loss": loss, "rewards/margins": margins, "rewards/accuracies": (margins > 0).float()}
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Generate pairs on the eval prompts and report their DPO loss and reward margins (no training).
+
+        OnlineDPO's ``evaluate`` crashes (trl#2464); this one reports ``{prefix}_loss``, ``{prefix}_rewards/margins``,
+        ``{prefix}_rewards/accuracies``, ``{prefix}_sgpo/kept_frac`` and the answer lengths.
+        """
+        eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(eval_dataset, dict):
+            metrics = {}
+            for key, ds in eval_dataset.items():
+                metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{key}"))
+            return metrics
+        if eval_dataset is None:
+            raise ValueError("`evaluate` needs an `eval_dataset` (pass one to the trainer or to `evaluate`).")
+
+        model = self.model
+        was_training = model.training
+        model.eval()
+        # Per pair: kept, lengths, and loss/margin/accuracy counted on kept pairs only. Fixed-size rows per batch so
+        # every process gathers the same shapes.
+        columns = ("sgpo/kept_frac", "sgpo/policy_length", "sgpo/improved_length", "loss", "rewards/margins",
+                   "rewards/accuracies")
+        totals = torch.zeros(len(columns), dtype=torch.float64)
+        n_pairs = 0
+        for batch in self.get_eval_dataloader(eval_dataset):
+            pairs = self.generate_pairs(model, batch["prompt"], batch)
+            batch_size = len(pairs.responses)
+            keep = pairs.keep.float()
+            lengths = pairs.completion_mask.sum(1).float()
+            losses = self._pair_losses(model, pairs)
+            per_pair = torch.stack(
+                [keep, lengths[batch_size:], lengths[:batch_size]] + [losses[k] * keep for k in columns[3:]], dim=1
+            )
+            per_pair = self.accelerator.gather_for_metrics(per_pair)
+            totals += per_pair.sum(0).double().cpu()
+            n_pairs += per_pair.size(0)
+        if was_training:
+            model.train()
+
+        n_kept = totals[0].item()
+        metrics = {}
+        for key, total in zip(columns, totals.tolist(), strict=True):
+            denominator = n_kept if key in columns[3:] else n_pairs
+            metrics[f"{metric_key_prefix}_{key}"] = total / denominator if denominator else float("nan")
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

@@ -1,0 +1,49 @@
+"""Small helpers shared by the configs and trainers."""
+
+from __future__ import annotations
+
+import textwrap
+
+import torch
+
+SGPO_PAPER = {
+    "title": "SGPO: Self-Generated Preference Optimization based on Self-Improver",
+    "id": "2507.20181",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @article{lee2025sgpo,
+            title        = {{SGPO: Self-Generated Preference Optimization based on Self-Improver}},
+            author       = {Hyeonji Lee and Daejin Jo and Seohwan Yun and Sungwoong Kim},
+            year         = 2025,
+            eprint       = {arXiv:2507.20181}
+        }"""),
+}
+
+
+def bf16_supported() -> bool:
+    """Whether an accelerator that trains in bf16 is present. TRL defaults ``bf16=True``, which errors on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return True
+    return False
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees any accelerator (CUDA, XPU, MPS, ...)."""
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.current_accelerator() is not None
+    return torch.cuda.is_available()
+
+
+def apply_cpu_defaults(config) -> None:
+    """Defaults that work on a machine without an accelerator, applied before TRL's own ``__post_init__``.
+
+    - An unset ``bf16`` becomes ``True`` only on a bf16-capable accelerator (TRL's ``True`` errors on CPU).
+    - ``use_cpu`` is switched on when there is no accelerator at all: the device is the CPU either way, and it is what
+      makes transformers set up gloo DDP when several CPU processes are launched.
+    """
+    if not has_accelerator():
+        config.use_cpu = True
+    if config.bf16 is None and not config.fp16:
+        config.bf16 = bool(bf16_supported() and not config.use_cpu)
