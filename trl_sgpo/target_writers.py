@@ -1,0 +1,785 @@
+"""Target writers: who writes the improver's SFT target ``y'`` from ``{prompt, response, reference}``.
+
+:func:`write_targets` runs any writer over a dataset, writing each finished row to a JSONL file as it comes (so a
+rerun resumes) and each failed row, with its reason, to a separate failures file (a rerun retries those). Writers:
+
+- :class:`OpenAITargetWriter`: the real thing. A strong LLM behind any OpenAI-compatible endpoint (OpenAI, vLLM,
+  SGLang, TGI, Ollama, ...) rewrites the policy's answer one step toward the reference, following
+  :mod:`trl_sgpo.target_prompts`. Bounded concurrency, retries with backoff, per-request timeout, token and cost
+  accounting, and an on-disk answer cache so that no request is paid for twice.
+- :class:`TransformersTargetWriter`: the same prompt, answered by a local ``transformers`` model. Good with a strong
+  local instruct model on a GPU and no server at hand; with a small model (like the 135M default) the targets are
+  poor, so use it there only to exercise the pipeline.
+- :class:`ReferenceStepWriter`: no model at all. A deterministic sentence-level edit that replaces, inserts or deletes
+  the first sentences where the answer differs from the reference, moving it part of the way there. Instant and
+  reproducible: for tests, CPU smoke runs, and as a baseline; its targets splice reference sentences into the
+  answer, so they are incremental and close to the policy's text but not always fluent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from .data import check_columns, check_non_empty
+from .jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_done, read_jsonl, rows_in_order, stable_hash
+from .sampling import generate_completions
+from .target_prompts import (
+    DEFAULT_TARGET_PROMPT,
+    MalformedTargetError,
+    TargetPromptConfig,
+    build_target_messages,
+    parse_target,
+)
+from .templates import render_prompt
+
+logger = logging.getLogger(__name__)
+
+TARGET_COLUMNS = ("prompt", "response", "reference")
+
+
+# --------------------------------------------------------------------------------------------- results and stats
+
+
+@dataclass
+class TargetResult:
+    """The outcome for one row: a ``target``, or an ``error`` (the reason it failed). ``meta`` is added to the row."""
+
+    target: str | None = None
+    error: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WriterStats:
+    """Counters of one :func:`write_targets` run (``writer.stats``)."""
+
+    rows: int = 0
+    written: int = 0
+    failed: int = 0
+    requests: int = 0  # HTTP requests sent, retries included
+    retries: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0  # billed tokens of the answers received in this run (cache hits are free)
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    peak_in_flight: int = 0
+    elapsed_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        text = f"{self.written} written, {self.failed} failed of {self.rows} rows in {self.elapsed_s:.1f}s"
+        if self.requests or self.cache_hits:
+            text += (
+                f"; {self.requests} requests ({self.retries} retries, peak {self.peak_in_flight} in flight), "
+                f"{self.cache_hits} cache hits, {self.prompt_tokens}+{self.completion_tokens} tokens, "
+                f"${self.cost_usd:.4f}"
+            )
+        return text
+
+
+class TargetWriterAbort(RuntimeError):
+    """A failure that concerns every row (bad key, unknown model or URL, full disk): the run stops at once."""
+
+
+Job = dict[str, Any]
+OnResult = Callable[[Job, TargetResult], None]
+
+
+class TargetWriter(ABC):
+    """A writer turns rows ``{prompt, response, reference}`` into targets; see :func:`write_targets`."""
+
+    name: str = "writer"
+
+    def __init__(self):
+        self.stats = WriterStats()
+
+    @abstractmethod
+    def run(self, jobs: list[Job], on_result: OnResult) -> None:
+        """Write a target for every row of ``jobs`` and call ``on_result(row, result)`` once per row as it finishes.
+
+        Raise :class:`TargetWriterAbort` for a failure that makes the other rows pointless.
+        """
+
+    def prepare(self, output_path: Path) -> None:  # noqa: B027 (optional hook, a no-op by default)
+        """Called by :func:`write_targets` before :meth:`run` (e.g. to place a cache next to the output)."""
+
+
+# --------------------------------------------------------------------------------------------- the driver
+
+
+def sibling_path(output_path: str | os.PathLike, suffix: str) -> Path:
+    """``targets.jsonl`` -> ``targets.<suffix>.jsonl``: where the failures and the cache of an output go."""
+    path = Path(output_path)
+    stem = path.name.removesuffix(".jsonl")
+    return path.with_name(f"{stem}.{suffix}.jsonl")
+
+
+def write_targets(
+    writer: TargetWriter,
+    dataset: Dataset,
+    output_path: str | os.PathLike,
+    failures_path: str | os.PathLike | None = None,
+    *,
+    id_column: str = "id",
+    show_progress: bool = True,
+) -> Dataset:
+    """Write an improver target for every row of ``dataset`` with ``writer``.
+
+    Args:
+        writer: A :class:`TargetWriter` (:class:`OpenAITargetWriter`, :class:`TransformersTargetWriter`,
+            :class:`ReferenceStepWriter`). Its counters are in ``writer.stats`` afterwards.
+        dataset: Rows with ``prompt``, ``response`` (the policy's answer, e.g. from
+            :func:`~trl_sgpo.sampling.sample_responses`) and ``reference``. Other columns pass through.
+        output_path: JSONL file of finished rows (input columns + ``target``, ``target_writer`` and the writer's
+            metadata), appended and fsynced row by row. Rows already in it are skipped, so a rerun resumes.
+        failures_path: JSONL file where each failed row is recorded as ``{row_id, reason, writer, time}`` (appended:
+            it is a log of attempts). Defaults to ``<output>.failures.jsonl``. Failed rows are not in
+            ``output_path``, so a rerun retries them.
+        id_column: Column to take ``row_id`` from when the dataset has no ``row_id`` yet.
+        show_progress: Show a tqdm progress bar.
+
+    Returns:
+        The rows that have a target, in input order.
+
+    Raises:
+        ValueError: A column is missing, or a ``prompt``/``reference`` is empty (rows are named). Empty ``response``
+            rows are recorded as failures instead, since they come from the model, not the input.
+        TargetWriterAbort: Every row would fail (e.g. the endpoint rejects the key). Finished rows are kept.
+    """
+    check_columns(dataset, TARGET_COLUMNS, "dataset", " (the policy's answers come from `trl-sgpo sample`)")
+    if len(dataset) == 0:
+        raise ValueError("`dataset` has no rows.")
+    check_non_empty(dataset, ("prompt", "reference"), "dataset")
+    dataset = ensure_row_ids(dataset, id_column)
+    output_path = Path(output_path)
+    failures_path = Path(failures_path) if failures_path is not None else sibling_path(output_path, "failures")
+    done = load_done(output_path, dataset, TARGET_COLUMNS)
+    pending = [dataset[i] for i, row_id in enumerate(dataset[ROW_ID]) if row_id not in done]
+    if done:
+        logger.info("Resuming %s: %d of %d targets already written.", output_path, len(done), len(dataset))
+
+    writer.stats = stats = WriterStats(rows=len(pending))
+    writer.prepare(output_path)
+    start = time.perf_counter()
+    with (
+        JsonlWriter(output_path) as out,
+        JsonlWriter(failures_path) as failures,
+        tqdm(
+            total=len(dataset),
+            initial=len(dataset) - len(pending),
+            desc=f"Targets ({writer.name})",
+            disable=not show_progress,
+        ) as bar,
+    ):
+
+        def on_result(row: Job, result: TargetResult) -> None:
+            if result.target is not None:
+                row = {**row, "target": result.target, "target_writer": writer.name, **result.meta}
+                out.write(row)
+                done[row[ROW_ID]] = row
+                stats.written += 1
+            else:
+                failures.write(
+                    {ROW_ID: row[ROW_ID], "reason": result.error, "writer": writer.name, "time": time.time()}
+                )
+                stats.failed += 1
+            bar.update(1)
+            bar.set_postfix(failed=stats.failed, retries=stats.retries, cost=f"${stats.cost_usd:.3f}", refresh=False)
+
+        jobs = []
+        for row in pending:
+            if not str(row["response"] or "").strip():
+                on_result(row, TargetResult(error="empty response: the policy wrote nothing to improve"))
+            else:
+                jobs.append(row)
+        try:
+            writer.run(jobs, on_result)
+        finally:
+            stats.elapsed_s = time.perf_counter() - start
+            logger.info("Targets: %s", stats.summary())
+    if stats.failed:
+        logger.warning(
+            "%d of %d rows failed; reasons in %s. Rerun the same command to retry them.",
+            stats.failed,
+            len(pending),
+            failures_path,
+        )
+    return rows_in_order(dataset, done)
+
+
+def run_coroutine(coro: Coroutine) -> Any:
+    """``asyncio.run(coro)``, also from code that already runs an event loop (e.g. Jupyter): then in a thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+# --------------------------------------------------------------------------------------------- OpenAI-compatible
+
+
+class _Retry(Exception):
+    """A transient failure of one attempt; ``delay`` is the server's Retry-After, if any."""
+
+    def __init__(self, reason: str, delay: float | None = None):
+        super().__init__(reason)
+        self.delay = delay
+
+
+class _RowFailure(Exception):
+    """A failure of this row only, not worth retrying now."""
+
+
+class OpenAITargetWriter(TargetWriter):
+    """Targets from a chat model behind any OpenAI-compatible ``/v1/chat/completions`` endpoint.
+
+    Uses ``openai.AsyncOpenAI`` with its own retries switched off (``max_retries=0``), so that every retry is ours,
+    counted and bounded.
+
+    - Concurrency: at most ``max_concurrency`` requests in flight (an ``asyncio.Semaphore``). The first request goes
+      alone: if the key is bad, one request fails, not ``max_concurrency``.
+    - Retries: HTTP 429, 408, 409 and 5xx, timeouts, connection errors and malformed bodies are retried up to
+      ``max_retries`` times, waiting ``min(backoff_max, backoff_base * 2**attempt)`` seconds with jitter (or the
+      server's ``Retry-After``, when it sends one). After that the row is recorded as failed.
+    - Fatal: 401/403 (key) and 404 (model or URL) stop the whole run at once, cancelling the requests in flight.
+    - Other 4xx (e.g. a prompt over the context length), an empty or cut-off answer (``finish_reason == "length"``),
+      or one :func:`~trl_sgpo.target_prompts.parse_target` rejects: the row is recorded as failed, not retried.
+    - Cache: each usable answer is appended (fsynced) to ``cache_path`` under the sha256 of the exact request JSON
+      (model, messages, sampling parameters) before the row is written. A rerun, or a row with an identical request,
+      reuses it without sending anything. Only usable answers are cached, so failed rows are asked again on rerun.
+    - Cost: prompt and completion tokens of every answer received are summed; ``cost_usd`` uses the per-million-token
+      prices given.
+    - The API key is read from the environment variable ``api_key_env`` when the run starts, passed to the client,
+      and written nowhere: not in the cache, the failures, the logs or this object's repr. Error texts from the
+      server are scrubbed of it before they are recorded.
+
+    Args:
+        model: Model name at the endpoint.
+        base_url: Endpoint, e.g. ``http://localhost:8000/v1``; ``None`` for api.openai.com (or ``$OPENAI_BASE_URL``).
+        api_key_env: Name of the environment variable holding the key. For a server without authentication, set
+            it to any value (``export OPENAI_API_KEY=EMPTY``).
+        prompt_config: The target-writing prompt (:class:`~trl_sgpo.target_prompts.TargetPromptConfig`).
+        temperature, max_tokens: Sampling parameters sent with each request.
+        extra_params: More request parameters (e.g. ``{"seed": 0}`` or ``{"max_completion_tokens": 2048}``), sent
+            as is and part of the cache key.
+        max_concurrency: Most requests in flight at once.
+        max_retries: Retries per row after the first attempt.
+        timeout: Seconds one attempt may take before it counts as a timeout.
+        backoff_base, backoff_max: Backoff schedule, in seconds.
+        price_input_per_1m, price_output_per_1m: USD per million prompt / completion tokens, for ``cost_usd``.
+        cache_path: Answer cache (JSONL), e.g. one shared by several runs. ``None``: ``<output>.cache.jsonl`` next to
+            each output of :func:`write_targets`.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        prompt_config: TargetPromptConfig = DEFAULT_TARGET_PROMPT,
+        temperature: float = 0.7,
+        max_tokens: int = 2048,
+        extra_params: dict[str, Any] | None = None,
+        max_concurrency: int = 32,
+        max_retries: int = 5,
+        timeout: float = 120.0,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        price_input_per_1m: float = 0.0,
+        price_output_per_1m: float = 0.0,
+        cache_path: str | os.PathLike | None = None,
+    ):
+        super().__init__()
+        if max_concurrency < 1:
+            raise ValueError(f"`max_concurrency` must be >= 1, got {max_concurrency}.")
+        if max_retries < 0 or timeout <= 0:
+            raise ValueError(f"Need max_retries >= 0 and timeout > 0, got {max_retries} and {timeout}.")
+        self.model = model
+        self.base_url = base_url
+        self.api_key_env = api_key_env
+        self.prompt_config = prompt_config
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.extra_params = dict(extra_params or {})
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.price_input_per_1m = price_input_per_1m
+        self.price_output_per_1m = price_output_per_1m
+        self.cache_path = Path(cache_path) if cache_path is not None else None
+        self.active_cache_path = self.cache_path  # the cache of the current run (see prepare)
+        self.name = f"openai:{model}"
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, "
+            f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency}, "
+            f"max_retries={self.max_retries}, timeout={self.timeout})"
+        )
+
+    def prepare(self, output_path: Path) -> None:
+        self.active_cache_path = self.cache_path or sibling_path(output_path, "cache")
+
+    def build_request(self, row: Job) -> dict[str, Any]:
+        """The exact JSON body sent for ``row`` (its sha256 is the cache key)."""
+        messages = build_target_messages(row["prompt"], row["response"], row["reference"], self.prompt_config)
+        request = {"model": self.model, "messages": messages, "temperature": self.temperature}
+        if self.max_tokens is not None:
+            request["max_tokens"] = self.max_tokens
+        request.update(self.extra_params)
+        return request
+
+    def run(self, jobs: list[Job], on_result: OnResult) -> None:
+        api_key = os.environ.get(self.api_key_env)
+        if not api_key:
+            raise ValueError(
+                f"The environment variable {self.api_key_env} holding the API key is not set. Export it (for a local "
+                f"server without authentication any value works: `export {self.api_key_env}=EMPTY`)."
+            )
+        if self.active_cache_path is None:
+            raise ValueError("`cache_path` is not set; pass it, or run the writer through `write_targets`.")
+        run_coroutine(_OpenAIRun(self, api_key, on_result).run(jobs))
+
+
+class _OpenAIRun:
+    """State of one :meth:`OpenAITargetWriter.run`: client, cache, semaphore. Holds the key only for the run."""
+
+    def __init__(self, writer: OpenAITargetWriter, api_key: str, on_result: OnResult):
+        self.w = writer
+        self.stats = writer.stats
+        self.on_result = on_result
+        self._api_key = api_key
+        self.cache = {e["key"]: e for e in read_jsonl(writer.active_cache_path, missing_ok=True) if "key" in e}
+        self.pending_answers: dict[str, asyncio.Future] = {}  # cache key -> answer of a request now in flight
+        self.in_flight = 0
+        self.probe_started = False
+        self.aborted = False
+
+    def __repr__(self) -> str:
+        return f"_OpenAIRun({self.w!r})"  # never the key
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    async def run(self, jobs: list[Job]) -> None:
+        import openai
+
+        self.client = openai.AsyncOpenAI(
+            base_url=self.w.base_url, api_key=self._api_key, max_retries=0, timeout=self.w.timeout
+        )
+        self.semaphore = asyncio.Semaphore(self.w.max_concurrency)
+        self.gate = asyncio.Event()  # opened once the first request has been answered (see send)
+        window = 4 * self.w.max_concurrency  # tasks alive at once: bounds memory on huge datasets
+        queue = iter(jobs)
+        tasks: set[asyncio.Task] = set()
+        with JsonlWriter(self.w.active_cache_path) as self.cache_file:
+            try:
+                while True:
+                    while len(tasks) < window:
+                        job = next(queue, None)
+                        if job is None:
+                            break
+                        tasks.add(asyncio.create_task(self.process(job)))
+                    if not tasks:
+                        break
+                    finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    errors = [t.exception() for t in finished if not t.cancelled() and t.exception() is not None]
+                    if errors:  # TargetWriterAbort (or a bug): stop at once, the abort first
+                        raise next((e for e in errors if isinstance(e, TargetWriterAbort)), errors[0])
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await self.client.close()
+
+    async def process(self, job: Job) -> None:
+        request = self.w.build_request(job)
+        key = stable_hash(request)
+        try:
+            entry, cached = await self.answer(request, key)
+            target = parse_target(entry["content"], self.w.prompt_config)
+            usage = entry.get("usage") or {}
+            result = TargetResult(
+                target=target,
+                meta={
+                    "target_prompt_tokens": usage.get("prompt_tokens"),
+                    "target_completion_tokens": usage.get("completion_tokens"),
+                    "target_cached": cached,
+                },
+            )
+        except _RowFailure as e:
+            result = TargetResult(error=self.scrub(str(e)))
+        except MalformedTargetError as e:  # a cached answer that a stricter parser (require_tag) now rejects
+            result = TargetResult(error=f"unusable answer: {e}")
+        if self.aborted:  # another row hit a fatal error: this row was not really tried
+            return
+        try:
+            self.on_result(job, result)
+        except OSError as e:
+            self.aborted = True
+            raise TargetWriterAbort(
+                f"{e}. Stopped sending requests; the answers already received are in the cache "
+                f"{self.w.active_cache_path}."
+            ) from e
+
+    async def answer(self, request: dict[str, Any], key: str) -> tuple[dict[str, Any], bool]:
+        """The answer to ``request`` and whether it came from the cache (or from an identical request in flight)."""
+        entry = self.cache.get(key)
+        if entry is not None:
+            self.stats.cache_hits += 1
+            return entry, True
+        if key in self.pending_answers:  # a duplicate row: wait for the first one's answer instead of paying twice
+            entry = await asyncio.shield(self.pending_answers[key])
+            self.stats.cache_hits += 1
+            return entry, True
+        future = asyncio.get_running_loop().create_future()
+        self.pending_answers[key] = future
+        try:
+            entry = await self.send(request, key)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as e:
+            future.set_exception(e)
+            future.exception()  # mark retrieved: no "exception never retrieved" warning when nobody waits
+            raise
+        finally:
+            del self.pending_answers[key]
+        future.set_result(entry)
+        return entry, False
+
+    def backoff(self, attempt: int, server_delay: float | None) -> float:
+        if server_delay is not None:
+            return min(self.w.backoff_max, max(0.0, server_delay))
+        delay = min(self.w.backoff_max, self.w.backoff_base * 2**attempt)
+        return delay * (0.5 + random.random() / 2)  # jitter spreads the retries of concurrent rows
+
+    async def send(self, request: dict[str, Any], key: str) -> dict[str, Any]:
+        """Send ``request`` with retries; cache and return ``{content, finish_reason, usage}`` or raise."""
+        # The first request goes alone (a probe): a bad key or URL then costs one request, not max_concurrency.
+        is_probe = not self.probe_started
+        self.probe_started = True
+        if not is_probe:
+            await self.gate.wait()
+        try:
+            reason = "no attempt"
+            for attempt in range(self.w.max_retries + 1):
+                if self.aborted:
+                    raise asyncio.CancelledError  # the run is stopping: send nothing more
+                if attempt:
+                    self.stats.retries += 1
+                try:
+                    async with self.semaphore:
+                        if self.aborted:  # checked again: the run may have stopped while this row waited
+                            raise asyncio.CancelledError
+                        return await self.attempt(request, key)
+                except _Retry as e:
+                    reason = str(e)
+                    logger.debug("Attempt %d failed (%s); retrying.", attempt + 1, reason)
+                    if is_probe:
+                        self.gate.set()  # the endpoint answers and takes the key: let the others go
+                    if attempt < self.w.max_retries:
+                        await asyncio.sleep(self.backoff(attempt, e.delay))
+            raise _RowFailure(f"gave up after {self.w.max_retries + 1} attempts; last error: {reason}")
+        finally:
+            if is_probe:
+                self.gate.set()  # after `aborted` is set on a fatal error, so the waiters stop at once
+
+    async def attempt(self, request: dict[str, Any], key: str) -> dict[str, Any]:
+        import openai
+
+        self.stats.requests += 1
+        self.in_flight += 1
+        self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.in_flight)
+        try:
+            response = await asyncio.wait_for(self.client.chat.completions.create(**request), self.w.timeout)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            self.aborted = True
+            raise TargetWriterAbort(
+                f"The endpoint {self.w.base_url or 'api.openai.com'} rejected the API key from ${self.w.api_key_env} "
+                f"(HTTP {e.status_code}: {self.scrub(_message(e))}). Check the key and rerun; nothing was retried."
+            ) from None
+        except openai.NotFoundError as e:
+            self.aborted = True
+            raise TargetWriterAbort(
+                f"The endpoint {self.w.base_url or 'api.openai.com'} answered 404 for model {self.w.model!r} "
+                f"({self.scrub(_message(e))}). Check --base-url (it usually ends in /v1) and the model name."
+            ) from None
+        except openai.APIStatusError as e:
+            status = e.status_code
+            if status in (408, 409, 429) or status >= 500:
+                raise _Retry(f"HTTP {status}: {self.scrub(_message(e))}", _retry_after(e)) from None
+            raise _RowFailure(f"HTTP {status}: {self.scrub(_message(e))}") from None
+        except (openai.APITimeoutError, asyncio.TimeoutError):
+            raise _Retry(f"timed out after {self.w.timeout}s") from None
+        except openai.APIConnectionError as e:
+            raise _Retry(f"connection error: {self.scrub(str(e))}") from None
+        except (ValueError, openai.APIResponseValidationError) as e:  # body is not JSON / not a completion
+            raise _Retry(f"malformed answer from the endpoint: {self.scrub(str(e))[:200]}") from None
+        finally:
+            self.in_flight -= 1
+
+        usage = getattr(response, "usage", None)
+        prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+        completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.completion_tokens += completion_tokens
+        self.stats.cost_usd += (
+            prompt_tokens * self.w.price_input_per_1m + completion_tokens * self.w.price_output_per_1m
+        ) / 1e6
+
+        choices = getattr(response, "choices", None)
+        message = getattr(choices[0], "message", None) if choices else None
+        if message is None:
+            raise _Retry("malformed answer from the endpoint: no choices[0].message")
+        content = getattr(message, "content", None)
+        finish_reason = getattr(choices[0], "finish_reason", None)
+        if finish_reason == "length":
+            raise _RowFailure(
+                f"answer cut off at max_tokens={self.w.max_tokens} (finish_reason 'length'); raise --max-tokens"
+            )
+        try:
+            parse_target(content, self.w.prompt_config)
+        except MalformedTargetError as e:
+            raise _RowFailure(f"unusable answer: {e}") from None
+        entry = {
+            "key": key,
+            "request": request,
+            "content": content,
+            "finish_reason": finish_reason,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+            "time": time.time(),
+        }
+        try:
+            self.cache_file.write(entry)  # before the row: a crash between the two loses nothing paid for
+        except OSError as e:
+            self.aborted = True
+            raise TargetWriterAbort(f"{e}. Stopped sending requests.") from e
+        self.cache[key] = entry
+        return entry
+
+
+def _message(error) -> str:
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(getattr(error, "message", error))
+
+
+def _retry_after(error) -> float | None:
+    response = getattr(error, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:  # an HTTP date: fall back to our own backoff
+        return None
+
+
+# --------------------------------------------------------------------------------------------- offline writers
+
+
+class TransformersTargetWriter(TargetWriter):
+    """Targets written by a local ``transformers`` chat model, with the same prompt as :class:`OpenAITargetWriter`.
+
+    Worth it with a strong instruct model on a GPU when no server is at hand; a small model writes poor targets (the
+    pipeline still runs, which is what tests and CPU smoke runs need). Answers cut off at ``max_new_tokens`` or that
+    :func:`~trl_sgpo.target_prompts.parse_target` rejects are recorded as failures.
+
+    Args:
+        model, tokenizer: The writer model (a causal LM) and its tokenizer.
+        prompt_config: The target-writing prompt.
+        batch_size, max_new_tokens, temperature, top_p, seed: Generation settings (``temperature=0`` is greedy).
+        system_in_user: Fold the system message into the user turn, for chat templates that reject a system role.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        prompt_config: TargetPromptConfig = DEFAULT_TARGET_PROMPT,
+        batch_size: int = 8,
+        max_new_tokens: int = 512,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        seed: int = 0,
+        system_in_user: bool = False,
+    ):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt_config = prompt_config
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.system_in_user = system_in_user
+        self.name = f"transformers:{getattr(model.config, '_name_or_path', '') or type(model).__name__}"
+
+    def render(self, row: Job) -> str:
+        messages = build_target_messages(row["prompt"], row["response"], row["reference"], self.prompt_config)
+        if self.system_in_user:
+            messages = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
+        return render_prompt(messages, self.tokenizer)
+
+    def run(self, jobs: list[Job], on_result: OnResult) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(jobs), self.batch_size):
+                batch = jobs[start : start + self.batch_size]
+                outputs = generate_completions(
+                    self.model,
+                    self.tokenizer,
+                    [self.render(row) for row in batch],
+                    max_new_tokens=self.max_new_tokens,
+                    temperature=self.temperature,
+                    top_p=self.top_p,
+                    seed=int(stable_hash([self.seed, [r[ROW_ID] for r in batch]])[:8], 16),
+                )
+                for row, (ids, finished) in zip(batch, outputs, strict=True):
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    if not finished:
+                        on_result(row, TargetResult(error=f"answer cut off at max_new_tokens={self.max_new_tokens}"))
+                        continue
+                    try:
+                        target = parse_target(text, self.prompt_config)
+                    except MalformedTargetError as e:
+                        on_result(row, TargetResult(error=f"unusable answer: {e}"))
+                        continue
+                    on_result(row, TargetResult(target=target, meta={"target_completion_tokens": len(ids)}))
+        finally:
+            self.model.train(was_training)
+
+
+_SENTENCE = re.compile(r"[^\n]*?(?:[.!?](?=\s)|\n|$)\s*")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split ``text`` into sentences, each keeping its trailing whitespace, so ``"".join(...)`` gives ``text`` back.
+
+    A sentence ends at ``.``, ``!`` or ``?`` followed by whitespace, or at a line break (list items, paragraphs).
+    """
+    return [m.group(0) for m in _SENTENCE.finditer(text) if m.group(0)]
+
+
+def _join(chunks: list[str]) -> str:
+    out = ""
+    for chunk in chunks:
+        if out and not out[-1].isspace():
+            out += " "
+        out += chunk
+    return out.strip()
+
+
+def reference_step(response: str, reference: str, fraction: float = 0.5, max_edits: int | None = None) -> str:
+    """Move ``response`` part of the way toward ``reference``, one sentence edit at a time.
+
+    The two texts are aligned sentence by sentence (``difflib``); every difference is split into single-sentence
+    edits (replace one sentence by the reference's, insert one, delete one), in reading order. The first
+    ``ceil(fraction * n_edits)`` of them (at most ``max_edits``) are applied and the rest of the response is kept:
+    the beginning of the answer moves toward the reference, the remainder stays the policy's own text.
+    ``fraction=1`` gives the reference; identical texts are returned unchanged.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"`fraction` must be in (0, 1], got {fraction}.")
+    source, goal = split_sentences(response.strip()), split_sentences(reference.strip())
+    matcher = difflib.SequenceMatcher(a=[s.strip() for s in source], b=[s.strip() for s in goal], autojunk=False)
+    # Each atomic edit: (source index it replaces or None, source index it goes before, reference sentence or None).
+    edits: list[tuple[str, int, str | None]] = []
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        pairs = min(i2 - i1, j2 - j1)
+        edits += [("replace", i1 + k, goal[j1 + k]) for k in range(pairs)]
+        edits += [("delete", i, None) for i in range(i1 + pairs, i2)]
+        edits += [("insert", i2, goal[j]) for j in range(j1 + pairs, j2)]
+    if not edits:
+        return response.strip()
+    count = math.ceil(fraction * len(edits))
+    if max_edits is not None:
+        count = min(count, max_edits)
+    replaced: dict[int, str] = {}
+    deleted: set[int] = set()
+    inserted: dict[int, list[str]] = {}
+    for kind, index, sentence in edits[:count]:
+        if kind == "replace":
+            replaced[index] = sentence
+        elif kind == "delete":
+            deleted.add(index)
+        else:
+            inserted.setdefault(index, []).append(sentence)
+    chunks = []
+    for i in range(len(source) + 1):
+        chunks += inserted.get(i, [])
+        if i < len(source) and i not in deleted:
+            chunks.append(replaced.get(i, source[i]))
+    return _join(chunks)
+
+
+class ReferenceStepWriter(TargetWriter):
+    """Deterministic offline targets: :func:`reference_step` of each response toward its reference.
+
+    No model, no API, instant and reproducible. For tests, CPU smoke runs of the whole pipeline, and as a baseline.
+    Its targets are incremental by construction and share most text with the policy's answer, but a spliced-in
+    reference sentence may not read fluently next to the answer's own, and when the answer shares no sentence with
+    the reference, a short answer (one or two sentences) is mostly replaced by the reference's opening. Use a real LLM
+    writer for training runs.
+
+    Args:
+        fraction: Share of the sentence edits between response and reference to apply (``0 < fraction <= 1``).
+        max_edits: Most sentence edits per target, whatever ``fraction`` says.
+    """
+
+    def __init__(self, fraction: float = 0.5, max_edits: int | None = 3):
+        super().__init__()
+        if not 0 < fraction <= 1:
+            raise ValueError(f"`fraction` must be in (0, 1], got {fraction}.")
+        self.fraction = fraction
+        self.max_edits = max_edits
+        self.name = f"reference-step:{fraction:g}"
+
+    def run(self, jobs: list[Job], on_result: OnResult) -> None:
+        for row in jobs:
+            on_result(
+                row,
+                TargetResult(target=reference_step(row["response"], row["reference"], self.fraction, self.max_edits)),
+            )
