@@ -1,0 +1,410 @@
+"""The whole SGPO pipeline, stage by stage: the library behind ``recipes/sgpo.py``.
+
+1. ``sample``: the policy answers the improver prompts (``prompt`` + ``reference`` rows).
+2. ``targets``: an external OpenAI-compatible LLM (``--base_url``/``--target_model``), or the offline writer, edits
+   each answer one step toward its reference.
+3. ``filter``: the perplexity filter keeps targets close to the policy's distribution.
+4. ``improver_sft``: :class:`~trl_sgpo.ImproverSFTTrainer` teaches the improver role.
+5. ``sgpo``: :class:`~trl_sgpo.SGPOTrainer`, ``iterations`` rounds, each starting from the last round's model.
+6. save, and with ``--push_to_hub`` push the model and its card.
+
+Every stage writes into ``<output_dir>/stages/<nn>_<stage>/`` and is skipped when it finished with the same settings,
+resumed when it was interrupted, and refused when the folder holds a run with other settings (:mod:`trl_sgpo.stages`).
+Under ``accelerate launch`` the data stages run on the main process while the others wait; the trainers use all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from datasets import Dataset, load_from_disk
+from transformers.trainer_utils import get_last_checkpoint
+
+from .data import check_columns, check_non_empty, load_default_dataset
+from .improver_sft_config import ImproverSFTConfig
+from .improver_sft_trainer import ImproverSFTTrainer
+from .models import DEFAULT_MODEL, HUB_ID, load_model_and_tokenizer
+from .sgpo_config import SGPOConfig
+from .sgpo_trainer import SGPOTrainer
+from .stages import Stage
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("sample", "targets", "filter", "improver_sft", "sgpo")
+
+
+@dataclass
+class SGPOScriptArguments:
+    """Arguments of ``recipes/sgpo.py`` beyond the training ones (``SGPOConfig``) and the model ones (``ModelConfig``).
+
+    Every stage has defaults that finish on 2 CPU cores in about 15 minutes with the embedded default model.
+    """
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt/reference data: a JSONL/JSON/CSV/Parquet file, a `save_to_disk` folder or a Hub dataset "
+            "id, with columns `prompt` and `reference`. Default: the set shipped with trl-sgpo."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read."})
+    num_improver_prompts: int | None = field(
+        default=64, metadata={"help": "Rows used to build improver-SFT data (stages 1-3); None: half of the data."}
+    )
+    num_sgpo_prompts: int | None = field(
+        default=48, metadata={"help": "Prompts for SGPO (stage 5), taken after the improver rows; None: the rest."}
+    )
+    improver_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "A ready improver-SFT dataset (`prompt`, `response`, `target`; JSONL or `save_to_disk` folder). "
+            "Skips stages 1-3."
+        },
+    )
+    skip_improver_sft: bool = field(
+        default=False, metadata={"help": "Skip stages 1-4: the model improves its answers without improver SFT."}
+    )
+    stop_after: str | None = field(
+        default=None, metadata={"help": f"Stop after this stage, one of {STAGES}.", "choices": list(STAGES)}
+    )
+    iterations: int = field(default=1, metadata={"help": "Rounds of SGPO, each starting from the last round's model."})
+    # stage 1
+    sample_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call when sampling answers."})
+    # stage 2
+    base_url: str | None = field(
+        default=None,
+        metadata={"help": "OpenAI-compatible endpoint for the target writer, e.g. http://localhost:8000/v1."},
+    )
+    target_model: str | None = field(
+        default=None, metadata={"help": "Model name at `base_url` (or at api.openai.com when `base_url` is unset)."}
+    )
+    api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key."}
+    )
+    max_concurrency: int = field(default=32, metadata={"help": "Most target requests in flight at once."})
+    request_timeout: float = field(default=120.0, metadata={"help": "Seconds one target request may take."})
+    offline_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Without an endpoint, targets are the policy's answers moved this share of the sentence edits "
+            "toward the reference (the offline writer)."
+        },
+    )
+    # stage 3
+    ppl_max_ratio: float = field(
+        default=3.0,
+        metadata={"help": "Keep a target when its perplexity is at most this times the answer's own perplexity."},
+    )
+    # stage 4
+    improver_sft_epochs: float = field(default=2.0, metadata={"help": "Epochs of improver SFT."})
+    improver_sft_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of improver SFT."})
+    improver_sft_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of improver SFT."})
+    improver_sft_max_length: int = field(default=768, metadata={"help": "Max tokens per improver-SFT row."})
+
+
+def _load_rows(name: str | None, config: str | None, split: str) -> Dataset:
+    from .jsonl import load_rows
+
+    if name is None:
+        return load_default_dataset()
+    path = Path(name)
+    if path.exists():
+        return load_rows(path)
+    from datasets import load_dataset
+
+    return load_dataset(name, config, split=split)
+
+
+def _split(dataset: Dataset, script_args: SGPOScriptArguments, seed: int) -> tuple[Dataset, Dataset]:
+    # Shuffled first, so both parts mix the categories of a dataset stored in order.
+    dataset = dataset.shuffle(seed=seed)
+    n = len(dataset)
+    n_improver = script_args.num_improver_prompts if script_args.num_improver_prompts is not None else n // 2
+    n_improver = min(n_improver, n)
+    rest = n - n_improver
+    n_sgpo = rest if script_args.num_sgpo_prompts is None else min(script_args.num_sgpo_prompts, rest)
+    if n_sgpo == 0:
+        # Small datasets: reuse the prompts rather than fail. SGPO generates fresh answers anyway.
+        logger.warning("No rows left for SGPO after the improver rows; SGPO uses the improver prompts too.")
+        return dataset.select(range(n_improver)), dataset.select(range(min(n, script_args.num_sgpo_prompts or n)))
+    return dataset.select(range(n_improver)), dataset.select(range(n_improver, n_improver + n_sgpo))
+
+
+def _stage_settings(obj, keys) -> dict[str, Any]:
+    return {k: getattr(obj, k) for k in keys}
+
+
+def _training_settings(args) -> dict[str, Any]:
+    keys = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+            "max_steps", "seed", "beta", "loss_type", "max_new_tokens", "max_length", "temperature",
+            "improver_instruction", "improver_temperature", "improver_max_new_tokens", "judge_margin")
+    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+
+
+def _improver_sft_args(training_args: SGPOConfig, script_args: SGPOScriptArguments, output_dir: Path):
+    shared = {
+        k: getattr(training_args, k)
+        for k in ("seed", "bf16", "fp16", "use_cpu", "gradient_checkpointing", "logging_steps", "report_to",
+                  "save_steps", "save_total_limit", "disable_tqdm", "dataloader_num_workers")
+    }
+    return ImproverSFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=script_args.improver_sft_epochs,
+        learning_rate=script_args.improver_sft_learning_rate,
+        per_device_train_batch_size=script_args.improver_sft_batch_size,
+        max_length=script_args.improver_sft_max_length,
+        improver_instruction=training_args.improver_instruction,
+        save_strategy="steps",
+        **shared,
+    )
+
+
+def _print(state: PartialState, message: str) -> None:
+    if state.is_main_process:
+        print(message, flush=True)
+
+
+def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, model_args) -> dict[str, Any]:
+    """Run the stages in order and return the summary (also written to ``<output_dir>/sgpo_summary.json``)."""
+    from trl import get_peft_config
+
+    state = PartialState()
+    out = Path(training_args.output_dir)
+    stages_dir = out / "stages"
+    model_name = model_args.model_name_or_path or DEFAULT_MODEL
+    model_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
+    if model_args.dtype not in (None, "auto"):
+        import torch
+
+        model_kwargs["dtype"] = getattr(torch, model_args.dtype)
+    base_id = HUB_ID if model_name == DEFAULT_MODEL else model_name
+
+    def load(path: str):
+        model, tokenizer = load_model_and_tokenizer(path, **model_kwargs)
+        # Stage outputs are local folders; cards and pushes should name the model the run started from.
+        model.config._name_or_path = base_id
+        return model, tokenizer
+
+    summary: dict[str, Any] = {"model": model_name, "output_dir": str(out), "stages": {}}
+    data_source = script_args.dataset_name or "trl-sgpo default prompts"
+
+    def done(name: str) -> bool:
+        return script_args.stop_after == name
+
+    # Data first: bad columns fail before any model is loaded.
+    dataset = _load_rows(script_args.dataset_name, script_args.dataset_config, script_args.dataset_split)
+    hint = " (rename yours with `dataset.rename_column`)"
+    check_columns(dataset, ("prompt",), "dataset", hint)
+    improver_rows, sgpo_rows = _split(dataset, script_args, training_args.seed)
+    check_non_empty(sgpo_rows, ("prompt",), "dataset")
+
+    base_settings = {"model": model_name, "data": data_source, "split": script_args.dataset_split,
+                     "num_improver_prompts": len(improver_rows), "num_sgpo_prompts": len(sgpo_rows)}
+
+    improver_model_path: str | None = None
+    if not script_args.skip_improver_sft:
+        if script_args.improver_data is not None:
+            from .jsonl import load_rows
+
+            source = Path(script_args.improver_data)
+            improver_data = load_from_disk(str(source)) if source.is_dir() else load_rows(source)
+            summary["stages"]["improver_data"] = {"rows": len(improver_data), "source": str(source)}
+        else:
+            check_columns(improver_rows, ("prompt", "reference"), "dataset", hint)
+            improver_data = _data_stages(script_args, training_args, model_name, load, improver_rows,
+                                         stages_dir, base_settings, summary, state)
+            if improver_data is None:  # stopped early
+                return _finish(summary, out, state)
+
+        stage = Stage(stages_dir / "04_improver_sft", "improver_sft",
+                      {**base_settings, "improver_data": script_args.improver_data,
+                       **_stage_settings(script_args, ("improver_sft_epochs", "improver_sft_learning_rate",
+                                                       "improver_sft_batch_size", "improver_sft_max_length")),
+                       "improver_instruction": training_args.improver_instruction,
+                       "use_peft": model_args.use_peft})
+        if not stage.check():
+            started = stage.start() if state.is_main_process else 0.0
+            state.wait_for_everyone()
+            _print(state, f"[4/5] improver SFT on {len(improver_data)} rows")
+            model, tokenizer = load(model_name)
+            sft_args = _improver_sft_args(training_args, script_args, stage.root)
+            trainer = ImproverSFTTrainer(model, args=sft_args, train_dataset=improver_data, processing_class=tokenizer,
+                                         peft_config=get_peft_config(model_args))
+            _train_and_save(trainer, tokenizer, stage.root, model_args.use_peft, state)
+            if state.is_main_process:
+                losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+                stage.finish(started, rows=len(trainer.train_dataset), first_loss=losses[0] if losses else None,
+                             last_loss=losses[-1] if losses else None)
+            state.wait_for_everyone()
+            stage.check()
+            del trainer, model
+        summary["stages"]["improver_sft"] = stage.summary
+        improver_model_path = str(stage.root / "model")
+        if done("improver_sft"):
+            return _finish(summary, out, state)
+
+    # Stage 5: SGPO rounds.
+    start_model = improver_model_path or model_name
+    trainer = None
+    for iteration in range(1, script_args.iterations + 1):
+        stage = Stage(stages_dir / f"05_sgpo_iter{iteration}", f"sgpo iteration {iteration}",
+                      {**base_settings, "start": "improver_sft" if improver_model_path else model_name,
+                       "improver_data": script_args.improver_data, "use_peft": model_args.use_peft,
+                       **_training_settings(training_args)})
+        if stage.check():
+            summary["stages"][f"sgpo_iter{iteration}"] = stage.summary
+            start_model = str(stage.root / "model")
+            continue
+        started = stage.start() if state.is_main_process else 0.0
+        state.wait_for_everyone()
+        _print(state, f"[5/5] SGPO iteration {iteration}/{script_args.iterations} on {len(sgpo_rows)} prompts")
+        model, tokenizer = load(start_model)
+        args = dataclasses.replace(training_args, output_dir=str(stage.root), push_to_hub=False)
+        trainer = SGPOTrainer(model, args=args, train_dataset=sgpo_rows.select_columns(["prompt"]),
+                              processing_class=tokenizer, peft_config=get_peft_config(model_args))
+        _train_and_save(trainer, tokenizer, stage.root, model_args.use_peft, state)
+        if state.is_main_process:
+            trainer.create_model_card(model_name=out.name, dataset_name=script_args.dataset_name)
+            stage.finish(started, **trainer.training_figures())
+        state.wait_for_everyone()
+        stage.check()
+        summary["stages"][f"sgpo_iter{iteration}"] = stage.summary
+        start_model = str(stage.root / "model")
+
+    # Stage 6: the final model in output_dir, and on the Hub.
+    final_dir = Path(start_model)
+    if state.is_main_process:
+        import shutil
+
+        out.mkdir(parents=True, exist_ok=True)
+        for item in final_dir.iterdir():
+            shutil.copy2(item, out / item.name)
+        card = final_dir.parent / "README.md"
+        if card.is_file():
+            shutil.copy2(card, out / "README.md")
+    state.wait_for_everyone()
+    summary["saved_to"] = str(out)
+    if training_args.push_to_hub:
+        if trainer is None:  # every round was already done: rebuild a trainer around the final model to push it
+            model, tokenizer = load(start_model)
+            args = dataclasses.replace(training_args, output_dir=str(final_dir.parent), push_to_hub=False)
+            trainer = SGPOTrainer(model, args=args, train_dataset=sgpo_rows.select_columns(["prompt"]),
+                                  processing_class=tokenizer)
+        trainer.args.hub_model_id = training_args.hub_model_id or out.name
+        commit = trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        summary["pushed_to"] = trainer.hub_model_id
+        summary["push_commit"] = str(getattr(commit, "commit_url", commit))
+    return _finish(summary, out, state)
+
+
+def _train_and_save(trainer, tokenizer, root: Path, use_peft: bool, state: PartialState) -> None:
+    """Train (resuming from the stage's last checkpoint) and save a plain model to ``root/model``."""
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(root)))
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    if use_peft:
+        # The next stage starts from a plain model and adds its own adapter.
+        final = final.merge_and_unload()
+    if state.is_main_process:
+        final.save_pretrained(root / "model")
+        tokenizer.save_pretrained(root / "model")
+
+
+def _finish(summary: dict[str, Any], out: Path, state: PartialState) -> dict[str, Any]:
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "sgpo_summary.json", "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary
+
+
+def _data_stages(script_args, training_args, model_name, load, rows, stages_dir, base_settings, summary, state):
+    """Stages 1-3 on the main process (the others wait, then read the finished outputs)."""
+    from .perplexity import REPORT_FILE, PerplexityFilterConfig, filter_targets
+    from .sampling import sample_responses
+    from .target_writers import OpenAITargetWriter, ReferenceStepWriter, write_targets
+
+    sample = Stage(stages_dir / "01_sample", "sample",
+                   {**base_settings, "max_new_tokens": training_args.max_new_tokens,
+                    "temperature": training_args.temperature, "seed": training_args.seed})
+    if script_args.base_url or script_args.target_model:
+        if not script_args.target_model:
+            raise ValueError("`--base_url` needs `--target_model` (the model name at that endpoint).")
+        writer_settings = {"writer": "openai", "base_url": script_args.base_url, "target_model": script_args.target_model}
+    else:
+        writer_settings = {"writer": "reference-step", "fraction": script_args.offline_fraction}
+    targets = Stage(stages_dir / "02_targets", "targets", {**sample.settings, **writer_settings})
+    filtered = Stage(stages_dir / "03_filter", "filter", {**targets.settings, "ppl_max_ratio": script_args.ppl_max_ratio})
+
+    with state.main_process_first():
+        model = tokenizer = None
+
+        def policy():
+            nonlocal model, tokenizer
+            if model is None:
+                model, tokenizer = load(model_name)
+                model.to(state.device)
+            return model, tokenizer
+
+        if not sample.check():
+            started = sample.start()
+            print(f"[1/5] sampling the policy's answers to {len(rows)} prompts", flush=True)
+            answered = sample_responses(*policy(), rows, sample.root / "responses.jsonl",
+                                        batch_size=script_args.sample_batch_size,
+                                        max_new_tokens=training_args.max_new_tokens,
+                                        temperature=training_args.temperature, seed=training_args.seed)
+            sample.finish(started, rows=len(answered))
+        summary["stages"]["sample"] = sample.summary
+        if script_args.stop_after == "sample":
+            return None
+
+        if not targets.check():
+            from .jsonl import load_rows
+
+            started = targets.start()
+            answered = load_rows(sample.root / "responses.jsonl")
+            if writer_settings["writer"] == "openai":
+                writer = OpenAITargetWriter(model=script_args.target_model, base_url=script_args.base_url,
+                                            api_key_env=script_args.api_key_env,
+                                            max_concurrency=script_args.max_concurrency,
+                                            timeout=script_args.request_timeout)
+            else:
+                writer = ReferenceStepWriter(fraction=script_args.offline_fraction)
+            print(f"[2/5] writing improver targets with {writer.name}", flush=True)
+            written = write_targets(writer, answered, targets.root / "targets.jsonl")
+            targets.finish(started, **writer.stats.as_dict())
+        summary["stages"]["targets"] = targets.summary
+        if script_args.stop_after == "targets":
+            return None
+
+        if not filtered.check():
+            from .jsonl import load_rows
+
+            started = filtered.start()
+            print("[3/5] perplexity filter", flush=True)
+            written = load_rows(targets.root / "targets.jsonl")
+            kept = filter_targets(*policy(), written, filtered.root,
+                                  PerplexityFilterConfig(max_ratio=script_args.ppl_max_ratio),
+                                  batch_size=script_args.sample_batch_size,
+                                  max_length=script_args.improver_sft_max_length)
+            with open(filtered.root / REPORT_FILE, encoding="utf-8") as f:
+                report = json.load(f)
+            if len(kept) == 0:
+                raise ValueError(
+                    f"The perplexity filter dropped every target ({report['dropped_by_reason']}); see "
+                    f"{filtered.root / REPORT_FILE}. Raise --ppl_max_ratio or use a stronger target writer."
+                )
+            filtered.finish(started, rows=report["rows"], kept=report["kept"], dropped=report["dropped"],
+                            dropped_by_reason=report["dropped_by_reason"])
+        summary["stages"]["filter"] = filtered.summary
+        del model
+    if script_args.stop_after == "filter":
+        return None
+    return load_from_disk(str(filtered.root / "improver_sft"))
