@@ -1,0 +1,282 @@
+"""Training-step time: SGPOTrainer vs TRL's OnlineDPOTrainer, and the SGPO step broken into its parts.
+
+Both trainers get a fresh copy of the same weights, the same prompts, batch size, ``max_new_tokens`` and
+``max_length``, TRL's default ``gradient_checkpointing=True``, fp32 (unless ``--bf16``) and default sampling
+(temperature 0.9). OnlineDPO gets a trivial reward function (all zeros). Both are built once in this process, then take
+turns, A B A B: a warm-up turn each (``--warmup`` steps, not timed), then ``--rounds`` rounds of ``--steps`` steps of
+SGPO followed by ``--steps`` steps of OnlineDPO. Every turn is one ``trainer.train()`` call with
+``max_steps=--steps`` (the optimizer persists across calls; each call restarts the data loader, so every turn sees the
+same prompt batches), and the global seed is reset to ``seed + round`` before each turn.
+
+A step is the wall time from the ``on_step_begin`` to the ``on_step_end`` callback: ``training_step`` (generation,
+log-probs, loss, backward), gradient clipping, ``optimizer.step``, scheduler and ``zero_grad``. Batch loading and
+logging fall outside. The parts are timed inside the same steps by wrapping instance attributes:
+
+    policy generation / improver generation   SGPOTrainer._sample, by role (OnlineDPO: _generate)
+    policy forward                             _forward(model, ...)
+    policy backward                            accelerator.backward
+    reference forward                          _forward(ref_model, ...)
+    optimizer step                             _clip_grad_norm + optimizer.step
+
+    python benchmarks/step.py            # embedded SmolLM2-135M-Instruct, batch 4, 64 new tokens: ~4-6 min on 2 cores
+    python benchmarks/step.py --tiny     # random tiny model, seconds
+    python benchmarks/step.py --device cuda --batch-size 16 --max-new-tokens 128 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+
+# _common sets the offline/quiet environment; it must be imported before transformers and trl.
+import _common
+from _common import (
+    Clock,
+    add_common_args,
+    fresh_copy,
+    load_model,
+    machine_line,
+    median,
+    prompt_dataset,
+    setup_threads,
+    trainer_kwargs,
+    verdict,
+)
+from transformers import PrinterCallback, TrainerCallback, set_seed
+from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+from trl_sgpo import SGPOConfig, SGPOTrainer
+
+TARGET_STEP_RATIO = 0.5  # SGPO step / OnlineDPO step
+TARGET_STEP_OVER_PARTS = 1.3  # SGPO step / sum of its parts
+
+SGPO_PARTS = (
+    "policy generation",
+    "improver generation",
+    "policy forward",
+    "policy backward",
+    "reference forward",
+    "optimizer step",
+)
+ONLINE_DPO_PARTS = ("generation", "policy forward", "policy backward", "reference forward", "optimizer step")
+
+
+def zero_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+class StepRecorder(TrainerCallback):
+    """Times each optimizer step and collects the part timings the wrappers add while it runs."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.records: list[dict[str, float]] = []
+        self.current: dict[str, float] | None = None
+        self._start = self._opt_start = 0.0
+
+    def add(self, key: str, value: float) -> None:
+        if self.current is not None:
+            self.current[key] += value
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.current = defaultdict(float)
+        self._start = self.clock()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._opt_start = self.clock()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.add("optimizer step", self.clock() - self._opt_start)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        record = dict(self.current)
+        record["step"] = self.clock() - self._start
+        self.records.append(record)
+        self.current = None
+
+    def take(self) -> list[dict[str, float]]:
+        records, self.records = self.records, []
+        return records
+
+
+def _timed(recorder: StepRecorder, key, fn, after=None):
+    """Wrap ``fn``; ``key`` is a part name or a function of the call's arguments returning one."""
+    clock = recorder.clock
+
+    def wrapper(*args, **kwargs):
+        start = clock()
+        out = fn(*args, **kwargs)
+        recorder.add(key(*args, **kwargs) if callable(key) else key, clock() - start)
+        if after is not None:
+            after(out, *args, **kwargs)
+        return out
+
+    return wrapper
+
+
+def instrument(trainer, recorder: StepRecorder, sgpo: bool) -> None:
+    """Wrap the trainer's seams (instance attributes) so each step records its parts."""
+    if sgpo:
+
+        def count(ids, model, texts, role):
+            recorder.add(f"tokens/{role}", sum(len(r) for r in ids))
+            recorder.add(f"width/{role}", max((len(r) for r in ids), default=0))
+
+        trainer._sample = _timed(recorder, lambda model, texts, role: f"{role} generation", trainer._sample, count)
+    else:
+
+        def count(out, *args, **kwargs):
+            recorder.add("tokens/generation", float(out[3].sum()))
+            recorder.add("width/generation", out[2].size(1))
+
+        trainer._generate = _timed(recorder, "generation", trainer._generate, count)
+
+    ref = trainer.ref_model
+    trainer._forward = _timed(
+        recorder, lambda model, *a, **k: "reference forward" if model is ref else "policy forward", trainer._forward
+    )
+    # SGPO swaps `accelerator.backward` for a scaled version during its step; it wraps (and restores) this one.
+    trainer.accelerator.backward = _timed(recorder, "policy backward", trainer.accelerator.backward)
+    trainer._clip_grad_norm = _timed(recorder, "optimizer step", trainer._clip_grad_norm)
+    trainer.training_step = _timed(recorder, "training_step", trainer.training_step)
+
+
+def run_turn(trainer, steps: int, seed: int) -> None:
+    set_seed(seed)
+    trainer.args.max_steps = steps
+    trainer.train()
+
+
+def breakdown(records, parts) -> list[tuple[str, float]]:
+    rows = [(part, median(r.get(part, 0.0) for r in records)) for part in parts]
+    rows.append(("sum of parts", median(sum(r.get(p, 0.0) for p in parts) for r in records)))
+    rows.append(
+        (
+            "training_step outside the parts",
+            median(r["training_step"] - sum(r.get(p, 0.0) for p in parts if p != "optimizer step") for r in records),
+        )
+    )
+    rows.append(
+        (
+            "step outside training_step + optimizer",
+            median(r["step"] - r["training_step"] - r.get("optimizer step", 0.0) for r in records),
+        )
+    )
+    rows.append(("step", median(r["step"] for r in records)))
+    return rows
+
+
+def print_breakdown(title: str, records, parts) -> None:
+    rows = breakdown(records, parts)
+    step = rows[-1][1]
+    print(f"\n{title} (median over {len(records)} timed steps, seconds)")
+    for name, value in rows:
+        print(f"  {name:<42} {value:9.3f}  {100 * value / step:5.1f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--batch-size", type=int, default=4, help="per_device_train_batch_size (default: 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    parser.add_argument("--max-length", type=int, default=512, help="prompt + completion for log-probs (default: 512)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed A B rounds (default: 2)")
+    parser.add_argument("--steps", type=int, default=1, help="steps per trainer per round (default: 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per trainer first (default: 1)")
+    parser.add_argument("--json", default=None, help="also write every timed step's record to this JSON file")
+    args = parser.parse_args()
+    setup_threads(args.threads)
+    started = time.perf_counter()
+
+    model, tokenizer, name = load_model(args)
+    dataset = prompt_dataset(max(args.batch_size * max(args.steps, args.warmup), 8))
+    clock = Clock(args.device)
+    tmp = tempfile.TemporaryDirectory(prefix="sgpo-bench-step-")
+
+    sgpo = SGPOTrainer(
+        fresh_copy(model),
+        args=SGPOConfig(**trainer_kwargs(args, f"{tmp.name}/sgpo")),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    online = OnlineDPOTrainer(
+        fresh_copy(model),
+        reward_funcs=zero_reward,
+        args=OnlineDPOConfig(**trainer_kwargs(args, f"{tmp.name}/online-dpo")),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    del model
+    recorders = {}
+    for key, trainer in (("sgpo", sgpo), ("online", online)):
+        recorders[key] = StepRecorder(clock)
+        trainer.add_callback(recorders[key])
+        trainer.remove_callback(PrinterCallback)  # the end-of-train summary each turn would clutter the report
+        instrument(trainer, recorders[key], sgpo=key == "sgpo")
+
+    print(machine_line(args, name))
+    print(
+        f"batch {args.batch_size} prompts | max_new_tokens {args.max_new_tokens} | max_length {args.max_length} | "
+        f"gradient_checkpointing True | warm-up {args.warmup} step(s) each, then {args.rounds} rounds x "
+        f"{args.steps} step(s) each, A B A B in one process"
+    )
+    print(
+        f"generation KV cache: SGPO {sgpo.generation_config.use_cache}, OnlineDPO {online.generation_config.use_cache}"
+    )
+
+    if args.warmup:
+        for trainer, key in ((sgpo, "sgpo"), (online, "online")):
+            run_turn(trainer, args.warmup, args.seed)
+            recorders[key].take()
+    records = {"sgpo": [], "online": []}
+    print("\nround   SGPO step s   OnlineDPO step s   ratio")
+    for r in range(args.rounds):
+        for trainer, key in ((sgpo, "sgpo"), (online, "online")):
+            run_turn(trainer, args.steps, args.seed + 1 + r)
+            records[key] += [{**rec, "round": r} for rec in recorders[key].take()]
+        s = median(rec["step"] for rec in records["sgpo"] if rec["round"] == r)
+        o = median(rec["step"] for rec in records["online"] if rec["round"] == r)
+        print(f"{r + 1:>5}   {s:11.2f}   {o:16.2f}   {s / o:5.2f}")
+
+    print_breakdown("SGPO step", records["sgpo"], SGPO_PARTS)
+    print_breakdown("OnlineDPO step", records["online"], ONLINE_DPO_PARTS)
+
+    def tokens(recs, role):
+        return median(rec.get(f"tokens/{role}", 0) for rec in recs), median(
+            rec.get(f"width/{role}", 0) for rec in recs
+        )
+
+    print("\ngenerated tokens per step (median: total over rows / decode steps of the batch)")
+    for label, recs, role, rows in (
+        ("SGPO policy", records["sgpo"], "policy", args.batch_size),
+        ("SGPO improver", records["sgpo"], "improver", args.batch_size),
+        ("OnlineDPO", records["online"], "generation", 2 * args.batch_size),
+    ):
+        total, width = tokens(recs, role)
+        print(f"  {label:<14} {rows:>3} rows: {total:6.0f} tokens / {width:4.0f} decode steps")
+
+    sgpo_step = median(rec["step"] for rec in records["sgpo"])
+    online_step = median(rec["step"] for rec in records["online"])
+    step_ratio = sgpo_step / online_step
+    over_parts = median(rec["step"] / sum(rec.get(p, 0.0) for p in SGPO_PARTS) for rec in records["sgpo"])
+    print("\nratio                                      measured   target   verdict")
+    print(
+        f"  SGPO step / OnlineDPO step (medians)     {step_ratio:8.2f}   <= {TARGET_STEP_RATIO:<4}  "
+        f"{verdict(step_ratio, TARGET_STEP_RATIO)}"
+    )
+    print(
+        f"  SGPO step / sum of its parts (median)    {over_parts:8.2f}   <= {TARGET_STEP_OVER_PARTS:<4}  "
+        f"{verdict(over_parts, TARGET_STEP_OVER_PARTS)}"
+    )
+    print(f"\nwall time {time.perf_counter() - started:.0f}s | load average at the end: {_common.load_average()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "records": records}, f, indent=1)
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
