@@ -1,30 +1,51 @@
 """trl-sgpo: Self-Generated Preference Optimization (arXiv 2507.20181) for Hugging Face TRL.
 
 ``SGPOTrainer`` subclasses TRL's experimental ``OnlineDPOTrainer``; importing it emits TRL's
-``TRLExperimentalWarning`` unless ``TRL_EXPERIMENTAL_SILENCE=1`` is set.
+``TRLExperimentalWarning`` unless ``TRL_EXPERIMENTAL_SILENCE=1`` is set (the ``trl-sgpo`` command and the recipe set
+it: their users never import ``trl.experimental`` themselves, and the version pin covers the instability).
 """
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0.dev0"
 
-from .collators import DataCollatorForImproverTargets
-from .improver_sft_config import ImproverSFTConfig
-from .improver_sft_trainer import ImproverSFTTrainer
-from .models import DEFAULT_MODEL, default_model_path, load_model_and_tokenizer
-from .sgpo_config import SGPOConfig
-from .sgpo_trainer import SGPOTrainer
-from .templates import DEFAULT_INSTRUCTION, ImproverTemplate, improver_prompt, render_prompt
+# Public names and their modules. Imported on first use so that `trl-sgpo --help` and `trl_sgpo.templates` do not pay
+# for torch, transformers and TRL.
+_EXPORTS = {
+    "DataCollatorForImproverTargets": "collators",
+    "ImproverSFTConfig": "improver_sft_config",
+    "ImproverSFTTrainer": "improver_sft_trainer",
+    "DEFAULT_MODEL": "models",
+    "default_model_path": "models",
+    "load_model_and_tokenizer": "models",
+    "SGPOConfig": "sgpo_config",
+    "SGPOTrainer": "sgpo_trainer",
+    "DEFAULT_INSTRUCTION": "templates",
+    "ImproverTemplate": "templates",
+    "improver_prompt": "templates",
+    "render_prompt": "templates",
+}
 
-__all__ = [
-    "DEFAULT_INSTRUCTION",
-    "DEFAULT_MODEL",
-    "DataCollatorForImproverTargets",
-    "ImproverSFTConfig",
-    "ImproverSFTTrainer",
-    "ImproverTemplate",
-    "SGPOConfig",
-    "SGPOTrainer",
-    "default_model_path",
-    "improver_prompt",
-    "load_model_and_tokenizer",
-    "render_prompt",
-]
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .collators import DataCollatorForImproverTargets
+    from .improver_sft_config import ImproverSFTConfig
+    from .improver_sft_trainer import ImproverSFTTrainer
+    from .models import DEFAULT_MODEL, default_model_path, load_model_and_tokenizer
+    from .sgpo_config import SGPOConfig
+    from .sgpo_trainer import SGPOTrainer
+    from .templates import DEFAULT_INSTRUCTION, ImproverTemplate, improver_prompt, render_prompt
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
