@@ -80,10 +80,11 @@ def test_offline_improver_data_then_resume(tmp_path, tiny_model_dir, tiny_tokeni
 def test_base_url_uses_an_openai_compatible_server(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-cli-test")
     out = tmp_path / "out"
-    with OpenAIStub(api_key="sk-cli-test") as stub:
+    # Enough rows and latency that --max-concurrency 2 is reached (the first request goes alone).
+    with OpenAIStub(api_key="sk-cli-test", latency=0.1) as stub:
         rc = main(
             command(
-                write_prompts(tmp_path / "p.jsonl", n=3),
+                write_prompts(tmp_path / "p.jsonl", n=8),
                 out,
                 tiny_model_dir,
                 "--base-url",
@@ -96,11 +97,11 @@ def test_base_url_uses_an_openai_compatible_server(tmp_path, tiny_model_dir, mon
                 "0",
             )
         )
-        assert rc == 0 and len(stub.requests) == 3 and stub.peak_in_flight <= 2
+        assert rc == 0 and len(stub.requests) == 8 and stub.peak_in_flight == 2
     targets = read_jsonl(out / "targets.jsonl")
     assert {t["target_writer"] for t in targets} == {"openai:stub-model"}
-    assert len(read_jsonl(out / "targets.cache.jsonl")) == 3
-    assert json.loads((out / "filter_report.json").read_text())["rows"] == 3
+    assert len(read_jsonl(out / "targets.cache.jsonl")) == 8
+    assert json.loads((out / "filter_report.json").read_text())["rows"] == 8
 
 
 def test_bad_input_fails_before_any_work(tmp_path, tiny_model_dir, capsys, monkeypatch):

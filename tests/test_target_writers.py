@@ -2,6 +2,7 @@
 
 import errno
 import json
+import logging
 
 import pytest
 from datasets import Dataset
@@ -178,7 +179,17 @@ def test_a_bad_key_is_one_clear_error_and_is_never_written(tmp_path, stub, monke
     assert "sk-wrong-key-42" not in str(e.value) + repr(writer) + caplog.text
 
 
+def test_the_first_request_retries_alone_until_the_endpoint_answers(tmp_path, stub, api_key):
+    # A 500 on the first request says nothing about the key: the other rows wait until it is answered.
+    writer = make_writer(stub, max_concurrency=8)
+    write_targets(writer, rows(6, {0: "[[stub:500*2]]"}), tmp_path / "targets.jsonl", show_progress=False)
+    first_three = [body["messages"][-1]["content"] for body in stub.requests[:3]]
+    assert all("Question 0? [[stub:500*2]]" in text for text in first_three)
+    assert failures(tmp_path) == {} and writer.stats.retries == 2 and writer.stats.written == 6
+
+
 def test_the_key_is_written_nowhere(tmp_path, stub, api_key, caplog):
+    caplog.set_level(logging.DEBUG)  # retry reasons are logged at DEBUG
     ds = rows(4, {0: "[[stub:500*1]]", 1: "[[stub:400*1]]", 2: "[[stub:empty*1]]"})
     writer = make_writer(stub)
     write_targets(writer, ds, tmp_path / "targets.jsonl", show_progress=False)
@@ -310,16 +321,46 @@ def test_reference_step_writer_through_write_targets(tmp_path):
     assert writer.stats.written == 3 and writer.stats.requests == 0
 
 
-def test_transformers_writer_records_every_row(tmp_path, tiny_model, tiny_tokenizer):
+def test_transformers_writer_records_every_row(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    import trl_sgpo.target_writers as target_writers
+
+    # The random tiny model cannot write a tagged answer, so the generation is scripted; the writer's own parsing,
+    # cut-off check and bookkeeping run as they are.
+    answers = {
+        "Answer 0 is short.": ("<improved_answer>Answer 0 is short but clear.</improved_answer>", True),
+        "Answer 1 is short.": ("<improved_answer>Answer 1 is", False),  # hit max_new_tokens
+        "Answer 2 is short.": ("", True),  # an empty answer
+        "Answer 3 is short.": ("<improved_answer>Answer 3, better.</improved_answer>", True),
+    }
+    batches = []
+
+    def scripted(model, tokenizer, texts, **kwargs):
+        batches.append(len(texts))
+        outputs = []
+        for text in texts:
+            answer, finished = next(v for k, v in answers.items() if f"## Current answer\n{k}" in text)
+            outputs.append((tokenizer(answer, add_special_tokens=False)["input_ids"], finished))
+        return outputs
+
+    monkeypatch.setattr(target_writers, "generate_completions", scripted)
     ds = rows(4)
     writer = TransformersTargetWriter(tiny_model, tiny_tokenizer, max_new_tokens=3, batch_size=2)
     out = write_targets(writer, ds, tmp_path / "targets.jsonl", show_progress=False)
+    assert batches == [2, 2]
+    assert dict(zip(out["id"], out["target"])) == {"r0": "Answer 0 is short but clear.", "r3": "Answer 3, better."}
     reasons = failures(tmp_path)
-    assert len(out) + len(reasons) == 4
-    assert all("cut off" in r or "unusable" in r for r in reasons.values())
-    assert all(t.strip() for t in out["target"]) if len(out) else True
+    assert set(reasons) == {"r1", "r2"}
+    assert "cut off at max_new_tokens=3" in reasons["r1"] and "unusable answer" in reasons["r2"]
+    assert writer.stats.written == 2 and writer.stats.failed == 2
     # The request is the documented target prompt, rendered with the writer's chat template.
     assert "## Reference answer\nReference answer 0." in writer.render(ds[0])
+
+
+def test_transformers_writer_generates_with_a_real_model(tmp_path, tiny_model, tiny_tokenizer):
+    # Unscripted: the random model's answers are cut off or untagged, and every row still ends up somewhere.
+    writer = TransformersTargetWriter(tiny_model, tiny_tokenizer, max_new_tokens=3, batch_size=2)
+    out = write_targets(writer, rows(4), tmp_path / "targets.jsonl", show_progress=False)
+    assert len(out) + len(failures(tmp_path)) == 4 == writer.stats.written + writer.stats.failed
 
 
 def test_cache_key_is_the_exact_request(stub):

@@ -109,8 +109,14 @@ class JsonlWriter:
                     cut = start + index + 1
                     break
                 pos = start
-            logger.warning("Removing the torn last line of %s (an interrupted write).", self.path)
-            f.truncate(cut)
+            f.seek(cut)
+            try:  # a complete row whose newline was not written: readers already count it, so keep it
+                json.loads(f.read())
+            except ValueError:
+                logger.warning("Removing the torn last line of %s (an interrupted write).", self.path)
+                f.truncate(cut)
+            else:
+                f.write(b"\n")
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append ``row`` and make it durable."""

@@ -253,9 +253,10 @@ def run_coroutine(coro: Coroutine) -> Any:
 class _Retry(Exception):
     """A transient failure of one attempt; ``delay`` is the server's Retry-After, if any."""
 
-    def __init__(self, reason: str, delay: float | None = None):
+    def __init__(self, reason: str, delay: float | None = None, key_accepted: bool = False):
         super().__init__(reason)
         self.delay = delay
+        self.key_accepted = key_accepted  # only a rate limit shows the endpoint took the key
 
 
 class _RowFailure(Exception):
@@ -269,7 +270,8 @@ class OpenAITargetWriter(TargetWriter):
     counted and bounded.
 
     - Concurrency: at most ``max_concurrency`` requests in flight (an ``asyncio.Semaphore``). The first request goes
-      alone: if the key is bad, one request fails, not ``max_concurrency``.
+      alone until it is answered (a 429 also counts: the endpoint took the key): if the key is bad, one request
+      fails, not ``max_concurrency``.
     - Retries: HTTP 429, 408, 409 and 5xx, timeouts, connection errors and malformed bodies are retried up to
       ``max_retries`` times, waiting ``min(backoff_max, backoff_base * 2**attempt)`` seconds with jitter (or the
       server's ``Retry-After``, when it sends one). After that the row is recorded as failed.
@@ -511,8 +513,8 @@ class _OpenAIRun:
                 except _Retry as e:
                     reason = str(e)
                     logger.debug("Attempt %d failed (%s); retrying.", attempt + 1, reason)
-                    if is_probe:
-                        self.gate.set()  # the endpoint answers and takes the key: let the others go
+                    if is_probe and e.key_accepted:
+                        self.gate.set()  # the endpoint takes the key: let the others go
                     if attempt < self.w.max_retries:
                         await asyncio.sleep(self.backoff(attempt, e.delay))
             raise _RowFailure(f"gave up after {self.w.max_retries + 1} attempts; last error: {reason}")
@@ -543,7 +545,7 @@ class _OpenAIRun:
         except openai.APIStatusError as e:
             status = e.status_code
             if status in (408, 409, 429) or status >= 500:
-                raise _Retry(f"HTTP {status}: {self.scrub(_message(e))}", _retry_after(e)) from None
+                raise _Retry(f"HTTP {status}: {self.scrub(_message(e))}", _retry_after(e), status == 429) from None
             raise _RowFailure(f"HTTP {status}: {self.scrub(_message(e))}") from None
         except (openai.APITimeoutError, asyncio.TimeoutError):
             raise _Retry(f"timed out after {self.w.timeout}s") from None
