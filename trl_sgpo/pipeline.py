@@ -34,6 +34,7 @@ from .models import DEFAULT_MODEL, HUB_ID, load_model_and_tokenizer
 from .sgpo_config import SGPOConfig
 from .sgpo_trainer import SGPOTrainer
 from .stages import Stage
+from .utils import set_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,11 @@ class SGPOScriptArguments:
         default=None, metadata={"help": f"Stop after this stage, one of {STAGES}.", "choices": list(STAGES)}
     )
     iterations: int = field(default=1, metadata={"help": "Rounds of SGPO, each starting from the last round's model."})
+    num_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads for torch when there is no GPU (default: the available cores, shared among the "
+                  "local processes; `accelerate launch` would otherwise pin 1)."},
+    )
     # stage 1
     sample_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call when sampling answers."})
     # stage 2
@@ -177,6 +183,7 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
     from trl import get_peft_config
 
     state = PartialState()
+    set_cpu_threads(script_args.num_threads)
     out = Path(training_args.output_dir)
     stages_dir = out / "stages"
     model_name = model_args.model_name_or_path or DEFAULT_MODEL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import torch
@@ -47,3 +48,21 @@ def apply_cpu_defaults(config) -> None:
         config.use_cpu = True
     if config.bf16 is None and not config.fp16:
         config.bf16 = bool(bf16_supported() and not config.use_cpu)
+
+
+def set_cpu_threads(num_threads: int | None = None) -> int | None:
+    """On a machine without an accelerator, give torch ``num_threads`` threads (default: the cores this process may
+    use, shared among the local processes). Returns the number set, or ``None`` on an accelerator.
+
+    `accelerate launch` without a config exports ``OMP_NUM_THREADS=1`` for a single non-``--cpu`` process, which
+    halves a 2-core CPU run; a job that runs on the CPU should use the cores it has.
+    """
+    if has_accelerator():
+        return None
+    if num_threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_threads = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if num_threads < 1:
+        raise ValueError(f"`num_threads` must be >= 1, got {num_threads}.")
+    torch.set_num_threads(num_threads)
+    return num_threads
