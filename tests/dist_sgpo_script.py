@@ -1,5 +1,7 @@
-"""Run by test_distributed.py under `accelerate launch --num_processes 2 --cpu`: a few SGPO steps on a tiny model.
+"""Run by test_distributed.py under `accelerate launch` with 2 CPU processes (gloo DDP): a few SGPO steps on a tiny model.
 
+Rank 0 samples for real. Rank 1's improver repeats the policy's answer for one prompt in step 1 and for both in
+step 2, so the ranks keep different numbers of pairs (2 vs 1, then 2 vs 0), which OnlineDPO's gathers must survive.
 Each rank writes what it ended with (a weight checksum, the pair counts, the logged losses) to <out>/rank<k>.json.
 """
 
@@ -17,6 +19,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl_sgpo import SGPOConfig, SGPOTrainer
 
 
+class RepeatingImprover:
+    """Sampler for rank 1: the policy answers `one`; the improver writes `two two`, or repeats `one` (dropped)."""
+
+    def __init__(self, tokenizer):
+        eos = tokenizer.eos_token_id
+        self.one = tokenizer("one", add_special_tokens=False)["input_ids"] + [eos]
+        self.two = tokenizer("two two", add_special_tokens=False)["input_ids"] + [eos]
+        self.improver_calls = 0
+
+    def __call__(self, model, prompts_text, role):
+        if role == "policy":
+            return [list(self.one) for _ in prompts_text]
+        self.improver_calls += 1
+        repeats = 1 if self.improver_calls == 1 else len(prompts_text)
+        return [list(self.one) if i < repeats else list(self.two) for i in range(len(prompts_text))]
+
+
 def main(model_dir, out_dir):
     state = PartialState()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -28,6 +47,8 @@ def main(model_dir, out_dir):
         gradient_checkpointing=False,
     )
     trainer = SGPOTrainer(model, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
+    if state.process_index == 1:
+        trainer._sample = RepeatingImprover(tokenizer)
     start = sum(p.double().sum().item() for p in trainer.model.parameters())
     trainer.train()
     result = {

@@ -25,7 +25,10 @@ def test_sgpo_stage_under_accelerate_two_cpu_processes(tmp_path, tiny_model_dir)
     # DDP: both processes end with the same weights, which moved.
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=0, abs=1e-6)
     assert ranks[0]["checksum"] != pytest.approx(ranks[0]["start_checksum"], abs=1e-6)
-    # Pair statistics are gathered over both processes: 2 steps x 2 prompts x 2 processes.
-    assert ranks[0]["pair_counts"] == ranks[1]["pair_counts"]
-    assert ranks[0]["pair_counts"]["made"] == 8
+    # Pair statistics are gathered over both processes: 2 steps x 2 prompts x 2 processes, of which rank 1 drops
+    # three as identical (see dist_sgpo_script.py); rank 0's random tiny model rarely repeats itself.
+    counts = ranks[0]["pair_counts"]
+    assert counts == ranks[1]["pair_counts"]
+    assert counts["made"] == 8 and counts["identical"] >= 3
+    assert counts["kept"] == 8 - counts["identical"] - counts["empty"]
     assert ranks[0]["losses"] == ranks[1]["losses"]

@@ -71,5 +71,10 @@ class SGPOConfig(OnlineDPOConfig):
             raise ValueError(f"`improver_temperature` must be >= 0, got {self.improver_temperature}.")
         if self.improver_max_new_tokens is not None and self.improver_max_new_tokens < 1:
             raise ValueError(f"`improver_max_new_tokens` must be >= 1, got {self.improver_max_new_tokens}.")
+        if self.judge_margin < 0:
+            raise ValueError(
+                f"`judge_margin` must be >= 0, got {self.judge_margin}: a negative margin would keep pairs whose "
+                "improved answer the judge scores lower, training toward the worse answer."
+            )
         if not self.improver_instruction.strip():
             raise ValueError("`improver_instruction` is empty; leave it unset to use the default instruction.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -10,15 +11,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from datasets import Dataset, IterableDataset
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.data_utils import is_conversational
 from trl.experimental.online_dpo import OnlineDPOTrainer
-from trl.experimental.utils import truncate_right
+from trl.experimental.utils import empty_cache, truncate_right
 from trl.models.utils import unwrap_model_for_generation
 
 from .data import check_prompt_dataset
@@ -27,7 +28,8 @@ from .sgpo_config import SGPOConfig
 from .templates import ImproverTemplate, improver_prompt, render_prompt
 from .utils import SGPO_PAPER
 
-logger = get_logger(__name__)
+# Pair counts beside each checkpoint: TrainerState does not hold them, and a resumed run should report totals.
+PAIR_COUNTS_NAME = "sgpo_pair_counts.json"
 
 SGPO_STATS = (
     "sgpo/policy_length",
@@ -58,6 +60,8 @@ class SGPOPairs:
     responses: list[str]
     improved: list[str]
     keep: torch.Tensor
+    empty: torch.Tensor  # improved answer is empty
+    identical: torch.Tensor  # improved answer repeats a non-empty original
     judge_scores: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> SGPOPairs:
@@ -74,6 +78,8 @@ class SGPOPairs:
             responses=[self.responses[i] for i in idx],
             improved=[self.improved[i] for i in idx],
             keep=self.keep[index],
+            empty=self.empty[index],
+            identical=self.identical[index],
             judge_scores=scores,
         )
 
@@ -172,20 +178,16 @@ class SGPOTrainer(OnlineDPOTrainer):
             processing_class.pad_token = processing_class.eos_token
 
         self.improver_template = ImproverTemplate(instruction=args.improver_instruction)
-        train_dataset = check_prompt_dataset(
-            train_dataset, processing_class, args.max_length - args.max_new_tokens, name="train_dataset"
-        )
+        # The prompt plus the longer of the two answers must fit in max_length, or OnlineDPO cuts the prompt's start.
+        room = args.max_length - max(args.max_new_tokens, args.improver_max_new_tokens or 0)
+        train_dataset = check_prompt_dataset(train_dataset, processing_class, room, name="train_dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {
-                key: check_prompt_dataset(
-                    ds, processing_class, args.max_length - args.max_new_tokens, name=f"eval_dataset[{key!r}]"
-                )
+                key: check_prompt_dataset(ds, processing_class, room, name=f"eval_dataset[{key!r}]")
                 for key, ds in eval_dataset.items()
             }
         elif eval_dataset is not None:
-            eval_dataset = check_prompt_dataset(
-                eval_dataset, processing_class, args.max_length - args.max_new_tokens, name="eval_dataset"
-            )
+            eval_dataset = check_prompt_dataset(eval_dataset, processing_class, room, name="eval_dataset")
 
         self.has_judge = reward_funcs is not None and reward_funcs != []
         super().__init__(
@@ -244,26 +246,40 @@ class SGPOTrainer(OnlineDPOTrainer):
         return self._beta
 
     @contextmanager
-    def _backward_scaled_for_accumulation(self):
-        """Divide the loss by the accumulation steps in ``backward``, as ``Trainer.training_step`` does.
+    def _patched_accelerator(self, loss_weight: float = 1.0, rows_valid: bool = True):
+        """Patch ``accelerator.backward`` and ``gather_for_metrics`` for the duration of OnlineDPO's training step.
 
-        OnlineDPO 1.16 calls ``accelerator.backward(loss)`` unscaled, so gradients are summed over micro-batches
-        (except under DeepSpeed, whose engine divides by itself). Patching ``backward`` for the duration of the step
-        fixes that without copying OnlineDPO's training step.
+        - ``backward`` divides the loss by the accumulation steps, as ``Trainer.training_step`` does (OnlineDPO 1.16
+          sums micro-batches, except under DeepSpeed, whose engine divides by itself), and applies ``loss_weight``.
+        - ``gather_for_metrics`` accepts per-pair tensors of different lengths on different processes (each keeps
+          its own pairs; a plain all-gather needs equal shapes), and leaves out a process's rows when
+          ``rows_valid`` is false (it kept no pair and trains on masked placeholders).
+        Patching these two calls fixes both without copying OnlineDPO's training step.
         """
-        backward = self.accelerator.backward
+        accelerator = self.accelerator
+        backward, gather_for_metrics = accelerator.backward, accelerator.gather_for_metrics
         steps = self.current_gradient_accumulation_steps
 
         def scaled_backward(loss, **kwargs):
-            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            if accelerator.distributed_type == DistributedType.DEEPSPEED:
                 kwargs["scale_wrt_gas"] = False
-            return backward(loss / steps, **kwargs)
+            return backward(loss * loss_weight / steps, **kwargs)
 
-        self.accelerator.backward = scaled_backward
+        def gather_rows(data, *args, **kwargs):
+            if accelerator.num_processes == 1 or not torch.is_tensor(data) or data.dim() == 0:
+                return gather_for_metrics(data, *args, **kwargs)
+            sizes = accelerator.gather(torch.tensor([data.size(0) if rows_valid else 0], device=data.device)).tolist()
+            if sum(sizes) == 0:  # no process kept a pair: report the placeholders rather than nothing
+                return gather_for_metrics(data, *args, **kwargs)
+            padded = accelerator.pad_across_processes(data, dim=0)
+            rows = accelerator.gather(padded).split(padded.size(0))
+            return torch.cat([r[:n] for r, n in zip(rows, sizes, strict=True)])
+
+        accelerator.backward, accelerator.gather_for_metrics = scaled_backward, gather_rows
         try:
             yield
         finally:
-            self.accelerator.backward = backward
+            accelerator.backward, accelerator.gather_for_metrics = backward, gather_for_metrics
 
     # ------------------------------------------------------------------ generation of the pairs
 
@@ -307,6 +323,9 @@ class SGPOTrainer(OnlineDPOTrainer):
             "detokenize": False,
             **(self.args.generation_kwargs or {}),
         }
+        # OnlineDPO already turned `vllm_structured_outputs_regex` / a `structured_outputs` dict into vLLM's object.
+        if getattr(self.generation_config, "structured_outputs", None) is not None:
+            params["structured_outputs"] = self.generation_config.structured_outputs
         if role == "improver":
             if self.args.improver_temperature is not None:
                 params["temperature"] = self.args.improver_temperature
@@ -314,18 +333,33 @@ class SGPOTrainer(OnlineDPOTrainer):
                 params["max_tokens"] = self.args.improver_max_new_tokens
         return SamplingParams(**params)
 
-    def _sample_vllm(self, prompts_text: list[str], role: str) -> list[list[int]]:
-        """vLLM counterpart of :meth:`_sample` (colocate or server mode), weights synced once per optimizer step."""
-        if self.state.global_step != getattr(self, "_last_loaded_step", None):
+    @contextmanager
+    def _vllm_awake(self):
+        """vLLM ready for both roles of a step: weights synced once per optimizer step, and with sleep mode, woken
+        once for the policy and the improver (a level-2 sleep drops the weights, so they are loaded again)."""
+        if not self.use_vllm:
+            yield
+            return
+        sleeps = self.vllm_mode == "colocate" and self.args.vllm_enable_sleep_mode
+        if sleeps:
+            empty_cache()
+            self.llm.wake_up(tags=["weights"])
+        if sleeps or self.state.global_step != self._last_loaded_step:
             self._move_model_to_vllm()
             self._last_loaded_step = self.state.global_step
+        if sleeps:
+            self.llm.wake_up(tags=["kv_cache"])
+        try:
+            yield
+        finally:
+            if sleeps:
+                self.llm.sleep(level=2)
+
+    def _sample_vllm(self, prompts_text: list[str], role: str) -> list[list[int]]:
+        """vLLM counterpart of :meth:`_sample` (colocate or server mode), inside :meth:`_vllm_awake`."""
         params = self._vllm_sampling_params(role)
         if self.vllm_mode == "colocate":
-            if self.args.vllm_enable_sleep_mode:
-                self.llm.wake_up()
             outputs = self.llm.generate(prompts_text, params, use_tqdm=False)
-            if self.args.vllm_enable_sleep_mode:
-                self.llm.sleep(level=2)
             completion_ids = [list(out.outputs[0].token_ids) for out in outputs]
         else:
             all_prompts = gather_object(prompts_text)
@@ -368,15 +402,16 @@ class SGPOTrainer(OnlineDPOTrainer):
         """
         tokenizer = self._tokenizer
         policy_texts = [render_prompt(p, tokenizer) for p in prompts]
-        response_ids = self._sample(model, policy_texts, role="policy")
-        responses = [t.strip() for t in tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
+        with self._vllm_awake():
+            response_ids = self._sample(model, policy_texts, role="policy")
+            responses = [t.strip() for t in tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
 
-        improver_texts = [
-            render_prompt(improver_prompt(p, y, self.improver_template), tokenizer)
-            for p, y in zip(prompts, responses, strict=True)
-        ]
-        improved_ids = self._sample(model, improver_texts, role="improver")
-        improved = [t.strip() for t in tokenizer.batch_decode(improved_ids, skip_special_tokens=True)]
+            improver_texts = [
+                render_prompt(improver_prompt(p, y, self.improver_template), tokenizer)
+                for p, y in zip(prompts, responses, strict=True)
+            ]
+            improved_ids = self._sample(model, improver_texts, role="improver")
+            improved = [t.strip() for t in tokenizer.batch_decode(improved_ids, skip_special_tokens=True)]
 
         # Both answers are scored as answers to x: the prompt is the policy prompt, repeated for the two halves.
         prompt_inputs = tokenizer(
@@ -386,7 +421,7 @@ class SGPOTrainer(OnlineDPOTrainer):
 
         device = self.accelerator.device
         empty = torch.tensor([not t for t in improved], dtype=torch.bool, device=device)
-        identical = torch.tensor([a == b for a, b in zip(improved, responses)], dtype=torch.bool, device=device)
+        identical = torch.tensor([a == b for a, b in zip(improved, responses)], dtype=torch.bool, device=device) & ~empty
         keep = ~empty & ~identical
         judge_scores = None
         if self.has_judge:
@@ -403,6 +438,8 @@ class SGPOTrainer(OnlineDPOTrainer):
             responses=responses,
             improved=improved,
             keep=keep,
+            empty=empty,
+            identical=identical,
             judge_scores=judge_scores,
         )
 
@@ -414,19 +451,14 @@ class SGPOTrainer(OnlineDPOTrainer):
             prompts=2 * list(prompts), completions=completions, completion_ids_list=completion_ids, **extra
         )
 
-    def _record_pair_stats(self, pairs: SGPOPairs) -> None:
-        gather = self.accelerator.gather_for_metrics
+    def _record_pair_stats(self, pairs: SGPOPairs) -> int:
+        """Log the pair statistics of this micro-batch over all processes; return the number of pairs kept there."""
         batch_size = len(pairs.responses)
         lengths = pairs.completion_mask.sum(1).float()
-        empty = torch.tensor([not t for t in pairs.improved], dtype=torch.float, device=lengths.device)
-        identical = torch.tensor(
-            [a == b and bool(a) for a, b in zip(pairs.improved, pairs.responses)], dtype=torch.float, device=lengths.device
-        )
-        judge_dropped = (1 - pairs.keep.float()) - torch.maximum(empty, identical)
-        per_pair = torch.stack(
-            [lengths[batch_size:], lengths[:batch_size], empty, identical, judge_dropped, pairs.keep.float()], dim=1
-        )
-        per_pair = gather(per_pair)
+        empty, identical, keep = pairs.empty.float(), pairs.identical.float(), pairs.keep.float()
+        judge_dropped = 1 - keep - empty - identical
+        per_pair = torch.stack([lengths[batch_size:], lengths[:batch_size], empty, identical, judge_dropped, keep], dim=1)
+        per_pair = self.accelerator.gather(per_pair)
         for key, column in zip(SGPO_STATS, per_pair.mean(0).tolist(), strict=True):
             self.stats[key].append(column)
         totals = per_pair.sum(0).tolist()
@@ -435,31 +467,34 @@ class SGPOTrainer(OnlineDPOTrainer):
         self.pair_counts["identical"] += int(totals[3])
         self.pair_counts["judge_rejected"] += int(round(totals[4]))
         self.pair_counts["kept"] += int(totals[5])
+        return int(totals[5])
 
     # ------------------------------------------------------------------ OnlineDPO seams
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if "image" in inputs:
             raise NotImplementedError("SGPOTrainer supports text prompts only (the dataset has an `image` column).")
-        prompts = inputs["prompt"]
-        pairs = self.generate_pairs(model, prompts, inputs)
-        self._record_pair_stats(pairs)
+        pairs = self.generate_pairs(model, inputs["prompt"], inputs)
+        kept_everywhere = self._record_pair_stats(pairs)
 
         kept = pairs.keep.nonzero().flatten().cpu()
         if len(kept) > 0:
             pairs = pairs.select(kept)
-            inputs = {
-                k: ([v[i] for i in kept.tolist()] if isinstance(v, list) else v[kept] if torch.is_tensor(v) else v)
-                for k, v in inputs.items()
-            }
+            # OnlineDPO reads only `prompt` (its length sets the batch size); the judge already ran.
+            inputs = {"prompt": [inputs["prompt"][i] for i in kept.tolist()]}
         else:
             # Nothing to learn from, but every process must still run backward (DDP all-reduces there): train on
             # the pairs with their completions masked out, which gives a zero gradient.
             pairs.completion_mask = torch.zeros_like(pairs.completion_mask)
+        # Processes keep different numbers of pairs; DDP averages their gradients, so weigh each process's mean
+        # loss by its share of the kept pairs: the update is then the mean over every kept pair.
+        weight = 1.0
+        if self.accelerator.num_processes > 1 and kept_everywhere > 0:
+            weight = self.accelerator.num_processes * len(kept) / kept_everywhere
         self._pending_pairs = pairs
         try:
-            with self._backward_scaled_for_accumulation():
-                return super().training_step(model, inputs, num_items_in_batch)
+            with self._patched_accelerator(loss_weight=weight, rows_valid=len(kept) > 0):
+                return super().training_step(model, inputs, num_items_in_batch) * weight
         finally:
             self._pending_pairs = None
 
@@ -482,6 +517,27 @@ class SGPOTrainer(OnlineDPOTrainer):
             return self._pending_pairs.judge_scores
         batch_size = len(prompts) // 2
         return torch.cat([torch.ones(batch_size), torch.zeros(batch_size)]).to(self.accelerator.device)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:  # written first: the parent may push the checkpoint folder to the Hub
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, PAIR_COUNTS_NAME), "w") as f:
+                json.dump(self.pair_counts, f)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(os.path.join(checkpoint, PAIR_COUNTS_NAME)):
+            with open(os.path.join(checkpoint, PAIR_COUNTS_NAME)) as f:
+                self.pair_counts.update(json.load(f))
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
+        )
 
     # ------------------------------------------------------------------ model card
 
