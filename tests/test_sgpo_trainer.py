@@ -407,3 +407,27 @@ def test_pair_counts_survive_a_resume_from_checkpoint(tmp_path, tiny_model_dir, 
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert len(resumed._sample.calls) == 4  # steps 3 and 4 only, policy then improver
     assert resumed.pair_counts == first.pair_counts
+
+
+def test_a_second_copy_loads_the_local_weights_not_the_card_name(tmp_path, tiny_model_dir, monkeypatch):
+    import trl_sgpo.sgpo_trainer as sgpo_trainer
+    from trl_sgpo import load_model_and_tokenizer
+
+    # Under ZeRO-3 the reference is loaded again from the policy's source. The pipeline renames `_name_or_path` to
+    # the base model's Hub id for the model card; the copy must still come from the local weights (offline here).
+    monkeypatch.setattr(sgpo_trainer, "is_deepspeed_zero3_enabled", lambda: True)
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    model.config._name_or_path = "someone/base-model-not-on-this-machine"
+    seen = []
+    init = sgpo_trainer.OnlineDPOTrainer.__init__
+
+    def spy(self, model, *args, **kwargs):
+        seen.append(model.config._name_or_path)  # what OnlineDPO's vLLM engine would load
+        init(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(sgpo_trainer.OnlineDPOTrainer, "__init__", spy)
+    trainer = SGPOTrainer(model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tokenizer)
+    assert seen == [str(tiny_model_dir)]
+    assert trainer.model.config._name_or_path == "someone/base-model-not-on-this-machine"  # the card keeps its name
+    for (name, p), (_, q) in zip(model.named_parameters(), trainer.ref_model.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)

@@ -106,6 +106,9 @@ def load_model_and_tokenizer(name_or_path: str | None = None, **model_kwargs):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+    # Where the weights are: `config._name_or_path` may be renamed for model cards (below, and by the pipeline),
+    # while a second copy (the ZeRO-3 reference, vLLM's engine) must load these weights.
+    model.sgpo_weights_path = path
     if name_or_path in (None, DEFAULT_MODEL):
         # Model cards and Hub pushes should name the upstream model, not the local cache folder.
         model.config._name_or_path = HUB_ID

@@ -41,6 +41,24 @@ SGPO_STATS = (
 )
 
 
+def _weights_path(model) -> str:
+    """Where ``model``'s weights can be loaded again. ``load_model_and_tokenizer`` records it: ``_name_or_path`` may
+    then hold a card name (the Hub id of the embedded default, the base model of a pipeline stage)."""
+    return getattr(model, "sgpo_weights_path", None) or model.config._name_or_path
+
+
+@contextmanager
+def _named_by_weights_path(model):
+    if isinstance(model, str) or _weights_path(model) == model.config._name_or_path:
+        yield
+        return
+    card_name, model.config._name_or_path = model.config._name_or_path, _weights_path(model)
+    try:
+        yield
+    finally:
+        model.config._name_or_path = card_name
+
+
 def _placeholder_reward(completions, **kwargs):
     # OnlineDPOTrainer requires `reward_funcs`; SGPO needs none (the improved answer is the chosen one).
     return [0.0] * len(completions)
@@ -158,7 +176,7 @@ class SGPOTrainer(OnlineDPOTrainer):
                 )
         if ref_model is None and peft_config is None and is_deepspeed_zero3_enabled():
             # OnlineDPO cannot deep-copy a ZeRO-3 partitioned policy into a reference (trl#2532): load a second copy.
-            source = model if isinstance(model, str) else model.config._name_or_path
+            source = model if isinstance(model, str) else _weights_path(model)
             if not source or not (os.path.isdir(source) or "/" in source):
                 raise ValueError(
                     "Under DeepSpeed ZeRO-3 without PEFT, pass `ref_model` (the reference cannot be copied from a "
@@ -190,22 +208,23 @@ class SGPOTrainer(OnlineDPOTrainer):
             eval_dataset = check_prompt_dataset(eval_dataset, processing_class, room, name="eval_dataset")
 
         self.has_judge = reward_funcs is not None and reward_funcs != []
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            reward_funcs=reward_funcs if self.has_judge else _placeholder_reward,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            peft_config=peft_config,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+        with _named_by_weights_path(model):  # OnlineDPO's colocated vLLM engine loads `model.name_or_path`
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                reward_funcs=reward_funcs if self.has_judge else _placeholder_reward,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes,
+                peft_config=peft_config,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            )
 
         if not self.has_judge:
             # Without a judge OnlineDPO's score statistics would only echo the placeholder.
