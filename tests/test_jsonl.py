@@ -5,7 +5,16 @@ import pytest
 from datasets import Dataset
 
 from trl_sgpo import jsonl
-from trl_sgpo.jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_done, load_rows, read_jsonl
+from trl_sgpo.jsonl import (
+    ROW_ID,
+    JsonlWriter,
+    batch_seed,
+    ensure_row_ids,
+    load_done,
+    load_rows,
+    read_jsonl,
+    stable_hash,
+)
 
 
 def test_writer_appends_and_repairs_a_torn_last_line(tmp_path):
@@ -73,3 +82,11 @@ def test_load_rows_reads_jsonl_and_explains_mixed_prompt_formats(tmp_path):
         load_rows(mixed)
     with pytest.raises(FileNotFoundError):
         load_rows(tmp_path / "missing.jsonl")
+
+
+def test_batch_seed_depends_on_the_seed_and_the_batch_rows_only():
+    rows = [{ROW_ID: "a", "x": 1}, {ROW_ID: "b", "x": 2}]
+    seed = batch_seed(7, rows)
+    assert seed == int(stable_hash([7, ["a", "b"]])[:8], 16) and 0 <= seed < 2**32  # the seeds of earlier runs
+    assert batch_seed(7, [{ROW_ID: "a"}, {ROW_ID: "b"}]) == seed  # other columns do not matter
+    assert len({seed, batch_seed(8, rows), batch_seed(7, rows[::-1]), batch_seed(7, rows[:1])}) == 4

@@ -12,6 +12,7 @@ from trl_sgpo.perplexity import (
     completion_nll,
     drop_reasons,
     filter_targets,
+    filter_targets_with_report,
     perplexities,
     score_targets,
 )
@@ -182,3 +183,33 @@ def test_scoring_resumes_from_its_output(tmp_path, tiny_model, tiny_tokenizer):
 def test_filter_needs_targets(tmp_path, tiny_model, tiny_tokenizer):
     with pytest.raises(ValueError, match=r"missing the column\(s\) \['target'\]"):
         filter_targets(tiny_model, tiny_tokenizer, Dataset.from_dict({"prompt": ["q"], "response": ["a"]}), tmp_path)
+
+
+def test_filter_returns_its_report_and_replaces_an_earlier_kept_set(tmp_path, tiny_model, tiny_tokenizer):
+    rows = Dataset.from_dict({"prompt": ["q0", "q1"], "response": ["a", "a"], "target": ["b", "c"]})
+    kept, report = filter_targets_with_report(
+        tiny_model, tiny_tokenizer, rows, tmp_path, PerplexityFilterConfig(max_ratio=None), show_progress=False
+    )
+    assert len(kept) == 2 and report == json.loads((tmp_path / "filter_report.json").read_text())
+    assert report["rows"] == report["kept"] == 2 and (tmp_path / "improver_sft").is_dir()
+    # A stricter rule keeps nothing: the earlier kept set must not stay behind.
+    kept, report = filter_targets_with_report(
+        tiny_model, tiny_tokenizer, rows, tmp_path, PerplexityFilterConfig(max_ppl=1e-9), show_progress=False
+    )
+    assert len(kept) == 0 and report["dropped_by_reason"] == {"ppl_max": 2}
+    assert not (tmp_path / "improver_sft").exists()
+
+
+def test_a_kept_set_that_cannot_be_removed_is_an_error(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    from trl_sgpo import perplexity
+
+    rows = Dataset.from_dict({"prompt": ["q0"], "response": ["a"], "target": ["b"]})
+    (tmp_path / "improver_sft").mkdir()  # a set from an earlier run
+
+    def rmtree(path, ignore_errors=False, **kwargs):  # a removal that fails, e.g. permission denied
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(perplexity.shutil, "rmtree", rmtree)
+    with pytest.raises(PermissionError):
+        filter_targets(tiny_model, tiny_tokenizer, rows, tmp_path, PerplexityFilterConfig(max_ppl=1e-9))

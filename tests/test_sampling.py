@@ -61,9 +61,8 @@ def test_greedy_responses_match_the_trainers_generation_path(tmp_path, tiny_mode
     )
     out = tiny_model.generate(**inputs, max_new_tokens=5, do_sample=False)
     expected = tiny_tokenizer.batch_decode(out[:, inputs["input_ids"].size(1) :], skip_special_tokens=True)
-    # sample_responses groups prompts by length, so compare each prompt to the same batch's answer.
-    by_prompt = {texts[i]: expected[i].strip() for i in range(3)}
-    assert [by_prompt[t] for t in texts] == result["response"]
+    # sample_responses batches prompts by length but returns them in input order, like `expected`.
+    assert [e.strip() for e in expected] == result["response"]
 
 
 def test_stops_at_the_first_end_of_turn_of_the_generation_config(tiny_model, tiny_tokenizer):
@@ -111,3 +110,11 @@ def test_bad_input_names_the_column_or_rows(tmp_path, tiny_model, tiny_tokenizer
     with pytest.raises(ValueError, match=r"missing the column\(s\) \['reference'\]"):
         check_prompt_reference(Dataset.from_dict({"prompt": ["a"]}))
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_no_rows_is_an_error(tmp_path, tiny_model, tiny_tokenizer):
+    empty = Dataset.from_dict({"prompt": [], "reference": []})
+    with pytest.raises(ValueError, match="`dataset` has no rows"):
+        sample_responses(tiny_model, tiny_tokenizer, empty, tmp_path / "o.jsonl")
+    with pytest.raises(ValueError, match="`prompts` has no rows"):
+        check_prompt_reference(empty, "prompts")

@@ -169,6 +169,17 @@ def test_fatal_answers_stop_the_run_after_one_request(tmp_path, api_key, status,
     assert failures(tmp_path) == {}  # not a row failure: nothing to retry row by row
 
 
+def test_a_retry_the_abort_stops_before_it_is_sent_is_not_counted(tmp_path, stub, api_key):
+    # One request at a time. The probe (row 0) gets a 429 and waits to retry while row 1 takes the only slot and gets
+    # a 401: the run stops, so the retry of row 0 is never sent and must not be counted.
+    writer = make_writer(stub, max_concurrency=1)
+    ds = rows(2, {0: "[[stub:429*1]]", 1: "[[stub:401*inf]]"})
+    with pytest.raises(TargetWriterAbort, match="rejected the API key"):
+        write_targets(writer, ds, tmp_path / "targets.jsonl", show_progress=False)
+    assert len(stub.requests) == writer.stats.requests == 2
+    assert writer.stats.retries == 0
+
+
 def test_a_bad_key_is_one_clear_error_and_is_never_written(tmp_path, stub, monkeypatch, caplog):
     monkeypatch.setenv("SGPO_TEST_KEY", "sk-wrong-key-42")
     writer = make_writer(stub, max_concurrency=16)

@@ -25,7 +25,6 @@ The kept set is ``out/improver-data/improver_sft/`` (``datasets.load_from_disk``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -241,12 +240,13 @@ def _prompt_config(args):
     )
 
 
-def _writer_kind(args) -> str:
-    """Resolve ``--writer auto`` and check the writer's arguments, before any model is loaded or any row sampled."""
+def _writer_choice(args):
+    """Resolve ``--writer auto`` and build the target prompt config, checking the writer's arguments: once per run,
+    before any model is loaded or any row sampled. Returns ``(kind, prompt_config)`` for :func:`_writer`."""
     kind = args.writer
     if kind == "auto":
         kind = "openai" if (args.base_url or args.writer_model) else "reference-step"
-    _prompt_config(args)  # raises on inconsistent constraints
+    prompt_config = _prompt_config(args)  # raises on inconsistent constraints
     if kind == "openai":
         if not args.writer_model:
             raise ValueError("The openai writer needs --writer-model (the model name at the endpoint).")
@@ -255,13 +255,14 @@ def _writer_kind(args) -> str:
                 f"The environment variable {args.api_key_env} holding the API key is not set. Export it (any value "
                 f"for a server without authentication: `export {args.api_key_env}=EMPTY`), or pass --api-key-env."
             )
-    return kind
+    return kind, prompt_config
 
 
-def _writer(args, policy=None):
+def _writer(args, choice, policy=None):
+    """The target writer for ``choice``, the ``(kind, prompt_config)`` from :func:`_writer_choice`."""
     from .target_writers import OpenAITargetWriter, ReferenceStepWriter, TransformersTargetWriter
 
-    kind, prompt_config = _writer_kind(args), _prompt_config(args)
+    kind, prompt_config = choice
     if kind == "openai":
         return OpenAITargetWriter(
             args.writer_model,
@@ -293,17 +294,17 @@ def _writer(args, policy=None):
     return ReferenceStepWriter(fraction=args.step_fraction, max_edits=args.max_edits or None)
 
 
-def _targets(args, dataset, output, policy=None):
+def _targets(args, dataset, output, choice, policy=None):
     from .target_writers import write_targets
 
-    writer = _writer(args, policy)
+    writer = _writer(args, choice, policy)
     result = write_targets(writer, dataset, output, args.failures, show_progress=not args.quiet)
     print(f"targets: {writer.stats.summary()} -> {output}", file=sys.stderr)
     return result, writer
 
 
 def _filter(args, model, tokenizer, dataset, output_dir):
-    from .perplexity import REPORT_FILE, PerplexityFilterConfig, filter_targets
+    from .perplexity import PerplexityFilterConfig, filter_targets_with_report
 
     config = PerplexityFilterConfig(
         max_ratio=args.max_ratio or None,
@@ -312,7 +313,7 @@ def _filter(args, model, tokenizer, dataset, output_dir):
         drop_same_as_response=not args.keep_same_as_response,
         drop_reference_copies=not args.keep_reference_copies,
     )
-    kept = filter_targets(
+    kept, report = filter_targets_with_report(
         model,
         tokenizer,
         dataset,
@@ -322,7 +323,6 @@ def _filter(args, model, tokenizer, dataset, output_dir):
         max_length=args.max_length,
         show_progress=not args.quiet,
     )
-    report = json.loads((Path(output_dir) / REPORT_FILE).read_text())
     print(
         f"filter: kept {report['kept']} of {report['rows']}; dropped {report['dropped_by_reason'] or 'none'} "
         f"-> {output_dir}",
@@ -344,7 +344,8 @@ def run(args) -> None:
         rows = _sample(args, model, tokenizer, _load_input(args.input), args.output)
         print(f"sample: {len(rows)} responses -> {args.output}", file=sys.stderr)
     elif args.command == "targets":
-        _targets(args, load_rows(args.input), args.output)
+        choice = _writer_choice(args)
+        _targets(args, load_rows(args.input), args.output, choice)
     elif args.command == "filter":
         model, tokenizer = _load_model(args.model, args.device, args.dtype)
         _filter(args, model, tokenizer, load_rows(args.input), args.output_dir)
@@ -355,12 +356,12 @@ def run(args) -> None:
         out = Path(args.output_dir)
         dataset = _load_input(args.input)
         check_prompt_reference(dataset)  # fail before any compute is spent
-        _writer_kind(args)
+        choice = _writer_choice(args)
         model, tokenizer = _load_model(args.model, args.device, args.dtype)
         start = time.perf_counter()
         responses = _sample(args, model, tokenizer, dataset, out / "responses.jsonl")
         print(f"sample: {len(responses)} responses -> {out / 'responses.jsonl'}", file=sys.stderr)
-        targets, _ = _targets(args, responses, out / "targets.jsonl", policy=(model, tokenizer))
+        targets, _ = _targets(args, responses, out / "targets.jsonl", choice, policy=(model, tokenizer))
         if len(targets) == 0:
             failures = args.failures or sibling_path(out / "targets.jsonl", "failures")
             raise ValueError(f"No target was written; the reasons are in {failures}.")

@@ -82,6 +82,29 @@ def check_non_empty(dataset: Dataset, columns: tuple[str, ...], name: str) -> No
             )
 
 
+def check_rows(
+    dataset,
+    required: tuple[str, ...],
+    non_empty: tuple[str, ...] = (),
+    name: str = "dataset",
+    hint: str = "",
+    no_rows_hint: str = "",
+) -> None:
+    """The input checks every stage starts with: ``required`` columns present, at least one row, ``non_empty`` filled.
+
+    Raises a ``ValueError`` naming the missing columns (with ``hint`` on what they hold, see :func:`check_columns`),
+    saying that ``dataset`` has no rows (followed by ``no_rows_hint``), or listing the rows where a ``non_empty``
+    column is empty (see :func:`check_non_empty`). An ``IterableDataset`` only has its columns checked, when known:
+    its rows are not read here.
+    """
+    check_columns(dataset, required, name, hint)
+    if isinstance(dataset, IterableDataset):
+        return
+    if len(dataset) == 0:
+        raise ValueError(f"`{name}` has no rows{no_rows_hint}.")
+    check_non_empty(dataset, non_empty, name)
+
+
 def check_prompt_dataset(dataset, tokenizer, max_prompt_tokens: int, name: str = "train_dataset"):
     """Validate a prompt dataset for SGPO and drop prompts too long to answer.
 
@@ -90,12 +113,9 @@ def check_prompt_dataset(dataset, tokenizer, max_prompt_tokens: int, name: str =
     ``max_length - max_new_tokens``) are dropped with a warning that counts them: their answers would be truncated
     away when scored.
     """
-    check_columns(dataset, ("prompt",), name, " (a string, or a list of chat messages)")
+    check_rows(dataset, ("prompt",), ("prompt",), name, " (a string, or a list of chat messages)")
     if isinstance(dataset, IterableDataset):
         return dataset
-    if len(dataset) == 0:
-        raise ValueError(f"`{name}` has no rows.")
-    check_non_empty(dataset, ("prompt",), name)
     warn_if_raw_prompts(dataset, tokenizer, name)
     if max_prompt_tokens <= 0:
         raise ValueError(

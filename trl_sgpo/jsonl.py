@@ -36,6 +36,15 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def batch_seed(seed: int, rows: Iterable[Mapping[str, Any]]) -> int:
+    """The sampling seed of one batch: a 32-bit number derived from the run's ``seed`` and its rows' ``row_id``.
+
+    It depends on which rows the batch holds, not on where the batch falls in the run, so a rerun (or a resume that
+    forms the same batch) samples it alike.
+    """
+    return int(stable_hash([seed, [row[ROW_ID] for row in rows]])[:8], 16)
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Yield the objects of a JSONL file, skipping blank lines and a torn (unterminated, unparsable) last line.
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .data import check_columns
+from .data import check_rows
 from .jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_done, rows_in_order
 from .templates import end_of_turn_text, render_prompt
 
@@ -204,9 +204,12 @@ def score_targets(
     Returns:
         The scored rows in input order, also with ``response_ppl_tokens`` and ``target_ppl_tokens``.
     """
-    check_columns(dataset, ("prompt", "response", "target"), "dataset", " (targets come from `trl-sgpo targets`)")
-    if len(dataset) == 0:
-        raise ValueError("`dataset` has no rows: no target was written (see the targets' failures file).")
+    check_rows(
+        dataset,
+        ("prompt", "response", "target"),
+        hint=" (targets come from `trl-sgpo targets`)",
+        no_rows_hint=": no target was written (see the targets' failures file)",
+    )
     dataset = ensure_row_ids(dataset, id_column)
     done = load_done(output_path, dataset, ("prompt", "response", "target"))
     pending = [i for i, row_id in enumerate(dataset[ROW_ID]) if row_id not in done]
@@ -287,6 +290,12 @@ def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _remove_tree(path: Path) -> None:
+    """Remove the folder ``path`` if it exists; an error (e.g. permission denied) is raised, not ignored."""
+    if path.exists():
+        shutil.rmtree(path)
+
+
 def filter_targets(
     model,
     tokenizer,
@@ -319,8 +328,36 @@ def filter_targets(
         batch_size, max_length: Scoring batch size (rows) and most tokens per scored sequence.
 
     Returns:
-        The kept rows, in input order. ``filter_report.json`` says what was dropped and why.
+        The kept rows, in input order. ``filter_report.json`` says what was dropped and why; to have that report
+        without reading the file back, call :func:`filter_targets_with_report` (same arguments).
     """
+    kept, _ = filter_targets_with_report(
+        model,
+        tokenizer,
+        dataset,
+        output_dir,
+        config,
+        batch_size=batch_size,
+        max_length=max_length,
+        id_column=id_column,
+        show_progress=show_progress,
+    )
+    return kept
+
+
+def filter_targets_with_report(
+    model,
+    tokenizer,
+    dataset: Dataset,
+    output_dir: str | os.PathLike,
+    config: PerplexityFilterConfig | None = None,
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    id_column: str = "id",
+    show_progress: bool = True,
+) -> tuple[Dataset, dict[str, Any]]:
+    """:func:`filter_targets`, also returning the report it writes to ``filter_report.json`` (a dict)."""
     config = config or PerplexityFilterConfig()
     output_dir = Path(output_dir)
     scored = score_targets(
@@ -354,10 +391,11 @@ def filter_targets(
     }
     _write_jsonl_atomic(output_dir / KEPT_FILE, kept.to_list())
     _write_jsonl_atomic(output_dir / DROPPED_FILE, dropped)
-    shutil.rmtree(output_dir / KEPT_DIR, ignore_errors=True)  # never leave a stale set from an earlier run
+    # Never leave a stale set from an earlier run; a removal that fails raises rather than leave it there unnoticed.
+    _remove_tree(output_dir / KEPT_DIR)
     if len(kept):
         tmp = output_dir / (KEPT_DIR + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
         kept.save_to_disk(str(tmp))
         os.replace(tmp, output_dir / KEPT_DIR)
     with open(output_dir / REPORT_FILE, "w", encoding="utf-8") as f:
@@ -371,4 +409,4 @@ def filter_targets(
     )
     if len(scored) and not len(kept):
         logger.warning("The filter dropped every target; see %s and loosen the rule.", output_dir / REPORT_FILE)
-    return kept
+    return kept, report

@@ -17,8 +17,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .data import check_columns, check_non_empty
-from .jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_done, rows_in_order, stable_hash
+from .data import check_rows
+from .jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, rows_in_order
 from .templates import render_prompt
 
 logger = logging.getLogger(__name__)
@@ -26,12 +26,8 @@ logger = logging.getLogger(__name__)
 
 def check_prompt_reference(dataset: Dataset, name: str = "dataset") -> None:
     """Raise a ``ValueError`` naming the missing ``prompt``/``reference`` column or the rows where one is empty."""
-    check_columns(
-        dataset, ("prompt", "reference"), name, " (`prompt`: a string or chat messages; `reference`: a string)"
-    )
-    if len(dataset) == 0:
-        raise ValueError(f"`{name}` has no rows.")
-    check_non_empty(dataset, ("prompt", "reference"), name)
+    columns = ("prompt", "reference")
+    check_rows(dataset, columns, columns, name, " (`prompt`: a string or chat messages; `reference`: a string)")
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -129,10 +125,7 @@ def sample_responses(
         The input rows that have a response, in input order, with ``row_id``, ``response`` (decoded without special
         tokens, stripped), ``response_tokens`` and ``response_finished`` (``False`` when cut at ``max_new_tokens``).
     """
-    check_columns(dataset, ("prompt",), "dataset", " (a string, or a list of chat messages)")
-    if len(dataset) == 0:
-        raise ValueError("`dataset` has no rows.")
-    check_non_empty(dataset, ("prompt",), "dataset")
+    check_rows(dataset, ("prompt",), ("prompt",), "dataset", " (a string, or a list of chat messages)")
     dataset = ensure_row_ids(dataset, id_column)
     done = load_done(output_path, dataset, ("prompt",))
     pending = [i for i, row_id in enumerate(dataset[ROW_ID]) if row_id not in done]
@@ -161,7 +154,6 @@ def sample_responses(
             for start in range(0, len(pending), batch_size):
                 batch = pending[start : start + batch_size]
                 rows = [dataset[i] for i in batch]
-                batch_seed = int(stable_hash([seed, [r[ROW_ID] for r in rows]])[:8], 16)
                 outputs = generate_completions(
                     model,
                     tokenizer,
@@ -170,7 +162,7 @@ def sample_responses(
                     temperature=temperature,
                     top_p=top_p,
                     top_k=top_k,
-                    seed=batch_seed,
+                    seed=batch_seed(seed, rows),
                 )
                 for row, (ids, finished) in zip(rows, outputs, strict=True):
                     row["response"] = tokenizer.decode(ids, skip_special_tokens=True).strip()

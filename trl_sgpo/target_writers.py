@@ -36,8 +36,8 @@ from typing import Any
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .data import check_columns, check_non_empty
-from .jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_done, read_jsonl, rows_in_order, stable_hash
+from .data import check_rows
+from .jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, read_jsonl, rows_in_order, stable_hash
 from .sampling import generate_completions
 from .target_prompts import (
     DEFAULT_TARGET_PROMPT,
@@ -164,10 +164,8 @@ def write_targets(
             rows are recorded as failures instead, since they come from the model, not the input.
         TargetWriterAbort: Every row would fail (e.g. the endpoint rejects the key). Finished rows are kept.
     """
-    check_columns(dataset, TARGET_COLUMNS, "dataset", " (the policy's answers come from `trl-sgpo sample`)")
-    if len(dataset) == 0:
-        raise ValueError("`dataset` has no rows.")
-    check_non_empty(dataset, ("prompt", "reference"), "dataset")
+    hint = " (the policy's answers come from `trl-sgpo sample`)"
+    check_rows(dataset, TARGET_COLUMNS, ("prompt", "reference"), "dataset", hint)
     dataset = ensure_row_ids(dataset, id_column)
     output_path = Path(output_path)
     failures_path = Path(failures_path) if failures_path is not None else sibling_path(output_path, "failures")
@@ -503,12 +501,12 @@ class _OpenAIRun:
             for attempt in range(self.w.max_retries + 1):
                 if self.aborted:
                     raise asyncio.CancelledError  # the run is stopping: send nothing more
-                if attempt:
-                    self.stats.retries += 1
                 try:
                     async with self.semaphore:
                         if self.aborted:  # checked again: the run may have stopped while this row waited
                             raise asyncio.CancelledError
+                        if attempt:  # counted here, when it is really sent: not when the run stopped first
+                            self.stats.retries += 1
                         return await self.attempt(request, key)
                 except _Retry as e:
                     reason = str(e)
@@ -675,7 +673,7 @@ class TransformersTargetWriter(TargetWriter):
                     max_new_tokens=self.max_new_tokens,
                     temperature=self.temperature,
                     top_p=self.top_p,
-                    seed=int(stable_hash([self.seed, [r[ROW_ID] for r in batch]])[:8], 16),
+                    seed=batch_seed(self.seed, batch),
                 )
                 for row, (ids, finished) in zip(batch, outputs, strict=True):
                     text = self.tokenizer.decode(ids, skip_special_tokens=True)
