@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import SFTTrainer
 
 from .collators import DataCollatorForImproverTargets, encode_improver_example
-from .data import _show, check_columns, check_non_empty
+from .data import _show, check_rows
 from .improver_sft_config import ImproverSFTConfig
 from .models import DEFAULT_MODEL, resolve_model_path
 from .templates import ImproverTemplate
@@ -98,10 +98,9 @@ class ImproverSFTTrainer(SFTTrainer):
         )
 
     def _check_dataset(self, dataset, tokenizer, max_length: int | None, name: str):
-        check_columns(dataset, IMPROVER_COLUMNS, name, " (see `trl-sgpo improver-data` to build them)")
+        check_rows(dataset, IMPROVER_COLUMNS, IMPROVER_COLUMNS, name, " (see `trl-sgpo improver-data` to build them)")
         if isinstance(dataset, IterableDataset):
             return dataset
-        check_non_empty(dataset, IMPROVER_COLUMNS, name)
         if max_length is None:
             return dataset
         too_long = [
