@@ -27,13 +27,15 @@ accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/sgpo.p
 ```
 
 # LoRA
-Add `--use_peft --lora_r 16 --lora_alpha 32`: improver SFT and each SGPO round train an adapter, merged before the next
-stage.
+Add `--use_peft --lora_r 16 --lora_alpha 32`: improver SFT and each SGPO round train an adapter (kept in the stage's
+`adapter/`), merged before the next stage; the final and pushed model is a plain, merged one.
 
-Every stage writes under `<output_dir>/stages/` and a rerun of the same command resumes where it stopped.
+Every stage writes under `<output_dir>/stages/` and a rerun of the same command resumes where it stopped. A rerun with
+other settings is refused at the first stage they change; deleting a stage's folder redoes it and the stages after it.
 """
 
 import argparse
+import difflib
 import os
 
 
@@ -107,8 +109,35 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     return parser
 
 
+def parse_args(args: list[str] | None = None):
+    """``(script_args, training_args, model_args)`` from ``args`` (default: the command line) and any ``--config``.
+
+    A key that no argument dataclass has, in the YAML or on the command line, is an error: a typo would otherwise
+    leave its setting at the default without a word.
+    """
+    parser = make_parser()
+    *parsed, from_config, from_command_line = parser.parse_args_and_config(
+        args, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    known = sorted(action.dest for action in parser._actions)
+
+    def describe(key: str) -> str:
+        close = difflib.get_close_matches(key, known, n=1)
+        return f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else "")
+
+    # TrlParser returns the unused config entries as ["--key", "value", ...].
+    unknown = [f"{describe(key[2:])} in the --config file" for key in from_config[0::2]]
+    # argparse leaves an unknown option and its value; name the option.
+    options = [item for item in from_command_line if item.startswith("-")] or from_command_line
+    unknown += [f"{describe(item.lstrip('-'))} on the command line" for item in options]
+    if unknown:
+        raise ValueError(
+            f"Unknown setting(s): {'; '.join(unknown)}. Fix or remove them; `python recipes/sgpo.py --help` lists "
+            "every setting."
+        )
+    return tuple(parsed)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    parser = make_parser()
-    script_args, training_args, model_args = parser.parse_args_and_config(fail_with_unknown_args=False)[:3]
-    main(script_args, training_args, model_args)
+    main(*parse_args())

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,9 +22,7 @@ def recipe():
     return module
 
 
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
+def write_prompts(path):
     with open(path, "w") as f:
         for i in range(12):
             row = {"prompt": f"What is {i} plus {i}?", "reference": f"{i} plus {i} is {2 * i}. Doubling a number adds it to itself."}
@@ -31,8 +30,13 @@ def prompt_file(tmp_path):
     return path
 
 
+@pytest.fixture
+def prompt_file(tmp_path):
+    return write_prompts(tmp_path / "prompts.jsonl")
+
+
 def parse(recipe, *argv):
-    return recipe.make_parser().parse_args_and_config(args=list(argv), fail_with_unknown_args=True)[:3]
+    return recipe.parse_args(list(argv))
 
 
 def base_argv(model_dir, data, out):
@@ -96,6 +100,85 @@ def test_folder_from_another_config_is_refused(recipe, tiny_model_dir, prompt_fi
         recipe.main(*parse(recipe, *argv, "--max_new_tokens", "12", "--stop_after", "sample"))
 
 
+def test_redoing_a_stage_redoes_the_stages_after_it(recipe, tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    import weakref
+
+    import trl_sgpo.pipeline as pipeline
+
+    trained, trainers = [], weakref.WeakSet()  # trainers and their models
+    train_and_save = pipeline._train_and_save
+
+    def recording(trainer, tokenizer, root, *args, **kwargs):
+        trained.append(root.name)
+        trainers.update((trainer, trainer.model))
+        return train_and_save(trainer, tokenizer, root, *args, **kwargs)
+
+    load = pipeline.load_model_and_tokenizer
+
+    def load_after_freeing(name, **kwargs):
+        # Each round's trainer (and its model) is gone before the next model loads.
+        assert not list(trainers), f"a finished stage's trainer or model is still in memory while {name} loads"
+        return load(name, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_train_and_save", recording)
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", load_after_freeing)
+    out = tmp_path / "run"
+    argv = base_argv(tiny_model_dir, prompt_file, out) + ["--iterations", "2"]
+    recipe.main(*parse(recipe, *argv))
+    assert trained == ["04_improver_sft", "05_sgpo_iter1", "05_sgpo_iter2"]
+
+    stages = out / "stages"
+    old_sft_checkpoints = sorted((stages / "04_improver_sft").glob("checkpoint-*"))
+    assert old_sft_checkpoints
+    shutil.rmtree(stages / "03_filter")
+    (stages / "04_improver_sft" / "leftover.txt").write_text("from the run before")
+    trained.clear()
+    recipe.main(*parse(recipe, *argv))
+    assert trained == ["04_improver_sft", "05_sgpo_iter1", "05_sgpo_iter2"]
+    assert not (stages / "04_improver_sft" / "leftover.txt").exists()  # redone from scratch, not resumed
+    markers = {p.name: json.loads((p / "stage.json").read_text()) for p in stages.iterdir()}
+    for before, after in zip(sorted(markers)[:-1], sorted(markers)[1:]):
+        assert markers[after]["after"] == {"stage": before, "run": markers[before]["run"]}
+
+    shutil.rmtree(stages / "05_sgpo_iter1")
+    trained.clear()
+    recipe.main(*parse(recipe, *argv))
+    assert trained == ["05_sgpo_iter1", "05_sgpo_iter2"]
+    trained.clear()
+    recipe.main(*parse(recipe, *argv))
+    assert trained == []
+
+
+@pytest.mark.parametrize(
+    ("change", "stage", "setting"),
+    [
+        (["--dataset_config", "other"], "sample", "dataset_config: None -> 'other'"),
+        (["--model_revision", "v2"], "sample", "model_revision: 'main' -> 'v2'"),
+        (["--improver_sft_max_length", "256"], "filter", "improver_sft_max_length: 768 -> 256"),
+        (["--lr_scheduler_type", "constant"], "sgpo iteration 1", "lr_scheduler_type: 'linear' -> 'constant'"),
+        (["--warmup_steps", "1"], "sgpo iteration 1", "warmup_steps: 0 -> 1"),
+        (["--max_grad_norm", "0.5"], "sgpo iteration 1", "max_grad_norm: 1.0 -> 0.5"),
+    ],
+)
+def test_changed_settings_are_refused_at_the_first_stage_they_change(recipe, finished_run, change, stage, setting):
+    with pytest.raises(StageConfigMismatchError, match=rf"'{stage}' stage .*{re.escape(setting)}"):
+        recipe.main(*parse(recipe, *finished_run, *change))
+
+
+@pytest.fixture(scope="module")
+def finished_run(recipe, tmp_path_factory):
+    """One finished run shared by the tests that only rerun it with other settings (which fail before training)."""
+    from trl_sgpo.tiny import build_tiny_model, build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("finished")
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    argv = base_argv(root / "model", write_prompts(root / "prompts.jsonl"), root / "run")
+    recipe.main(*parse(recipe, *argv))
+    return argv
+
+
 def test_bad_arguments_give_clear_errors(recipe, tiny_model_dir, prompt_file, tmp_path):
     with pytest.raises(OSError, match="no-such-model"):
         recipe.main(*parse(recipe, *base_argv(tmp_path / "no-such-model", prompt_file, tmp_path / "a")))
@@ -112,36 +195,45 @@ def test_bad_arguments_give_clear_errors(recipe, tiny_model_dir, prompt_file, tm
 
 
 class LocalHub:
-    """Stand-in for the Hub API that transformers' Trainer calls: keeps what would be uploaded in a local folder."""
+    """Stand-in for `huggingface_hub.HfApi`: keeps what would be uploaded in a local folder and records the calls."""
 
     def __init__(self, root: Path):
         self.root = root
+        self.repos = []
         self.uploads = []
 
     def create_repo(self, repo_id, token=None, private=None, exist_ok=False, **kwargs):
+        self.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok})
         return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"local-user/{repo_id}")
 
-    def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
-        import fnmatch
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
 
+        folder = Path(folder_path)
+        every = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        files = sorted(filter_repo_objects(every, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
         target = self.root / repo_id
-        for item in Path(folder_path).iterdir():
-            if any(fnmatch.fnmatch(item.name, pattern) for pattern in ignore_patterns):
-                continue
-            dest = target / item.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(item, dest) if item.is_dir() else shutil.copy2(item, dest)
-        self.uploads.append(repo_id)
+        for name in files:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, target / name)
+        self.uploads.append({"repo_id": repo_id, "files": files, **kwargs})
         return SimpleNamespace(commit_url=f"local://{repo_id}")
 
 
-def test_push_to_hub_uploads_the_model_and_its_card(recipe, tiny_model_dir, prompt_file, tmp_path, monkeypatch):
-    import transformers.trainer
+# What `save_pretrained` writes for the tiny model and tokenizer, plus the card: nothing else may be pushed.
+PUSHED_FILES = ["README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                "tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_push_to_hub_uploads_the_final_model_and_its_card(recipe, tiny_model_dir, prompt_file, tmp_path, monkeypatch,
+                                                          lora):
+    from safetensors.torch import load_file
 
     import trl_sgpo.pipeline as pipeline
 
     hub = LocalHub(tmp_path / "hub")
-    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    monkeypatch.setattr(pipeline, "hub_api", lambda: hub)
     # The run starts from a Hub id, served from the local tiny model.
     load = pipeline.load_model_and_tokenizer
     monkeypatch.setattr(
@@ -149,17 +241,98 @@ def test_push_to_hub_uploads_the_model_and_its_card(recipe, tiny_model_dir, prom
         lambda name, **kw: load(str(tiny_model_dir) if name == "trl-sgpo/tiny-random-llama" else name, **kw),
     )
     out = tmp_path / "run"
-    argv = base_argv("trl-sgpo/tiny-random-llama", prompt_file, out) + ["--push_to_hub", "--hub_model_id", "me/tiny-sgpo"]
+    argv = base_argv("trl-sgpo/tiny-random-llama", prompt_file, out) + [
+        "--push_to_hub", "--hub_model_id", "me/tiny-sgpo", "--hub_private_repo", "true", "--hub_revision", "v1"]
+    if lora:
+        argv += ["--use_peft", "--lora_r", "4", "--lora_alpha", "8"]
     summary = recipe.main(*parse(recipe, *argv))
-    assert hub.uploads == ["me/tiny-sgpo"] and summary["pushed_to"] == "me/tiny-sgpo"
+    assert hub.repos == [{"repo_id": "me/tiny-sgpo", "private": True, "exist_ok": True}]
+    assert [(u["repo_id"], u["files"], u["revision"]) for u in hub.uploads] == [("me/tiny-sgpo", PUSHED_FILES, "v1")]
+    assert summary["pushed_to"] == "me/tiny-sgpo" and summary["push_commit"] == "local://me/tiny-sgpo"
     repo = tmp_path / "hub" / "me" / "tiny-sgpo"
-    assert {"model.safetensors", "config.json", "tokenizer_config.json", "README.md"} <= {p.name for p in repo.iterdir()}
-    assert not any(p.name.startswith("checkpoint-") for p in repo.iterdir())
+    # Full weights, merged for LoRA: every tensor of the base model under its own name, no adapter.
+    pushed = load_file(repo / "model.safetensors")
+    assert set(pushed) == set(load_file(tiny_model_dir / "model.safetensors"))
     card = (repo / "README.md").read_text()
     assert "- sgpo" in card and "- trl" in card
     assert "base_model: trl-sgpo/tiny-random-llama" in card
     assert str(prompt_file) in card  # the dataset used
     assert "@article{lee2025sgpo" in card and "| pairs_made | 8 |" in card
+    assert 'model="me/tiny-sgpo"' in card
+
+    # Every round is done: a rerun only pushes, with the card of the finished run (no new trainer to lose its
+    # figures), here under a bare id that the Hub completes with the user's namespace.
+    class NoTrainer:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a push-only rerun built a trainer")
+
+    monkeypatch.setattr(pipeline, "SGPOTrainer", NoTrainer)
+    shutil.rmtree(tmp_path / "hub")
+    argv[argv.index("me/tiny-sgpo")] = "tiny-sgpo"
+    summary = recipe.main(*parse(recipe, *argv))
+    assert summary["pushed_to"] == "local-user/tiny-sgpo" and hub.uploads[-1]["files"] == PUSHED_FILES
+    card = (tmp_path / "hub" / "local-user" / "tiny-sgpo" / "README.md").read_text()
+    assert "| pairs_made | 8 |" in card and 'model="local-user/tiny-sgpo"' in card
+    assert card == (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("skip", "stop_after"),
+    [(["--improver_data", "improver.jsonl"], "filter"), (["--improver_data", "improver.jsonl"], "sample"),
+     (["--skip_improver_sft"], "targets"), (["--skip_improver_sft"], "improver_sft")],
+)
+def test_stop_after_a_skipped_stage_is_refused_up_front(recipe, skip, stop_after):
+    flag = skip[0]
+    with pytest.raises(ValueError, match=rf"`--stop_after {stop_after}` names a stage that `{flag}` skips"):
+        parse(recipe, *skip, "--stop_after", stop_after)
+
+
+def test_unknown_settings_are_refused(recipe, tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("ppl_max_raito: 9\niterations: 2\n")
+    with pytest.raises(ValueError, match=r"`ppl_max_raito` \(did you mean `ppl_max_ratio`\?\) in the --config file"):
+        parse(recipe, "--config", str(config))
+    with pytest.raises(ValueError, match=r"`ppl_max_raito` \(did you mean `ppl_max_ratio`\?\) on the command line"):
+        parse(recipe, "--ppl_max_raito", "9")
+    # YAML values are argparse defaults, which argparse does not check against the choices.
+    config.write_text("stop_after: filtr\n")
+    with pytest.raises(ValueError, match=r"`stop_after` must be one of .* got 'filtr'"):
+        parse(recipe, "--config", str(config))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_saved_model_comes_from_the_gathered_state_dict(recipe, tiny_model_dir, prompt_file, tmp_path, monkeypatch,
+                                                       lora):
+    """Under ZeRO-3 and FSDP only `accelerator.get_state_dict` (on every rank) sees the full weights: the saved model
+    must be built from it, not from the local module."""
+    import torch
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    marked = "lora_B.default.weight" if lora else "model.norm.weight"
+    get_state_dict = Accelerator.get_state_dict
+
+    def gathered(self, model, unwrap=True):
+        state_dict = get_state_dict(self, model, unwrap)
+        # Weights the local module would not hold, marked to be found in the saved model.
+        return {k: torch.full_like(v, 0.5) if k.endswith(marked) else v for k, v in state_dict.items()}
+
+    monkeypatch.setattr(Accelerator, "get_state_dict", gathered)
+    out = tmp_path / "run"
+    argv = base_argv(tiny_model_dir, prompt_file, out) + ["--stop_after", "improver_sft"]
+    if lora:
+        argv += ["--use_peft", "--lora_r", "4", "--lora_alpha", "8"]
+    recipe.main(*parse(recipe, *argv))
+    saved = load_file(out / "stages" / "04_improver_sft" / "model" / "model.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert set(saved) == set(base)
+    if lora:
+        # Merged q_proj = base + (alpha / r) * B @ A with the marked B: far from the base, which the trained B (a few
+        # steps from zero) would barely move.
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert (saved[name] - base[name]).abs().max() > 1e-2
+    else:
+        assert torch.all(saved["model.norm.weight"] == 0.5)
 
 
 def test_yaml_config_spells_out_the_defaults_and_the_command_line_wins(recipe):
@@ -186,3 +359,6 @@ def test_lora_run_merges_each_stage_into_a_plain_model(recipe, tiny_model_dir, p
         assert not (folder / "adapter_config.json").exists()
         model = AutoModelForCausalLM.from_pretrained(folder)
         assert not any("lora_" in name for name, _ in model.named_parameters())
+    # The LoRA settings are part of each training stage's settings.
+    with pytest.raises(StageConfigMismatchError, match=r"'improver_sft' stage .*lora_alpha: 8 -> 16"):
+        recipe.main(*parse(recipe, *argv[:-1], "16"))

@@ -6,30 +6,35 @@
 3. ``filter``: the perplexity filter keeps targets close to the policy's distribution.
 4. ``improver_sft``: :class:`~trl_sgpo.ImproverSFTTrainer` teaches the improver role.
 5. ``sgpo``: :class:`~trl_sgpo.SGPOTrainer`, ``iterations`` rounds, each starting from the last round's model.
-6. save, and with ``--push_to_hub`` push the model and its card.
+6. save the final model and its card in ``<output_dir>``, and with ``--push_to_hub`` upload them.
 
 Every stage writes into ``<output_dir>/stages/<nn>_<stage>/`` and is skipped when it finished with the same settings,
 resumed when it was interrupted, and refused when the folder holds a run with other settings (:mod:`trl_sgpo.stages`).
+Each stage's settings include those of the stage it is made from, and a stage whose predecessor was redone is redone.
 Under ``accelerate launch`` the data stages run on the main process while the others wait; the trainers use all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
-import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, load_dataset
+from huggingface_hub import HfApi
 from transformers.trainer_utils import get_last_checkpoint
 
 from .data import check_columns, check_non_empty, load_default_dataset
 from .improver_sft_config import ImproverSFTConfig
 from .improver_sft_trainer import ImproverSFTTrainer
+from .jsonl import load_rows
 from .models import DEFAULT_MODEL, HUB_ID, load_model_and_tokenizer
 from .sgpo_config import SGPOConfig
 from .sgpo_trainer import SGPOTrainer
@@ -39,6 +44,23 @@ from .utils import set_cpu_threads
 logger = logging.getLogger(__name__)
 
 STAGES = ("sample", "targets", "filter", "improver_sft", "sgpo")
+
+# Settings that change what a training stage produces (not logging, saving or speed), recorded in its stage.json.
+TRAINING_KEYS = (
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "max_grad_norm",
+    "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed", "data_seed", "bf16", "fp16",
+    # SGPO and OnlineDPO
+    "beta", "loss_type", "disable_dropout", "max_new_tokens", "max_length", "temperature", "top_p", "top_k", "min_p",
+    "repetition_penalty", "generation_kwargs", "use_vllm", "improver_instruction", "improver_temperature",
+    "improver_max_new_tokens", "judge_margin",
+)
+IMPROVER_SFT_KEYS = ("improver_sft_epochs", "improver_sft_learning_rate", "improver_sft_batch_size",
+                     "improver_sft_max_length")
+# Taken from the SGPO arguments by improver SFT (see `_improver_sft_args`) and changing its result.
+IMPROVER_SFT_SHARED_KEYS = ("seed", "bf16", "fp16", "improver_instruction")
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+             "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")
 
 
 @dataclass
@@ -51,8 +73,8 @@ class SGPOScriptArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "Prompt/reference data: a JSONL/JSON/CSV/Parquet file, a `save_to_disk` folder or a Hub dataset "
-            "id, with columns `prompt` and `reference`. Default: the set shipped with trl-sgpo."
+            "help": "Prompt/reference data: a JSONL or JSON file, a `save_to_disk` folder or a Hub dataset id, with "
+            "columns `prompt` and `reference`. Default: the set shipped with trl-sgpo."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
@@ -115,17 +137,29 @@ class SGPOScriptArguments:
     improver_sft_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of improver SFT."})
     improver_sft_max_length: int = field(default=768, metadata={"help": "Max tokens per improver-SFT row."})
 
+    def __post_init__(self):
+        # A --config YAML sets defaults, which argparse does not check against `choices`.
+        if self.stop_after is not None and self.stop_after not in STAGES:
+            raise ValueError(f"`stop_after` must be one of {STAGES}, got {self.stop_after!r}.")
+        skipped = {}
+        if self.skip_improver_sft:
+            skipped = dict.fromkeys(("sample", "targets", "filter", "improver_sft"), "--skip_improver_sft")
+        elif self.improver_data is not None:
+            skipped = dict.fromkeys(("sample", "targets", "filter"), "--improver_data")
+        if self.stop_after in skipped:
+            runs = [s for s in STAGES if s not in skipped]
+            raise ValueError(
+                f"`--stop_after {self.stop_after}` names a stage that `{skipped[self.stop_after]}` skips, so the run "
+                f"would never stop there. Stop after one of {runs}, or drop `{skipped[self.stop_after]}`."
+            )
+
 
 def _load_rows(name: str | None, config: str | None, split: str) -> Dataset:
-    from .jsonl import load_rows
-
     if name is None:
         return load_default_dataset()
     path = Path(name)
     if path.exists():
         return load_rows(path)
-    from datasets import load_dataset
-
     return load_dataset(name, config, split=split)
 
 
@@ -144,15 +178,13 @@ def _split(dataset: Dataset, script_args: SGPOScriptArguments, seed: int) -> tup
     return dataset.select(range(n_improver)), dataset.select(range(n_improver, n_improver + n_sgpo))
 
 
-def _stage_settings(obj, keys) -> dict[str, Any]:
-    return {k: getattr(obj, k) for k in keys}
+def _settings(obj, keys) -> dict[str, Any]:
+    return {k: getattr(obj, k) for k in keys if hasattr(obj, k)}
 
 
-def _training_settings(args) -> dict[str, Any]:
-    keys = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-            "max_steps", "seed", "beta", "loss_type", "max_new_tokens", "max_length", "temperature",
-            "improver_instruction", "improver_temperature", "improver_max_new_tokens", "judge_margin")
-    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+def _lora_settings(model_args) -> dict[str, Any]:
+    # Listed only for LoRA runs: the LoRA fields do nothing otherwise.
+    return {"use_peft": model_args.use_peft, **(_settings(model_args, LORA_KEYS) if model_args.use_peft else {})}
 
 
 def _improver_sft_args(training_args: SGPOConfig, script_args: SGPOScriptArguments, output_dir: Path):
@@ -213,30 +245,35 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
     improver_rows, sgpo_rows = _split(dataset, script_args, training_args.seed)
     check_non_empty(sgpo_rows, ("prompt",), "dataset")
 
-    base_settings = {"model": model_name, "data": data_source, "split": script_args.dataset_split,
-                     "num_improver_prompts": len(improver_rows), "num_sgpo_prompts": len(sgpo_rows)}
+    base_settings = {"model": model_name, "model_revision": model_args.model_revision, "dtype": model_args.dtype,
+                     "data": data_source, "dataset_config": script_args.dataset_config,
+                     "split": script_args.dataset_split, "num_improver_prompts": len(improver_rows),
+                     "num_sgpo_prompts": len(sgpo_rows)}
+    lora_settings = _lora_settings(model_args)
+
+    def load_base(path: str):
+        # LoRA runs merge each stage's adapter into the model it was trained on; plain runs need no base.
+        return (lambda: load(path)[0]) if model_args.use_peft else None
 
     improver_model_path: str | None = None
+    last: Stage | None = None  # the stage whose output the next one starts from
     if not script_args.skip_improver_sft:
         if script_args.improver_data is not None:
-            from .jsonl import load_rows
-
-            source = Path(script_args.improver_data)
-            improver_data = load_from_disk(str(source)) if source.is_dir() else load_rows(source)
-            summary["stages"]["improver_data"] = {"rows": len(improver_data), "source": str(source)}
+            improver_data = load_rows(script_args.improver_data)
+            summary["stages"]["improver_data"] = {"rows": len(improver_data), "source": script_args.improver_data}
         else:
             check_columns(improver_rows, ("prompt", "reference"), "dataset", hint)
-            improver_data = _data_stages(script_args, training_args, model_name, load, improver_rows,
-                                         stages_dir, base_settings, summary, state)
-            if improver_data is None:  # stopped early
+            last = _data_stages(script_args, training_args, model_name, load, improver_rows, stages_dir,
+                                base_settings, summary, state)
+            if last is None:  # stopped early
                 return _finish(summary, out, state)
+            improver_data = load_rows(last.root / "improver_sft")
 
         stage = Stage(stages_dir / "04_improver_sft", "improver_sft",
                       {**base_settings, "improver_data": script_args.improver_data,
-                       **_stage_settings(script_args, ("improver_sft_epochs", "improver_sft_learning_rate",
-                                                       "improver_sft_batch_size", "improver_sft_max_length")),
-                       "improver_instruction": training_args.improver_instruction,
-                       "use_peft": model_args.use_peft})
+                       "improver_data_rows": len(improver_data), **_settings(script_args, IMPROVER_SFT_KEYS),
+                       **_settings(training_args, IMPROVER_SFT_SHARED_KEYS), **lora_settings},
+                      after=last)
         if not stage.check():
             started = stage.start() if state.is_main_process else 0.0
             state.wait_for_everyone()
@@ -245,7 +282,7 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
             sft_args = _improver_sft_args(training_args, script_args, stage.root)
             trainer = ImproverSFTTrainer(model, args=sft_args, train_dataset=improver_data, processing_class=tokenizer,
                                          peft_config=get_peft_config(model_args))
-            _train_and_save(trainer, tokenizer, stage.root, model_args.use_peft, state)
+            _train_and_save(trainer, tokenizer, stage.root, state, load_base(model_name))
             if state.is_main_process:
                 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
                 stage.finish(started, rows=len(trainer.train_dataset), first_loss=losses[0] if losses else None,
@@ -253,75 +290,104 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
             state.wait_for_everyone()
             stage.check()
             del trainer, model
+            gc.collect()  # the model holds reference cycles: free it before SGPO loads the next one
         summary["stages"]["improver_sft"] = stage.summary
         improver_model_path = str(stage.root / "model")
+        last = stage
         if done("improver_sft"):
             return _finish(summary, out, state)
 
-    # Stage 5: SGPO rounds.
+    # Stage 5: SGPO rounds, each made from the previous round's model.
     start_model = improver_model_path or model_name
-    trainer = None
     for iteration in range(1, script_args.iterations + 1):
         stage = Stage(stages_dir / f"05_sgpo_iter{iteration}", f"sgpo iteration {iteration}",
                       {**base_settings, "start": "improver_sft" if improver_model_path else model_name,
-                       "improver_data": script_args.improver_data, "use_peft": model_args.use_peft,
-                       **_training_settings(training_args)})
-        if stage.check():
-            summary["stages"][f"sgpo_iter{iteration}"] = stage.summary
-            start_model = str(stage.root / "model")
-            continue
-        started = stage.start() if state.is_main_process else 0.0
-        state.wait_for_everyone()
-        _print(state, f"[5/5] SGPO iteration {iteration}/{script_args.iterations} on {len(sgpo_rows)} prompts")
-        model, tokenizer = load(start_model)
-        args = dataclasses.replace(training_args, output_dir=str(stage.root), push_to_hub=False)
-        trainer = SGPOTrainer(model, args=args, train_dataset=sgpo_rows.select_columns(["prompt"]),
-                              processing_class=tokenizer, peft_config=get_peft_config(model_args))
-        _train_and_save(trainer, tokenizer, stage.root, model_args.use_peft, state)
-        if state.is_main_process:
-            trainer.create_model_card(model_name=out.name, dataset_name=script_args.dataset_name)
-            stage.finish(started, **trainer.training_figures())
-        state.wait_for_everyone()
-        stage.check()
+                       "improver_data": script_args.improver_data, **lora_settings,
+                       **_settings(training_args, TRAINING_KEYS)},
+                      after=last)
+        if not stage.check():
+            started = stage.start() if state.is_main_process else 0.0
+            state.wait_for_everyone()
+            _print(state, f"[5/5] SGPO iteration {iteration}/{script_args.iterations} on {len(sgpo_rows)} prompts")
+            model, tokenizer = load(start_model)
+            args = dataclasses.replace(training_args, output_dir=str(stage.root), push_to_hub=False)
+            trainer = SGPOTrainer(model, args=args, train_dataset=sgpo_rows.select_columns(["prompt"]),
+                                  processing_class=tokenizer, peft_config=get_peft_config(model_args))
+            _train_and_save(trainer, tokenizer, stage.root, state, load_base(start_model))
+            if state.is_main_process:
+                # The card is written now, while the trainer holds the figures; `_push` uploads it as it is.
+                trainer.hub_model_id = training_args.hub_model_id or out.name
+                trainer.create_model_card(model_name=out.name, dataset_name=script_args.dataset_name)
+                stage.finish(started, **trainer.training_figures())
+            state.wait_for_everyone()
+            stage.check()
+            del trainer, model
+            gc.collect()  # as above: free this round's model before the next round loads its own
         summary["stages"][f"sgpo_iter{iteration}"] = stage.summary
         start_model = str(stage.root / "model")
+        last = stage
 
-    # Stage 6: the final model in output_dir, and on the Hub.
+    # Stage 6: the final model and its card in output_dir, and on the Hub.
     final_dir = Path(start_model)
+    card = final_dir.parent / "README.md"
+    files = sorted(item.name for item in final_dir.iterdir()) + (["README.md"] if card.is_file() else [])
+    summary["saved_to"] = str(out)
     if state.is_main_process:
-        import shutil
-
         out.mkdir(parents=True, exist_ok=True)
         for item in final_dir.iterdir():
             shutil.copy2(item, out / item.name)
-        card = final_dir.parent / "README.md"
         if card.is_file():
             shutil.copy2(card, out / "README.md")
+        if training_args.push_to_hub:
+            summary["pushed_to"], summary["push_commit"] = _push(out, files, training_args)
     state.wait_for_everyone()
-    summary["saved_to"] = str(out)
-    if training_args.push_to_hub:
-        if trainer is None:  # every round was already done: rebuild a trainer around the final model to push it
-            model, tokenizer = load(start_model)
-            args = dataclasses.replace(training_args, output_dir=str(final_dir.parent), push_to_hub=False)
-            trainer = SGPOTrainer(model, args=args, train_dataset=sgpo_rows.select_columns(["prompt"]),
-                                  processing_class=tokenizer)
-        trainer.args.hub_model_id = training_args.hub_model_id or out.name
-        commit = trainer.push_to_hub(dataset_name=script_args.dataset_name)
-        summary["pushed_to"] = trainer.hub_model_id
-        summary["push_commit"] = str(getattr(commit, "commit_url", commit))
     return _finish(summary, out, state)
 
 
-def _train_and_save(trainer, tokenizer, root: Path, use_peft: bool, state: PartialState) -> None:
-    """Train (resuming from the stage's last checkpoint) and save a plain model to ``root/model``."""
+def hub_api() -> HfApi:
+    """The Hub client of `_push` (a function, so that tests can replace it)."""
+    return HfApi()
+
+
+def _push(out: Path, files: list[str], args: SGPOConfig) -> tuple[str, str]:
+    """Upload ``files`` (the final model and its card) from ``out`` to ``args.hub_model_id``; not the stage folders."""
+    api = hub_api()
+    repo_id = api.create_repo(args.hub_model_id or out.name, token=args.hub_token, private=args.hub_private_repo,
+                              exist_ok=True).repo_id
+    card = out / "README.md"
+    if card.is_file():
+        # The card was written when the round trained, before the repo existed: name the repo as created (a bare
+        # `hub_model_id` gains the user's namespace, and a later push may choose another id).
+        text = card.read_text(encoding="utf-8")
+        card.write_text(re.sub(r'(pipeline\("text-generation", model=")[^"]*"', rf'\g<1>{repo_id}"', text),
+                        encoding="utf-8")
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(out), allow_patterns=files,
+                               commit_message="End of training", token=args.hub_token, revision=args.hub_revision)
+    return repo_id, str(getattr(commit, "commit_url", commit))
+
+
+def _train_and_save(trainer, tokenizer, root: Path, state: PartialState, load_base=None) -> None:
+    """Train (resuming from the stage's last checkpoint) and save a plain model to ``root/model``.
+
+    ``load_base`` (LoRA runs) returns the model the adapter was trained on; the adapter, saved to ``root/adapter``, is
+    merged into it, since the next stage starts from a plain model and adds its own adapter.
+    """
     trainer.train(resume_from_checkpoint=get_last_checkpoint(str(root)))
-    final = trainer.accelerator.unwrap_model(trainer.model)
-    if use_peft:
-        # The next stage starts from a plain model and adds its own adapter.
-        final = final.merge_and_unload()
+    # On every rank: under DeepSpeed ZeRO-3 and FSDP this gathers the full weights from all of them. `model_wrapped` is
+    # what `get_state_dict` needs there (the DeepSpeed engine, the FSDP module).
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if state.is_main_process:
-        final.save_pretrained(root / "model")
+        model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        if load_base is not None:
+            from peft import PeftModel
+
+            # Merged into freshly loaded base weights, not in place: under ZeRO-3/FSDP the local model holds shards.
+            model.save_pretrained(root / "adapter", state_dict=state_dict)
+            model = PeftModel.from_pretrained(load_base(), root / "adapter").merge_and_unload()
+            state_dict = None
+        model.save_pretrained(root / "model", state_dict=state_dict)
         tokenizer.save_pretrained(root / "model")
+    state.wait_for_everyone()
 
 
 def _finish(summary: dict[str, Any], out: Path, state: PartialState) -> dict[str, Any]:
@@ -333,7 +399,10 @@ def _finish(summary: dict[str, Any], out: Path, state: PartialState) -> dict[str
 
 
 def _data_stages(script_args, training_args, model_name, load, rows, stages_dir, base_settings, summary, state):
-    """Stages 1-3 on the main process (the others wait, then read the finished outputs)."""
+    """Stages 1-3 on the main process (the others wait, then read the finished outputs).
+
+    Returns the finished filter stage, or ``None`` when ``stop_after`` stops the run before or at it.
+    """
     from .perplexity import REPORT_FILE, PerplexityFilterConfig, filter_targets
     from .sampling import sample_responses
     from .target_writers import OpenAITargetWriter, ReferenceStepWriter, write_targets
@@ -347,8 +416,11 @@ def _data_stages(script_args, training_args, model_name, load, rows, stages_dir,
         writer_settings = {"writer": "openai", "base_url": script_args.base_url, "target_model": script_args.target_model}
     else:
         writer_settings = {"writer": "reference-step", "fraction": script_args.offline_fraction}
-    targets = Stage(stages_dir / "02_targets", "targets", {**sample.settings, **writer_settings})
-    filtered = Stage(stages_dir / "03_filter", "filter", {**targets.settings, "ppl_max_ratio": script_args.ppl_max_ratio})
+    targets = Stage(stages_dir / "02_targets", "targets", writer_settings, after=sample)
+    # The filter truncates rows to the improver-SFT length when scoring them.
+    filtered = Stage(stages_dir / "03_filter", "filter", {"ppl_max_ratio": script_args.ppl_max_ratio,
+                                                          "improver_sft_max_length": script_args.improver_sft_max_length},
+                     after=targets)
 
     with state.main_process_first():
         model = tokenizer = None
@@ -373,8 +445,6 @@ def _data_stages(script_args, training_args, model_name, load, rows, stages_dir,
             return None
 
         if not targets.check():
-            from .jsonl import load_rows
-
             started = targets.start()
             answered = load_rows(sample.root / "responses.jsonl")
             if writer_settings["writer"] == "openai":
@@ -385,15 +455,13 @@ def _data_stages(script_args, training_args, model_name, load, rows, stages_dir,
             else:
                 writer = ReferenceStepWriter(fraction=script_args.offline_fraction)
             print(f"[2/5] writing improver targets with {writer.name}", flush=True)
-            written = write_targets(writer, answered, targets.root / "targets.jsonl")
+            write_targets(writer, answered, targets.root / "targets.jsonl")
             targets.finish(started, **writer.stats.as_dict())
         summary["stages"]["targets"] = targets.summary
         if script_args.stop_after == "targets":
             return None
 
         if not filtered.check():
-            from .jsonl import load_rows
-
             started = filtered.start()
             print("[3/5] perplexity filter", flush=True)
             written = load_rows(targets.root / "targets.jsonl")
@@ -414,4 +482,4 @@ def _data_stages(script_args, training_args, model_name, load, rows, stages_dir,
         del model
     if script_args.stop_after == "filter":
         return None
-    return load_from_disk(str(filtered.root / "improver_sft"))
+    return filtered

@@ -4,13 +4,19 @@ Each stage writes into its own folder and keeps a ``stage.json`` there holding t
 whether it finished. A rerun with the same settings skips finished stages and resumes unfinished ones (the stage
 functions resume from their own outputs and checkpoints); a rerun with different settings stops with an error that
 names the settings that differ, rather than mixing the outputs of two configurations.
+
+A stage made from another stage's output (``after``) inherits that stage's settings and records which run of it
+it was made from. When that stage has been redone since (its folder deleted and run again), the later stage is
+stale: it is redone too, so deleting a folder redoes that stage and every stage after it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,16 +40,25 @@ class Stage:
         root: The stage folder.
         name: Human-readable stage name (used in messages).
         settings: Everything that determines the stage's output. Compared on rerun.
+        after: The stage whose output this one is made from. Its settings are prepended to ``settings``, and its
+            run id is recorded, so that redoing it redoes this stage too.
     """
 
     root: Path
     name: str
     settings: dict[str, Any]
+    after: Stage | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    # Identifies one finished run of the stage; set by `finish`, or by `check` when the stage is already done.
+    run_id: str | None = field(default=None, init=False)
+    stale: bool = field(default=False, init=False)
 
     def __post_init__(self):
         self.root = Path(self.root)
-        self.settings = _jsonable(self.settings)
+        self.settings = _jsonable({**(self.after.settings if self.after else {}), **self.settings})
+
+    def _made_from(self) -> dict[str, Any] | None:
+        return None if self.after is None else {"stage": self.after.root.name, "run": self.after.run_id}
 
     @property
     def marker(self) -> Path:
@@ -59,13 +74,24 @@ class Stage:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.marker.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"stage": self.name, "done": done, "settings": self.settings, "summary": self.summary}, f, indent=2)
+            json.dump({"stage": self.name, "done": done, "run": self.run_id, "after": self._made_from(),
+                       "settings": self.settings, "summary": self.summary}, f, indent=2)
         os.replace(tmp, self.marker)
 
     def check(self) -> bool:
-        """Return whether the stage already finished with these settings; raise if it ran with others."""
+        """Return whether the stage already finished with these settings; raise if it ran with others.
+
+        Returns ``False`` and marks the stage :attr:`stale` when it was made from an earlier run of the ``after``
+        stage: :meth:`start` then clears the folder.
+        """
         previous = self._read()
         if previous is None:
+            return False
+        made_from = previous.get("after")
+        # Made from another run of the same earlier stage: stale. From another stage: the settings tell.
+        if (made_from and self.after is not None and made_from["stage"] == self.after.root.name
+                and made_from != self._made_from()):
+            self.stale = True
             return False
         old = previous.get("settings", {})
         differ = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
@@ -77,13 +103,23 @@ class Stage:
             )
         if previous.get("done"):
             self.summary = previous.get("summary", {})
+            self.run_id = previous.get("run")
             return True
         return False
 
     def start(self) -> float:
+        """Mark the stage as started (main process only); a stale stage's old outputs are removed first."""
         self._write(done=False)
+        if self.stale:
+            print(f"{self.name}: the {self.after.name} stage it was made from was redone; redoing it", flush=True)
+            # The new marker goes first, so that a process reading the folder meanwhile never sees a finished stage.
+            for item in self.root.iterdir():
+                if item != self.marker:
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+            self.stale = False
         return time.perf_counter()
 
     def finish(self, started: float, **summary: Any) -> None:
         self.summary = _jsonable({**summary, "seconds": round(time.perf_counter() - started, 1)})
+        self.run_id = uuid.uuid4().hex[:12]
         self._write(done=True)
