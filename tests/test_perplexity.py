@@ -12,7 +12,6 @@ from trl_sgpo.perplexity import (
     completion_nll,
     drop_reasons,
     filter_targets,
-    filter_targets_with_report,
     perplexities,
     score_targets,
 )
@@ -129,7 +128,7 @@ def test_filter_keeps_plausible_targets_and_drops_the_rest(tmp_path, fox_model, 
             ],
         }
     )
-    kept = filter_targets(
+    kept, _ = filter_targets(
         fox_model,
         tiny_tokenizer,
         rows,
@@ -157,7 +156,7 @@ def test_filter_keeps_plausible_targets_and_drops_the_rest(tmp_path, fox_model, 
     forward = fox_model.forward
     fox_model.forward = lambda *a, **k: pytest.fail("rescored a row already in scores.jsonl")
     try:
-        kept = filter_targets(
+        kept, _ = filter_targets(
             fox_model, tiny_tokenizer, rows, tmp_path, PerplexityFilterConfig(max_ratio=1e9), show_progress=False
         )
     finally:
@@ -187,13 +186,13 @@ def test_filter_needs_targets(tmp_path, tiny_model, tiny_tokenizer):
 
 def test_filter_returns_its_report_and_replaces_an_earlier_kept_set(tmp_path, tiny_model, tiny_tokenizer):
     rows = Dataset.from_dict({"prompt": ["q0", "q1"], "response": ["a", "a"], "target": ["b", "c"]})
-    kept, report = filter_targets_with_report(
+    kept, report = filter_targets(
         tiny_model, tiny_tokenizer, rows, tmp_path, PerplexityFilterConfig(max_ratio=None), show_progress=False
     )
     assert len(kept) == 2 and report == json.loads((tmp_path / "filter_report.json").read_text())
     assert report["rows"] == report["kept"] == 2 and (tmp_path / "improver_sft").is_dir()
     # A stricter rule keeps nothing: the earlier kept set must not stay behind.
-    kept, report = filter_targets_with_report(
+    kept, report = filter_targets(
         tiny_model, tiny_tokenizer, rows, tmp_path, PerplexityFilterConfig(max_ppl=1e-9), show_progress=False
     )
     assert len(kept) == 0 and report["dropped_by_reason"] == {"ppl_max": 2}

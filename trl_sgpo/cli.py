@@ -304,7 +304,7 @@ def _targets(args, dataset, output, choice, policy=None):
 
 
 def _filter(args, model, tokenizer, dataset, output_dir):
-    from .perplexity import PerplexityFilterConfig, filter_targets_with_report
+    from .perplexity import PerplexityFilterConfig, filter_targets
 
     config = PerplexityFilterConfig(
         max_ratio=args.max_ratio or None,
@@ -313,7 +313,7 @@ def _filter(args, model, tokenizer, dataset, output_dir):
         drop_same_as_response=not args.keep_same_as_response,
         drop_reference_copies=not args.keep_reference_copies,
     )
-    kept, report = filter_targets_with_report(
+    kept, report = filter_targets(
         model,
         tokenizer,
         dataset,

@@ -307,7 +307,7 @@ def filter_targets(
     max_length: int = 1024,
     id_column: str = "id",
     show_progress: bool = True,
-) -> Dataset:
+) -> tuple[Dataset, dict[str, Any]]:
     """Score every target under the policy and keep those that pass ``config``; write the improver-SFT set.
 
     Files written in ``output_dir``:
@@ -328,36 +328,9 @@ def filter_targets(
         batch_size, max_length: Scoring batch size (rows) and most tokens per scored sequence.
 
     Returns:
-        The kept rows, in input order. ``filter_report.json`` says what was dropped and why; to have that report
-        without reading the file back, call :func:`filter_targets_with_report` (same arguments).
+        ``(kept, report)``: the kept rows, in input order, and the report written to ``filter_report.json`` (what was
+        dropped and why).
     """
-    kept, _ = filter_targets_with_report(
-        model,
-        tokenizer,
-        dataset,
-        output_dir,
-        config,
-        batch_size=batch_size,
-        max_length=max_length,
-        id_column=id_column,
-        show_progress=show_progress,
-    )
-    return kept
-
-
-def filter_targets_with_report(
-    model,
-    tokenizer,
-    dataset: Dataset,
-    output_dir: str | os.PathLike,
-    config: PerplexityFilterConfig | None = None,
-    *,
-    batch_size: int = 8,
-    max_length: int = 1024,
-    id_column: str = "id",
-    show_progress: bool = True,
-) -> tuple[Dataset, dict[str, Any]]:
-    """:func:`filter_targets`, also returning the report it writes to ``filter_report.json`` (a dict)."""
     config = config or PerplexityFilterConfig()
     output_dir = Path(output_dir)
     scored = score_targets(

@@ -465,12 +465,10 @@ def _data_stages(script_args, training_args, model_name, load, rows, stages_dir,
             started = filtered.start()
             print("[3/5] perplexity filter", flush=True)
             written = load_rows(targets.root / "targets.jsonl")
-            kept = filter_targets(*policy(), written, filtered.root,
-                                  PerplexityFilterConfig(max_ratio=script_args.ppl_max_ratio),
-                                  batch_size=script_args.sample_batch_size,
-                                  max_length=script_args.improver_sft_max_length)
-            with open(filtered.root / REPORT_FILE, encoding="utf-8") as f:
-                report = json.load(f)
+            kept, report = filter_targets(*policy(), written, filtered.root,
+                                          PerplexityFilterConfig(max_ratio=script_args.ppl_max_ratio),
+                                          batch_size=script_args.sample_batch_size,
+                                          max_length=script_args.improver_sft_max_length)
             if len(kept) == 0:
                 raise ValueError(
                     f"The perplexity filter dropped every target ({report['dropped_by_reason']}); see "
