@@ -5,12 +5,21 @@ Import this module before ``transformers``/``trl``: it sets the offline and quie
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+
+# Test helpers (tiny model, OpenAI stub) live under tests/, outside the runtime package.
+TESTS_DIR = _Path(__file__).resolve().parents[1] / "tests"
+_sys.path.insert(0, str(TESTS_DIR))
+
 import argparse
 import copy
 import os
 import statistics
 import time
 import warnings
+
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +31,7 @@ warnings.filterwarnings("ignore", message=".*do_sample.*")  # greedy configs tha
 import torch
 from datasets import Dataset
 from transformers.utils import logging as hf_logging
+
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -49,9 +59,7 @@ QUESTIONS = [
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tiny", action="store_true", help="Random tiny Llama (trl_sgpo.tiny) instead of the default."
-    )
+    parser.add_argument("--tiny", action="store_true", help="Random tiny Llama (helpers.tiny) instead of the default.")
     parser.add_argument("--model", default=None, help="Hub id or folder (default: embedded SmolLM2-135M-Instruct).")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--bf16", action="store_true", help="Train in bf16 mixed precision (default: fp32).")
@@ -67,11 +75,11 @@ def setup_threads(threads: int | None) -> None:
 def load_model(args):
     """The base model (on ``args.device``) and its tokenizer, plus a display name."""
     if args.tiny:
-        from trl_sgpo.tiny import build_tiny_model, build_tiny_tokenizer
+        from helpers.tiny import build_tiny_model, build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer, seed=args.seed)
-        name = "tiny random Llama (trl_sgpo.tiny)"
+        name = "tiny random Llama (helpers.tiny)"
     else:
         from trl_sgpo.models import load_model_and_tokenizer
 

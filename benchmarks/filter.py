@@ -1,4 +1,4 @@
-"""Throughput of the perplexity filter's scoring (trl_sgpo.perplexity.completion_nll) vs a plain batched forward pass.
+"""Throughput of the perplexity filter's scoring (trl_sgpo.data.perplexity.completion_nll) vs a plain batched forward pass.
 
 Both score the same (prompt, completion) pairs, the response and the target of each row, with the same batch size,
 in the same run; tokens/s counts every non-padding token fed to the model. The plain pass is what a straightforward
@@ -14,22 +14,70 @@ benchmark checks it.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+
+# Test helpers (tiny model, OpenAI stub) live under tests/, outside the runtime package.
+TESTS_DIR = _Path(__file__).resolve().parents[1] / "tests"
+_sys.path.insert(0, str(TESTS_DIR))
+
 import argparse
 import os
 import random
 import time
 
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch
 
-from trl_sgpo.perplexity import _encode, completion_nll
+from trl_sgpo.data.perplexity import _encode, completion_nll
 
-WORDS = (
-    "the model answer question light energy water system data time people process example value result because "
-    "which during several important often between however therefore simple clear short long first second "
-    "explain describe improve reference draft better small large quickly carefully usually"
-).split()
+
+WORDS = [
+    "the",
+    "model",
+    "answer",
+    "question",
+    "light",
+    "energy",
+    "water",
+    "system",
+    "data",
+    "time",
+    "people",
+    "process",
+    "example",
+    "value",
+    "result",
+    "because",
+    "which",
+    "during",
+    "several",
+    "important",
+    "often",
+    "between",
+    "however",
+    "therefore",
+    "simple",
+    "clear",
+    "short",
+    "long",
+    "first",
+    "second",
+    "explain",
+    "describe",
+    "improve",
+    "reference",
+    "draft",
+    "better",
+    "small",
+    "large",
+    "quickly",
+    "carefully",
+    "usually",
+]
 
 
 def make_pairs(rows: int, prompt_words: int, answer_words: int, seed: int = 0):
@@ -108,7 +156,7 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     if args.tiny:
-        from trl_sgpo.tiny import build_tiny_model, build_tiny_tokenizer
+        from helpers.tiny import build_tiny_model, build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer).to(dtype)

@@ -46,6 +46,7 @@ from trl.experimental.utils import truncate_right
 from trl_sgpo import SGPOConfig, SGPOTrainer
 from trl_sgpo.templates import render_prompt
 
+
 TARGET = 1.2  # plain cached generate tokens/s / trainer path tokens/s
 
 

@@ -50,6 +50,7 @@ from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
 from trl_sgpo import SGPOConfig, SGPOTrainer
 
+
 TARGET_STEP_RATIO = 0.5  # SGPO step / OnlineDPO step
 TARGET_STEP_OVER_PARTS = 1.3  # SGPO step / sum of its parts
 

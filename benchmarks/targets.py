@@ -1,4 +1,4 @@
-"""Throughput of the OpenAI target writer against the local stub server (trl_sgpo.testing.OpenAIStub).
+"""Throughput of the OpenAI target writer against the local stub server (helpers.openai_stub.OpenAIStub).
 
 Measures what the writer itself costs: requests per second and the peak number of requests in flight (seen by the
 server and by the client), with a fixed server latency standing in for the LLM. With latency L and concurrency C the
@@ -12,6 +12,14 @@ pass over the same rows is answered from the cache with no request at all.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+
+# Test helpers (tiny model, OpenAI stub) live under tests/, outside the runtime package.
+TESTS_DIR = _Path(__file__).resolve().parents[1] / "tests"
+_sys.path.insert(0, str(TESTS_DIR))
+
 import argparse
 import contextlib
 import json
@@ -24,12 +32,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from datasets import Dataset
 
-from trl_sgpo.target_writers import OpenAITargetWriter, write_targets
-from trl_sgpo.testing import OpenAIStub
+from helpers.openai_stub import OpenAIStub
+from trl_sgpo.data.target_writers import OpenAITargetWriter, write_targets
 
 
 def make_rows(n: int, fault_rate: float) -> Dataset:
@@ -51,9 +60,10 @@ class StubProcess:
 
     def __init__(self, latency: float, api_key: str):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "trl_sgpo.testing", "--latency", str(latency), "--api-key", api_key],
+            [sys.executable, "-m", "helpers.openai_stub", "--latency", str(latency), "--api-key", api_key],
             stdout=subprocess.PIPE,
             text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])},
         )
         self.base_url = self.process.stdout.readline().strip()
         if not self.base_url.startswith("http://127.0.0.1:"):

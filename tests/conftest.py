@@ -2,6 +2,7 @@
 
 import os
 
+
 # Set before transformers/trl are imported anywhere in the test session.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -11,7 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from trl_sgpo.tiny import build_tiny_model, build_tiny_tokenizer
+from helpers.tiny import build_tiny_model, build_tiny_tokenizer
+
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch
@@ -42,11 +43,21 @@ def main(model_dir, out_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     prompts = [[{"role": "user", "content": f"What is {i} times {i}?"}] for i in range(8)]
     args = SGPOConfig(
-        output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=2, max_steps=2, max_new_tokens=6,
-        max_length=128, learning_rate=1e-2, report_to="none", logging_steps=1, save_strategy="no", seed=0,
+        output_dir=os.path.join(out_dir, "run"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        max_new_tokens=6,
+        max_length=128,
+        learning_rate=1e-2,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
         gradient_checkpointing=False,
     )
-    trainer = SGPOTrainer(model, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
+    trainer = SGPOTrainer(
+        model, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer
+    )
     if state.process_index == 1:
         trainer._sample = RepeatingImprover(tokenizer)
     start = sum(p.double().sum().item() for p in trainer.model.parameters())

@@ -9,9 +9,9 @@ import sys
 import pytest
 from datasets import load_from_disk
 
+from helpers.openai_stub import OpenAIStub
 from trl_sgpo.cli import main
-from trl_sgpo.jsonl import read_jsonl
-from trl_sgpo.testing import OpenAIStub
+from trl_sgpo.data.jsonl import read_jsonl
 
 
 def write_prompts(path, n=4, reference=True):

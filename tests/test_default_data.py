@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+
 DATA_FILE = Path(__file__).resolve().parents[1] / "trl_sgpo" / "data" / "sgpo_default.jsonl"
 
 

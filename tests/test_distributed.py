@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+
 HERE = Path(__file__).parent
 CPU_CONFIG = HERE.parent / "recipes" / "accelerate" / "cpu_2proc.yaml"
 
@@ -14,9 +15,18 @@ CPU_CONFIG = HERE.parent / "recipes" / "accelerate" / "cpu_2proc.yaml"
 def test_sgpo_stage_under_accelerate_two_cpu_processes(tmp_path, tiny_model_dir):
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-        "--dynamo_backend", "no", "--main_process_port", "29517",
-        str(HERE / "dist_sgpo_script.py"), str(tiny_model_dir), str(tmp_path),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_CONFIG),
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        str(HERE / "dist_sgpo_script.py"),
+        str(tiny_model_dir),
+        str(tmp_path),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,8 +4,8 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from trl_sgpo import DataCollatorForImproverTargets, ImproverSFTConfig, ImproverSFTTrainer
-from trl_sgpo.collators import encode_improver_example
 from trl_sgpo.templates import improver_prompt, render_prompt
+from trl_sgpo.trainers.collators import encode_improver_example
 
 
 def improver_rows(n=8, conversational=True):
@@ -19,8 +19,14 @@ def improver_rows(n=8, conversational=True):
 
 def make_args(tmp_path, **kw):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, report_to="none",
-        logging_steps=1, save_strategy="no", learning_rate=1e-2, max_length=256,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-2,
+        max_length=256,
     )
     defaults.update(kw)
     return ImproverSFTConfig(**defaults)
@@ -54,7 +60,10 @@ def test_collator_truncates_the_target_not_the_request(tiny_tokenizer):
 
 def test_full_finetune_lowers_the_target_loss(tmp_path, tiny_model, tiny_tokenizer):
     trainer = ImproverSFTTrainer(
-        tiny_model, args=make_args(tmp_path, max_steps=10), train_dataset=improver_rows(), processing_class=tiny_tokenizer
+        tiny_model,
+        args=make_args(tmp_path, max_steps=10),
+        train_dataset=improver_rows(),
+        processing_class=tiny_tokenizer,
     )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -66,7 +75,10 @@ def test_full_finetune_lowers_the_target_loss(tmp_path, tiny_model, tiny_tokeniz
 def test_lora_trains_the_adapter_only(tmp_path, tiny_model, tiny_tokenizer):
     base = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
     trainer = ImproverSFTTrainer(
-        tiny_model, args=make_args(tmp_path), train_dataset=improver_rows(), processing_class=tiny_tokenizer,
+        tiny_model,
+        args=make_args(tmp_path),
+        train_dataset=improver_rows(),
+        processing_class=tiny_tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
     )
     trainer.train()
@@ -80,16 +92,23 @@ def test_bad_rows_raise_or_are_counted(tmp_path, tiny_model, tiny_tokenizer, cap
     args = make_args(tmp_path)
     with pytest.raises(ValueError, match=r"missing the column\(s\) \['target'\]"):
         ImproverSFTTrainer(
-            tiny_model, args=args, train_dataset=improver_rows().remove_columns("target"), processing_class=tiny_tokenizer
+            tiny_model,
+            args=args,
+            train_dataset=improver_rows().remove_columns("target"),
+            processing_class=tiny_tokenizer,
         )
     rows = improver_rows(3).to_dict()
     rows["target"][2] = " "
     with pytest.raises(ValueError, match=r"empty `target` in row\(s\) 2"):
-        ImproverSFTTrainer(tiny_model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tiny_tokenizer)
+        ImproverSFTTrainer(
+            tiny_model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tiny_tokenizer
+        )
     rows = improver_rows(3).to_dict()
     rows["response"][1] = "very long answer " * 100
     trainer = ImproverSFTTrainer(
-        tiny_model, args=make_args(tmp_path, max_length=256), train_dataset=Dataset.from_dict(rows),
+        tiny_model,
+        args=make_args(tmp_path, max_length=256),
+        train_dataset=Dataset.from_dict(rows),
         processing_class=tiny_tokenizer,
     )
     assert len(trainer.train_dataset) == 2

@@ -4,8 +4,8 @@ import json
 import pytest
 from datasets import Dataset
 
-from trl_sgpo import jsonl
-from trl_sgpo.jsonl import (
+from trl_sgpo.data import jsonl
+from trl_sgpo.data.jsonl import (
     ROW_ID,
     JsonlWriter,
     batch_seed,

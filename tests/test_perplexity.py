@@ -5,8 +5,9 @@ import pytest
 import torch
 from datasets import Dataset, load_from_disk
 
-from trl_sgpo.jsonl import read_jsonl
-from trl_sgpo.perplexity import (
+from helpers.tiny import build_tiny_model
+from trl_sgpo.data.jsonl import read_jsonl
+from trl_sgpo.data.perplexity import (
     PerplexityFilterConfig,
     _encode,
     completion_nll,
@@ -15,7 +16,7 @@ from trl_sgpo.perplexity import (
     perplexities,
     score_targets,
 )
-from trl_sgpo.tiny import build_tiny_model
+
 
 KNOWN = "The quick brown fox jumps over the lazy dog."
 
@@ -200,7 +201,7 @@ def test_filter_returns_its_report_and_replaces_an_earlier_kept_set(tmp_path, ti
 
 
 def test_a_kept_set_that_cannot_be_removed_is_an_error(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
-    from trl_sgpo import perplexity
+    from trl_sgpo.data import perplexity
 
     rows = Dataset.from_dict({"prompt": ["q0"], "response": ["a"], "target": ["b"]})
     (tmp_path / "improver_sft").mkdir()  # a set from an earlier run

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from trl_sgpo.stages import StageConfigMismatchError
+from trl_sgpo.pipeline.stages import StageConfigMismatchError
+
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "sgpo.py"
 
@@ -25,7 +26,10 @@ def recipe():
 def write_prompts(path):
     with open(path, "w") as f:
         for i in range(12):
-            row = {"prompt": f"What is {i} plus {i}?", "reference": f"{i} plus {i} is {2 * i}. Doubling a number adds it to itself."}
+            row = {
+                "prompt": f"What is {i} plus {i}?",
+                "reference": f"{i} plus {i} is {2 * i}. Doubling a number adds it to itself.",
+            }
             f.write(json.dumps(row) + "\n")
     return path
 
@@ -41,9 +45,28 @@ def parse(recipe, *argv):
 
 def base_argv(model_dir, data, out):
     return [
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
-        "--num_improver_prompts", "6", "--num_sgpo_prompts", "4", "--max_steps", "2", "--max_new_tokens", "8",
-        "--improver_sft_epochs", "1", "--ppl_max_ratio", "1000", "--logging_steps", "1", "--sample_batch_size", "4",
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--num_improver_prompts",
+        "6",
+        "--num_sgpo_prompts",
+        "4",
+        "--max_steps",
+        "2",
+        "--max_new_tokens",
+        "8",
+        "--improver_sft_epochs",
+        "1",
+        "--ppl_max_ratio",
+        "1000",
+        "--logging_steps",
+        "1",
+        "--sample_batch_size",
+        "4",
     ]
 
 
@@ -64,8 +87,8 @@ def test_full_run_writes_every_stage_and_the_final_model(recipe, tiny_model_dir,
 
 
 def test_rerun_skips_finished_stages_and_resumes_the_rest(recipe, tiny_model_dir, prompt_file, tmp_path, monkeypatch):
-    import trl_sgpo.pipeline as pipeline
-    import trl_sgpo.sampling as sampling
+    import trl_sgpo.data.sampling as sampling
+    import trl_sgpo.pipeline.run as pipeline
 
     out = tmp_path / "run"
     argv = base_argv(tiny_model_dir, prompt_file, out)
@@ -103,7 +126,7 @@ def test_folder_from_another_config_is_refused(recipe, tiny_model_dir, prompt_fi
 def test_redoing_a_stage_redoes_the_stages_after_it(recipe, tiny_model_dir, prompt_file, tmp_path, monkeypatch):
     import weakref
 
-    import trl_sgpo.pipeline as pipeline
+    import trl_sgpo.pipeline.run as pipeline
 
     trained, trainers = [], weakref.WeakSet()  # trainers and their models
     train_and_save = pipeline._train_and_save
@@ -168,7 +191,7 @@ def test_changed_settings_are_refused_at_the_first_stage_they_change(recipe, fin
 @pytest.fixture(scope="module")
 def finished_run(recipe, tmp_path_factory):
     """One finished run shared by the tests that only rerun it with other settings (which fail before training)."""
-    from trl_sgpo.tiny import build_tiny_model, build_tiny_tokenizer
+    from helpers.tiny import build_tiny_model, build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("finished")
     tokenizer = build_tiny_tokenizer()
@@ -191,7 +214,11 @@ def test_bad_arguments_give_clear_errors(recipe, tiny_model_dir, prompt_file, tm
     with pytest.raises(ValueError, match=r"missing the column\(s\) \['reference'\]"):
         recipe.main(*parse(recipe, *base_argv(tiny_model_dir, no_ref, tmp_path / "c")))
     with pytest.raises(ValueError, match="--target_model"):
-        recipe.main(*parse(recipe, *base_argv(tiny_model_dir, prompt_file, tmp_path / "d"), "--base_url", "http://127.0.0.1:9/v1"))
+        recipe.main(
+            *parse(
+                recipe, *base_argv(tiny_model_dir, prompt_file, tmp_path / "d"), "--base_url", "http://127.0.0.1:9/v1"
+            )
+        )
 
 
 class LocalHub:
@@ -221,28 +248,44 @@ class LocalHub:
 
 
 # What `save_pretrained` writes for the tiny model and tokenizer, plus the card: nothing else may be pushed.
-PUSHED_FILES = ["README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
-                "tokenizer.json", "tokenizer_config.json"]
+PUSHED_FILES = [
+    "README.md",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_push_to_hub_uploads_the_final_model_and_its_card(recipe, tiny_model_dir, prompt_file, tmp_path, monkeypatch,
-                                                          lora):
+def test_push_to_hub_uploads_the_final_model_and_its_card(
+    recipe, tiny_model_dir, prompt_file, tmp_path, monkeypatch, lora
+):
     from safetensors.torch import load_file
 
-    import trl_sgpo.pipeline as pipeline
+    import trl_sgpo.pipeline.run as pipeline
 
     hub = LocalHub(tmp_path / "hub")
     monkeypatch.setattr(pipeline, "hub_api", lambda: hub)
     # The run starts from a Hub id, served from the local tiny model.
     load = pipeline.load_model_and_tokenizer
     monkeypatch.setattr(
-        pipeline, "load_model_and_tokenizer",
+        pipeline,
+        "load_model_and_tokenizer",
         lambda name, **kw: load(str(tiny_model_dir) if name == "trl-sgpo/tiny-random-llama" else name, **kw),
     )
     out = tmp_path / "run"
     argv = base_argv("trl-sgpo/tiny-random-llama", prompt_file, out) + [
-        "--push_to_hub", "--hub_model_id", "me/tiny-sgpo", "--hub_private_repo", "true", "--hub_revision", "v1"]
+        "--push_to_hub",
+        "--hub_model_id",
+        "me/tiny-sgpo",
+        "--hub_private_repo",
+        "true",
+        "--hub_revision",
+        "v1",
+    ]
     if lora:
         argv += ["--use_peft", "--lora_r", "4", "--lora_alpha", "8"]
     summary = recipe.main(*parse(recipe, *argv))
@@ -278,8 +321,12 @@ def test_push_to_hub_uploads_the_final_model_and_its_card(recipe, tiny_model_dir
 
 @pytest.mark.parametrize(
     ("skip", "stop_after"),
-    [(["--improver_data", "improver.jsonl"], "filter"), (["--improver_data", "improver.jsonl"], "sample"),
-     (["--skip_improver_sft"], "targets"), (["--skip_improver_sft"], "improver_sft")],
+    [
+        (["--improver_data", "improver.jsonl"], "filter"),
+        (["--improver_data", "improver.jsonl"], "sample"),
+        (["--skip_improver_sft"], "targets"),
+        (["--skip_improver_sft"], "improver_sft"),
+    ],
 )
 def test_stop_after_a_skipped_stage_is_refused_up_front(recipe, skip, stop_after):
     flag = skip[0]
@@ -301,8 +348,9 @@ def test_unknown_settings_are_refused(recipe, tmp_path):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_saved_model_comes_from_the_gathered_state_dict(recipe, tiny_model_dir, prompt_file, tmp_path, monkeypatch,
-                                                       lora):
+def test_saved_model_comes_from_the_gathered_state_dict(
+    recipe, tiny_model_dir, prompt_file, tmp_path, monkeypatch, lora
+):
     """Under ZeRO-3 and FSDP only `accelerator.get_state_dict` (on every rank) sees the full weights: the saved model
     must be built from it, not from the local module."""
     import torch

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 from trl.experimental.online_dpo import OnlineDPOTrainer
 
 from trl_sgpo import SGPOConfig, SGPOTrainer
-from trl_sgpo.collators import encode_improver_example
-from trl_sgpo.templates import improver_prompt, render_prompt
+from trl_sgpo.templates import render_prompt
+from trl_sgpo.trainers.collators import encode_improver_example
 
 
 def conv_dataset(n=8):
@@ -67,7 +67,9 @@ def test_is_online_dpo_subclass_and_public_api():
 
 
 def test_improver_sees_exactly_x_and_y_with_the_sft_tokens(tmp_path, tiny_model, tiny_tokenizer):
-    trainer = SGPOTrainer(tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer)
+    trainer = SGPOTrainer(
+        tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer
+    )
     calls = []
     generate = trainer.model.generate
 
@@ -84,7 +86,10 @@ def test_improver_sees_exactly_x_and_y_with_the_sft_tokens(tmp_path, tiny_model,
     for row, prompt in enumerate(prompts):
         # Policy prompt: the rendered question only.
         policy_tokens = p_ids[row][p_mask[row].bool()].tolist()
-        assert policy_tokens == tiny_tokenizer(render_prompt(prompt, tiny_tokenizer), add_special_tokens=False)["input_ids"]
+        assert (
+            policy_tokens
+            == tiny_tokenizer(render_prompt(prompt, tiny_tokenizer), add_special_tokens=False)["input_ids"]
+        )
         # Improver prompt: token for token what improver SFT trains on, built from x and the decoded y.
         improver_tokens = i_ids[row][i_mask[row].bool()].tolist()
         sft_prompt_ids, _ = encode_improver_example(tiny_tokenizer, prompt, pairs.responses[row], "target")
@@ -94,7 +99,9 @@ def test_improver_sees_exactly_x_and_y_with_the_sft_tokens(tmp_path, tiny_model,
 
 
 def test_pairs_put_improved_first_and_score_both_under_the_policy_prompt(tmp_path, tiny_model, tiny_tokenizer):
-    trainer = SGPOTrainer(tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer)
+    trainer = SGPOTrainer(
+        tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer
+    )
     fixed = FixedAnswers(tiny_tokenizer)
     trainer._sample = fixed
     prompts = [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "What is 1 plus 1?"}]]
@@ -203,7 +210,7 @@ def _param_delta(tmp_path, tokenizer, build_model, batch_size, accumulation):
 
 
 def test_gradient_accumulation_matches_a_full_batch(tmp_path, tiny_tokenizer):
-    from trl_sgpo.tiny import build_tiny_model
+    from helpers.tiny import build_tiny_model
 
     full = _param_delta(tmp_path, tiny_tokenizer, lambda: build_tiny_model(tiny_tokenizer), 2, 1)
     accumulated = _param_delta(tmp_path, tiny_tokenizer, lambda: build_tiny_model(tiny_tokenizer), 1, 2)
@@ -245,7 +252,9 @@ def test_lora_shares_one_adapter_and_reference_is_adapter_off(tmp_path, tiny_mod
 
 def test_full_finetune_changes_weights_and_save_load_round_trip(tmp_path, tiny_model, tiny_tokenizer):
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
-    trainer = SGPOTrainer(tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer)
+    trainer = SGPOTrainer(
+        tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer
+    )
     trainer.train()
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     out = tmp_path / "saved"
@@ -278,7 +287,10 @@ def test_per_epoch_beta_list(tmp_path, tiny_model, tiny_tokenizer):
 
 def test_evaluate_reports_pair_metrics(tmp_path, tiny_model, tiny_tokenizer):
     trainer = SGPOTrainer(
-        tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), eval_dataset=conv_dataset(4),
+        tiny_model,
+        args=make_args(tmp_path),
+        train_dataset=conv_dataset(),
+        eval_dataset=conv_dataset(4),
         processing_class=tiny_tokenizer,
     )
     fixed = FixedAnswers(tiny_tokenizer)
@@ -303,8 +315,11 @@ def test_judge_drops_pairs_it_does_not_prefer(tmp_path, tiny_model, tiny_tokeniz
         return scores
 
     trainer = SGPOTrainer(
-        tiny_model, reward_funcs=judge, args=make_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
-        train_dataset=conv_dataset(8), processing_class=tiny_tokenizer,
+        tiny_model,
+        reward_funcs=judge,
+        args=make_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=conv_dataset(8),
+        processing_class=tiny_tokenizer,
     )
     trainer._sample = FixedAnswers(tiny_tokenizer)
     trainer.train()
@@ -336,10 +351,18 @@ def test_empty_or_identical_improvements_are_skipped_without_an_update(tmp_path,
 def test_bad_inputs_raise_clear_errors(tmp_path, tiny_model, tiny_tokenizer):
     args = make_args(tmp_path)
     with pytest.raises(ValueError, match=r"missing the column\(s\) \['prompt'\]"):
-        SGPOTrainer(tiny_model, args=args, train_dataset=Dataset.from_dict({"question": ["q"]}), processing_class=tiny_tokenizer)
+        SGPOTrainer(
+            tiny_model,
+            args=args,
+            train_dataset=Dataset.from_dict({"question": ["q"]}),
+            processing_class=tiny_tokenizer,
+        )
     with pytest.raises(ValueError, match=r"empty `prompt` in row\(s\) 1"):
         SGPOTrainer(
-            tiny_model, args=args, train_dataset=Dataset.from_dict({"prompt": ["ok", "  "]}), processing_class=tiny_tokenizer
+            tiny_model,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": ["ok", "  "]}),
+            processing_class=tiny_tokenizer,
         )
     with pytest.raises(ValueError, match="missing_eos_penalty"):
         make_args(tmp_path, missing_eos_penalty=1.0)
@@ -347,8 +370,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path, tiny_model, tiny_tokenizer):
         make_args(tmp_path, judge_margin=-0.5)
     with pytest.raises(ValueError, match="Every prompt"):
         SGPOTrainer(
-            tiny_model, args=make_args(tmp_path, max_length=16, max_new_tokens=8),
-            train_dataset=Dataset.from_dict({"prompt": ["a long prompt " * 10]}), processing_class=tiny_tokenizer,
+            tiny_model,
+            args=make_args(tmp_path, max_length=16, max_new_tokens=8),
+            train_dataset=Dataset.from_dict({"prompt": ["a long prompt " * 10]}),
+            processing_class=tiny_tokenizer,
         )
 
 
@@ -356,7 +381,9 @@ def test_long_prompts_are_skipped_and_missing_pad_token_is_filled(tmp_path, tiny
     tiny_tokenizer.pad_token = None
     dataset = Dataset.from_dict({"prompt": ["short", "a long prompt " * 40, "also short"]})
     trainer = SGPOTrainer(
-        tiny_model, args=make_args(tmp_path, max_length=64, max_new_tokens=8), train_dataset=dataset,
+        tiny_model,
+        args=make_args(tmp_path, max_length=64, max_new_tokens=8),
+        train_dataset=dataset,
         processing_class=tiny_tokenizer,
     )
     assert trainer.train_dataset["prompt"] == ["short", "also short"]
@@ -369,13 +396,17 @@ def test_prompt_room_leaves_space_for_the_longer_answer(tmp_path, tiny_model, ti
     # but a 48-token improved answer (scored under the same prompt) leaves room for 16 prompt tokens only.
     dataset = Dataset.from_dict({"prompt": ["short", "a long prompt " * 3]})
     kept = SGPOTrainer(
-        tiny_model, args=make_args(tmp_path, max_length=64, max_new_tokens=16), train_dataset=dataset,
+        tiny_model,
+        args=make_args(tmp_path, max_length=64, max_new_tokens=16),
+        train_dataset=dataset,
         processing_class=tiny_tokenizer,
     ).train_dataset
     assert len(kept) == 2
     kept = SGPOTrainer(
-        tiny_model, args=make_args(tmp_path, max_length=64, max_new_tokens=16, improver_max_new_tokens=48),
-        train_dataset=dataset, processing_class=tiny_tokenizer,
+        tiny_model,
+        args=make_args(tmp_path, max_length=64, max_new_tokens=16, improver_max_new_tokens=48),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
     ).train_dataset
     assert kept["prompt"] == ["short"]
 
@@ -391,7 +422,9 @@ def test_standard_text_prompts_train(tmp_path, tiny_model, tiny_tokenizer):
 def test_pair_counts_survive_a_resume_from_checkpoint(tmp_path, tiny_model_dir, tiny_tokenizer):
     args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     first = SGPOTrainer(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args, train_dataset=conv_dataset(),
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=conv_dataset(),
         processing_class=tiny_tokenizer,
     )
     first._sample = FixedAnswers(tiny_tokenizer)
@@ -400,7 +433,9 @@ def test_pair_counts_survive_a_resume_from_checkpoint(tmp_path, tiny_model_dir, 
 
     # A run that stopped after step 2 resumes from checkpoint-2 and reports the totals of the whole run.
     resumed = SGPOTrainer(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args, train_dataset=conv_dataset(),
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=conv_dataset(),
         processing_class=tiny_tokenizer,
     )
     resumed._sample = FixedAnswers(tiny_tokenizer)
@@ -410,7 +445,7 @@ def test_pair_counts_survive_a_resume_from_checkpoint(tmp_path, tiny_model_dir, 
 
 
 def test_a_second_copy_loads_the_local_weights_not_the_card_name(tmp_path, tiny_model_dir, monkeypatch):
-    import trl_sgpo.sgpo_trainer as sgpo_trainer
+    import trl_sgpo.trainers.sgpo_trainer as sgpo_trainer
     from trl_sgpo import load_model_and_tokenizer
 
     # Under ZeRO-3 the reference is loaded again from the policy's source. The pipeline renames `_name_or_path` to

@@ -1,4 +1,4 @@
-"""Target writers against a real local HTTP server (trl_sgpo.testing.OpenAIStub) through the real `openai` client."""
+"""Target writers against a real local HTTP server (helpers.openai_stub.OpenAIStub) through the real `openai` client."""
 
 import errno
 import json
@@ -7,15 +7,16 @@ import logging
 import pytest
 from datasets import Dataset
 
-from trl_sgpo import jsonl
-from trl_sgpo.jsonl import ROW_ID, read_jsonl, stable_hash
-from trl_sgpo.target_prompts import (
+from helpers.openai_stub import OpenAIStub
+from trl_sgpo.data import jsonl
+from trl_sgpo.data.jsonl import ROW_ID, read_jsonl, stable_hash
+from trl_sgpo.data.target_prompts import (
     MalformedTargetError,
     TargetPromptConfig,
     build_target_messages,
     parse_target,
 )
-from trl_sgpo.target_writers import (
+from trl_sgpo.data.target_writers import (
     OpenAITargetWriter,
     ReferenceStepWriter,
     TargetWriterAbort,
@@ -24,7 +25,7 @@ from trl_sgpo.target_writers import (
     split_sentences,
     write_targets,
 )
-from trl_sgpo.testing import OpenAIStub
+
 
 KEY = "sk-test-SECRET-0123456789"
 
@@ -161,7 +162,7 @@ def test_concurrency_reaches_its_bound_and_never_exceeds_it(tmp_path, api_key):
 )
 def test_fatal_answers_stop_the_run_after_one_request(tmp_path, api_key, status, message):
     with OpenAIStub() as stub:
-        ds = rows(20, {i: f"[[stub:{status}*inf]]" for i in range(20)})
+        ds = rows(20, dict.fromkeys(range(20), f"[[stub:{status}*inf]]"))
         writer = make_writer(stub, max_concurrency=8)
         with pytest.raises(TargetWriterAbort, match=message):
             write_targets(writer, ds, tmp_path / "targets.jsonl", show_progress=False)
@@ -230,7 +231,7 @@ def test_bad_input_is_named_and_empty_responses_are_recorded(tmp_path, stub, api
 
 
 class FillingDisk:
-    """Files opened for appending by trl_sgpo.jsonl whose writes fail with ENOSPC once ``budget`` writes are spent."""
+    """Files opened for appending by trl_sgpo.data.jsonl whose writes fail with ENOSPC once ``budget`` writes are spent."""
 
     def __init__(self, budget):
         self.budget = budget
@@ -333,7 +334,7 @@ def test_reference_step_writer_through_write_targets(tmp_path):
 
 
 def test_transformers_writer_records_every_row(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
-    import trl_sgpo.target_writers as target_writers
+    import trl_sgpo.data.target_writers as target_writers
 
     # The random tiny model cannot write a tagged answer, so the generation is scripted; the writer's own parsing,
     # cut-off check and bookkeeping run as they are.

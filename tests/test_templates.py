@@ -8,6 +8,7 @@ from trl_sgpo.templates import (
     render_prompt,
 )
 
+
 CONV = [{"role": "user", "content": "Name a prime number above 10."}]
 
 

@@ -5,8 +5,7 @@ import os
 import pytest
 import torch
 
-from trl_sgpo import ImproverSFTConfig, SGPOConfig
-from trl_sgpo import utils
+from trl_sgpo import ImproverSFTConfig, SGPOConfig, utils
 
 
 @pytest.fixture

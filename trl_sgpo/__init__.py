@@ -8,19 +8,20 @@ it: their users never import ``trl.experimental`` themselves, and the version pi
 import importlib
 from typing import TYPE_CHECKING
 
+
 __version__ = "0.1.0.dev0"
 
 # Public names and their modules. Imported on first use so that `trl-sgpo --help` and `trl_sgpo.templates` do not pay
 # for torch, transformers and TRL.
 _EXPORTS = {
-    "DataCollatorForImproverTargets": "collators",
-    "ImproverSFTConfig": "improver_sft_config",
-    "ImproverSFTTrainer": "improver_sft_trainer",
+    "DataCollatorForImproverTargets": "trainers.collators",
+    "ImproverSFTConfig": "trainers.improver_sft_config",
+    "ImproverSFTTrainer": "trainers.improver_sft_trainer",
     "DEFAULT_MODEL": "models",
     "default_model_path": "models",
     "load_model_and_tokenizer": "models",
-    "SGPOConfig": "sgpo_config",
-    "SGPOTrainer": "sgpo_trainer",
+    "SGPOConfig": "trainers.sgpo_config",
+    "SGPOTrainer": "trainers.sgpo_trainer",
     "DEFAULT_INSTRUCTION": "templates",
     "ImproverTemplate": "templates",
     "improver_prompt": "templates",
@@ -30,13 +31,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .collators import DataCollatorForImproverTargets
-    from .improver_sft_config import ImproverSFTConfig
-    from .improver_sft_trainer import ImproverSFTTrainer
     from .models import DEFAULT_MODEL, default_model_path, load_model_and_tokenizer
-    from .sgpo_config import SGPOConfig
-    from .sgpo_trainer import SGPOTrainer
     from .templates import DEFAULT_INSTRUCTION, ImproverTemplate, improver_prompt, render_prompt
+    from .trainers.collators import DataCollatorForImproverTargets
+    from .trainers.improver_sft_config import ImproverSFTConfig
+    from .trainers.improver_sft_trainer import ImproverSFTTrainer
+    from .trainers.sgpo_config import SGPOConfig
+    from .trainers.sgpo_trainer import SGPOTrainer
 
 
 def __getattr__(name: str):

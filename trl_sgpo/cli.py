@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+
 DESCRIPTION = "Build SGPO improver-SFT data: sample answers, write improved targets, filter them by perplexity."
 
 
@@ -186,10 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_input(path):
-    from .jsonl import load_rows
+    from .data.jsonl import load_rows
 
     if path is None:
-        from .data import load_default_dataset
+        from .data.checks import load_default_dataset
 
         return load_default_dataset()
     return load_rows(path)
@@ -209,7 +210,7 @@ def _load_model(name, device: str, dtype: str):
 
 
 def _sample(args, model, tokenizer, dataset, output):
-    from .sampling import sample_responses
+    from .data.sampling import sample_responses
 
     return sample_responses(
         model,
@@ -227,7 +228,7 @@ def _sample(args, model, tokenizer, dataset, output):
 
 
 def _prompt_config(args):
-    from .target_prompts import TargetPromptConfig
+    from .data.target_prompts import TargetPromptConfig
 
     return TargetPromptConfig(
         min_length_ratio=args.min_length_ratio,
@@ -260,7 +261,7 @@ def _writer_choice(args):
 
 def _writer(args, choice, policy=None):
     """The target writer for ``choice``, the ``(kind, prompt_config)`` from :func:`_writer_choice`."""
-    from .target_writers import OpenAITargetWriter, ReferenceStepWriter, TransformersTargetWriter
+    from .data.target_writers import OpenAITargetWriter, ReferenceStepWriter, TransformersTargetWriter
 
     kind, prompt_config = choice
     if kind == "openai":
@@ -295,7 +296,7 @@ def _writer(args, choice, policy=None):
 
 
 def _targets(args, dataset, output, choice, policy=None):
-    from .target_writers import write_targets
+    from .data.target_writers import write_targets
 
     writer = _writer(args, choice, policy)
     result = write_targets(writer, dataset, output, args.failures, show_progress=not args.quiet)
@@ -304,7 +305,7 @@ def _targets(args, dataset, output, choice, policy=None):
 
 
 def _filter(args, model, tokenizer, dataset, output_dir):
-    from .perplexity import PerplexityFilterConfig, filter_targets
+    from .data.perplexity import PerplexityFilterConfig, filter_targets
 
     config = PerplexityFilterConfig(
         max_ratio=args.max_ratio or None,
@@ -336,8 +337,8 @@ def _filter(args, model, tokenizer, dataset, output_dir):
 
 def run(args) -> None:
     """Run one parsed command (see :func:`build_parser`)."""
-    from .jsonl import load_rows
-    from .perplexity import KEPT_DIR
+    from .data.jsonl import load_rows
+    from .data.perplexity import KEPT_DIR
 
     if args.command == "sample":
         model, tokenizer = _load_model(args.model, args.device, args.dtype)
@@ -350,8 +351,8 @@ def run(args) -> None:
         model, tokenizer = _load_model(args.model, args.device, args.dtype)
         _filter(args, model, tokenizer, load_rows(args.input), args.output_dir)
     elif args.command == "improver-data":
-        from .sampling import check_prompt_reference
-        from .target_writers import sibling_path
+        from .data.sampling import check_prompt_reference
+        from .data.target_writers import sibling_path
 
         out = Path(args.output_dir)
         dataset = _load_input(args.input)
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    from .target_writers import TargetWriterAbort
+    from .data.target_writers import TargetWriterAbort
 
     try:
         run(args)

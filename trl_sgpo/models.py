@@ -13,6 +13,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 """Name that selects the embedded default wherever a model id or path is accepted."""
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from trl.data_utils import is_conversational
 
+
 Messages = list[dict[str, Any]]
 Prompt = str | Messages
 

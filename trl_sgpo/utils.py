@@ -7,6 +7,7 @@ import textwrap
 
 import torch
 
+
 SGPO_PAPER = {
     "title": "SGPO: Self-Generated Preference Optimization based on Self-Improver",
     "id": "2507.20181",
@@ -25,9 +26,7 @@ def bf16_supported() -> bool:
     """Whether an accelerator that trains in bf16 is present. TRL defaults ``bf16=True``, which errors on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    if hasattr(torch, "xpu") and torch.xpu.is_available():
-        return True
-    return False
+    return bool(hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def has_accelerator() -> bool:

@@ -8,12 +8,13 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import SFTTrainer
 
+from ..data.checks import _show, check_rows
+from ..models import DEFAULT_MODEL, resolve_model_path
+from ..templates import ImproverTemplate
+from ..utils import SGPO_PAPER
 from .collators import DataCollatorForImproverTargets, encode_improver_example
-from .data import _show, check_rows
 from .improver_sft_config import ImproverSFTConfig
-from .models import DEFAULT_MODEL, resolve_model_path
-from .templates import ImproverTemplate
-from .utils import SGPO_PAPER
+
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from typing import Any
 from datasets import Dataset, load_from_disk
 from pyarrow.lib import ArrowException
 
+
 logger = logging.getLogger(__name__)
 
 ROW_ID = "row_id"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+
 MARKER = "stage.json"
 
 
@@ -74,8 +75,18 @@ class Stage:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.marker.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"stage": self.name, "done": done, "run": self.run_id, "after": self._made_from(),
-                       "settings": self.settings, "summary": self.summary}, f, indent=2)
+            json.dump(
+                {
+                    "stage": self.name,
+                    "done": done,
+                    "run": self.run_id,
+                    "after": self._made_from(),
+                    "settings": self.settings,
+                    "summary": self.summary,
+                },
+                f,
+                indent=2,
+            )
         os.replace(tmp, self.marker)
 
     def check(self) -> bool:
@@ -89,8 +100,12 @@ class Stage:
             return False
         made_from = previous.get("after")
         # Made from another run of the same earlier stage: stale. From another stage: the settings tell.
-        if (made_from and self.after is not None and made_from["stage"] == self.after.root.name
-                and made_from != self._made_from()):
+        if (
+            made_from
+            and self.after is not None
+            and made_from["stage"] == self.after.root.name
+            and made_from != self._made_from()
+        ):
             self.stale = True
             return False
         old = previous.get("settings", {})

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+
 MARKER = re.compile(r"\[\[stub:([\w.=]+)(?:\*(\d+|inf))?\]\]")
 MAX_BODY_BYTES = 8 * 1024 * 1024
 

@@ -36,7 +36,8 @@ from typing import Any
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .data import check_rows
+from ..templates import render_prompt
+from .checks import check_rows
 from .jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, read_jsonl, rows_in_order, stable_hash
 from .sampling import generate_completions
 from .target_prompts import (
@@ -46,7 +47,7 @@ from .target_prompts import (
     build_target_messages,
     parse_target,
 )
-from .templates import render_prompt
+
 
 logger = logging.getLogger(__name__)
 

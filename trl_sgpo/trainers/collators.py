@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .templates import DEFAULT_TEMPLATE, ImproverTemplate, end_of_turn_text, improver_prompt, render_prompt
+from ..templates import DEFAULT_TEMPLATE, ImproverTemplate, end_of_turn_text, improver_prompt, render_prompt
 
 
 def encode_improver_example(

@@ -43,9 +43,10 @@ import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .data import check_rows
+from ..templates import end_of_turn_text, render_prompt
+from .checks import check_rows
 from .jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_done, rows_in_order
-from .templates import end_of_turn_text, render_prompt
+
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def completion_nll(
     if len(prompts) != len(completions):
         raise ValueError(f"Got {len(prompts)} prompts and {len(completions)} completions.")
     # end_of_turn_text renders a chat template; it only depends on the prompt's format, so render it once per format.
-    endings = {fmt: None for fmt in (True, False)}
+    endings = dict.fromkeys((True, False))
 
     def ending(prompt) -> str:
         fmt = isinstance(prompt, list)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .templates import Prompt, question_text
+from ..templates import Prompt, question_text
+
 
 DEFAULT_SYSTEM = (
     "You are an expert editor who improves answers written by a smaller assistant model. You make one incremental, "

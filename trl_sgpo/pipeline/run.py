@@ -31,15 +31,16 @@ from datasets import Dataset, load_dataset
 from huggingface_hub import HfApi
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import check_columns, check_non_empty, load_default_dataset
-from .improver_sft_config import ImproverSFTConfig
-from .improver_sft_trainer import ImproverSFTTrainer
-from .jsonl import load_rows
-from .models import DEFAULT_MODEL, HUB_ID, load_model_and_tokenizer
-from .sgpo_config import SGPOConfig
-from .sgpo_trainer import SGPOTrainer
+from ..data.checks import check_columns, check_non_empty, load_default_dataset
+from ..data.jsonl import load_rows
+from ..models import DEFAULT_MODEL, HUB_ID, load_model_and_tokenizer
+from ..trainers.improver_sft_config import ImproverSFTConfig
+from ..trainers.improver_sft_trainer import ImproverSFTTrainer
+from ..trainers.sgpo_config import SGPOConfig
+from ..trainers.sgpo_trainer import SGPOTrainer
+from ..utils import set_cpu_threads
 from .stages import Stage
-from .utils import set_cpu_threads
+
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +48,62 @@ STAGES = ("sample", "targets", "filter", "improver_sft", "sgpo")
 
 # Settings that change what a training stage produces (not logging, saving or speed), recorded in its stage.json.
 TRAINING_KEYS = (
-    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "max_grad_norm",
-    "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed", "data_seed", "bf16", "fp16",
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "optim_args",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "seed",
+    "data_seed",
+    "bf16",
+    "fp16",
     # SGPO and OnlineDPO
-    "beta", "loss_type", "disable_dropout", "max_new_tokens", "max_length", "temperature", "top_p", "top_k", "min_p",
-    "repetition_penalty", "generation_kwargs", "use_vllm", "improver_instruction", "improver_temperature",
-    "improver_max_new_tokens", "judge_margin",
+    "beta",
+    "loss_type",
+    "disable_dropout",
+    "max_new_tokens",
+    "max_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "generation_kwargs",
+    "use_vllm",
+    "improver_instruction",
+    "improver_temperature",
+    "improver_max_new_tokens",
+    "judge_margin",
 )
-IMPROVER_SFT_KEYS = ("improver_sft_epochs", "improver_sft_learning_rate", "improver_sft_batch_size",
-                     "improver_sft_max_length")
+IMPROVER_SFT_KEYS = (
+    "improver_sft_epochs",
+    "improver_sft_learning_rate",
+    "improver_sft_batch_size",
+    "improver_sft_max_length",
+)
 # Taken from the SGPO arguments by improver SFT (see `_improver_sft_args`) and changing its result.
 IMPROVER_SFT_SHARED_KEYS = ("seed", "bf16", "fp16", "improver_instruction")
-LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
-             "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")
+LORA_KEYS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_parameters",
+    "lora_modules_to_save",
+    "lora_task_type",
+    "use_rslora",
+    "use_dora",
+)
 
 
 @dataclass
@@ -101,8 +144,10 @@ class SGPOScriptArguments:
     iterations: int = field(default=1, metadata={"help": "Rounds of SGPO, each starting from the last round's model."})
     num_threads: int | None = field(
         default=None,
-        metadata={"help": "CPU threads for torch when there is no GPU (default: the available cores, shared among the "
-                  "local processes; `accelerate launch` would otherwise pin 1)."},
+        metadata={
+            "help": "CPU threads for torch when there is no GPU (default: the available cores, shared among the "
+            "local processes; `accelerate launch` would otherwise pin 1)."
+        },
     )
     # stage 1
     sample_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call when sampling answers."})
@@ -190,8 +235,19 @@ def _lora_settings(model_args) -> dict[str, Any]:
 def _improver_sft_args(training_args: SGPOConfig, script_args: SGPOScriptArguments, output_dir: Path):
     shared = {
         k: getattr(training_args, k)
-        for k in ("seed", "bf16", "fp16", "use_cpu", "gradient_checkpointing", "logging_steps", "report_to",
-                  "save_steps", "save_total_limit", "disable_tqdm", "dataloader_num_workers")
+        for k in (
+            "seed",
+            "bf16",
+            "fp16",
+            "use_cpu",
+            "gradient_checkpointing",
+            "logging_steps",
+            "report_to",
+            "save_steps",
+            "save_total_limit",
+            "disable_tqdm",
+            "dataloader_num_workers",
+        )
     }
     return ImproverSFTConfig(
         output_dir=str(output_dir),
@@ -245,10 +301,16 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
     improver_rows, sgpo_rows = _split(dataset, script_args, training_args.seed)
     check_non_empty(sgpo_rows, ("prompt",), "dataset")
 
-    base_settings = {"model": model_name, "model_revision": model_args.model_revision, "dtype": model_args.dtype,
-                     "data": data_source, "dataset_config": script_args.dataset_config,
-                     "split": script_args.dataset_split, "num_improver_prompts": len(improver_rows),
-                     "num_sgpo_prompts": len(sgpo_rows)}
+    base_settings = {
+        "model": model_name,
+        "model_revision": model_args.model_revision,
+        "dtype": model_args.dtype,
+        "data": data_source,
+        "dataset_config": script_args.dataset_config,
+        "split": script_args.dataset_split,
+        "num_improver_prompts": len(improver_rows),
+        "num_sgpo_prompts": len(sgpo_rows),
+    }
     lora_settings = _lora_settings(model_args)
 
     def load_base(path: str):
@@ -263,30 +325,48 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
             summary["stages"]["improver_data"] = {"rows": len(improver_data), "source": script_args.improver_data}
         else:
             check_columns(improver_rows, ("prompt", "reference"), "dataset", hint)
-            last = _data_stages(script_args, training_args, model_name, load, improver_rows, stages_dir,
-                                base_settings, summary, state)
+            last = _data_stages(
+                script_args, training_args, model_name, load, improver_rows, stages_dir, base_settings, summary, state
+            )
             if last is None:  # stopped early
                 return _finish(summary, out, state)
             improver_data = load_rows(last.root / "improver_sft")
 
-        stage = Stage(stages_dir / "04_improver_sft", "improver_sft",
-                      {**base_settings, "improver_data": script_args.improver_data,
-                       "improver_data_rows": len(improver_data), **_settings(script_args, IMPROVER_SFT_KEYS),
-                       **_settings(training_args, IMPROVER_SFT_SHARED_KEYS), **lora_settings},
-                      after=last)
+        stage = Stage(
+            stages_dir / "04_improver_sft",
+            "improver_sft",
+            {
+                **base_settings,
+                "improver_data": script_args.improver_data,
+                "improver_data_rows": len(improver_data),
+                **_settings(script_args, IMPROVER_SFT_KEYS),
+                **_settings(training_args, IMPROVER_SFT_SHARED_KEYS),
+                **lora_settings,
+            },
+            after=last,
+        )
         if not stage.check():
             started = stage.start() if state.is_main_process else 0.0
             state.wait_for_everyone()
             _print(state, f"[4/5] improver SFT on {len(improver_data)} rows")
             model, tokenizer = load(model_name)
             sft_args = _improver_sft_args(training_args, script_args, stage.root)
-            trainer = ImproverSFTTrainer(model, args=sft_args, train_dataset=improver_data, processing_class=tokenizer,
-                                         peft_config=get_peft_config(model_args))
+            trainer = ImproverSFTTrainer(
+                model,
+                args=sft_args,
+                train_dataset=improver_data,
+                processing_class=tokenizer,
+                peft_config=get_peft_config(model_args),
+            )
             _train_and_save(trainer, tokenizer, stage.root, state, load_base(model_name))
             if state.is_main_process:
                 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-                stage.finish(started, rows=len(trainer.train_dataset), first_loss=losses[0] if losses else None,
-                             last_loss=losses[-1] if losses else None)
+                stage.finish(
+                    started,
+                    rows=len(trainer.train_dataset),
+                    first_loss=losses[0] if losses else None,
+                    last_loss=losses[-1] if losses else None,
+                )
             state.wait_for_everyone()
             stage.check()
             del trainer, model
@@ -300,19 +380,31 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
     # Stage 5: SGPO rounds, each made from the previous round's model.
     start_model = improver_model_path or model_name
     for iteration in range(1, script_args.iterations + 1):
-        stage = Stage(stages_dir / f"05_sgpo_iter{iteration}", f"sgpo iteration {iteration}",
-                      {**base_settings, "start": "improver_sft" if improver_model_path else model_name,
-                       "improver_data": script_args.improver_data, **lora_settings,
-                       **_settings(training_args, TRAINING_KEYS)},
-                      after=last)
+        stage = Stage(
+            stages_dir / f"05_sgpo_iter{iteration}",
+            f"sgpo iteration {iteration}",
+            {
+                **base_settings,
+                "start": "improver_sft" if improver_model_path else model_name,
+                "improver_data": script_args.improver_data,
+                **lora_settings,
+                **_settings(training_args, TRAINING_KEYS),
+            },
+            after=last,
+        )
         if not stage.check():
             started = stage.start() if state.is_main_process else 0.0
             state.wait_for_everyone()
             _print(state, f"[5/5] SGPO iteration {iteration}/{script_args.iterations} on {len(sgpo_rows)} prompts")
             model, tokenizer = load(start_model)
             args = dataclasses.replace(training_args, output_dir=str(stage.root), push_to_hub=False)
-            trainer = SGPOTrainer(model, args=args, train_dataset=sgpo_rows.select_columns(["prompt"]),
-                                  processing_class=tokenizer, peft_config=get_peft_config(model_args))
+            trainer = SGPOTrainer(
+                model,
+                args=args,
+                train_dataset=sgpo_rows.select_columns(["prompt"]),
+                processing_class=tokenizer,
+                peft_config=get_peft_config(model_args),
+            )
             _train_and_save(trainer, tokenizer, stage.root, state, load_base(start_model))
             if state.is_main_process:
                 # The card is written now, while the trainer holds the figures; `_push` uploads it as it is.
@@ -352,17 +444,25 @@ def hub_api() -> HfApi:
 def _push(out: Path, files: list[str], args: SGPOConfig) -> tuple[str, str]:
     """Upload ``files`` (the final model and its card) from ``out`` to ``args.hub_model_id``; not the stage folders."""
     api = hub_api()
-    repo_id = api.create_repo(args.hub_model_id or out.name, token=args.hub_token, private=args.hub_private_repo,
-                              exist_ok=True).repo_id
+    repo_id = api.create_repo(
+        args.hub_model_id or out.name, token=args.hub_token, private=args.hub_private_repo, exist_ok=True
+    ).repo_id
     card = out / "README.md"
     if card.is_file():
         # The card was written when the round trained, before the repo existed: name the repo as created (a bare
         # `hub_model_id` gains the user's namespace, and a later push may choose another id).
         text = card.read_text(encoding="utf-8")
-        card.write_text(re.sub(r'(pipeline\("text-generation", model=")[^"]*"', rf'\g<1>{repo_id}"', text),
-                        encoding="utf-8")
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(out), allow_patterns=files,
-                               commit_message="End of training", token=args.hub_token, revision=args.hub_revision)
+        card.write_text(
+            re.sub(r'(pipeline\("text-generation", model=")[^"]*"', rf'\g<1>{repo_id}"', text), encoding="utf-8"
+        )
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(out),
+        allow_patterns=files,
+        commit_message="End of training",
+        token=args.hub_token,
+        revision=args.hub_revision,
+    )
     return repo_id, str(getattr(commit, "commit_url", commit))
 
 
@@ -403,24 +503,38 @@ def _data_stages(script_args, training_args, model_name, load, rows, stages_dir,
 
     Returns the finished filter stage, or ``None`` when ``stop_after`` stops the run before or at it.
     """
-    from .perplexity import REPORT_FILE, PerplexityFilterConfig, filter_targets
-    from .sampling import sample_responses
-    from .target_writers import OpenAITargetWriter, ReferenceStepWriter, write_targets
+    from ..data.perplexity import REPORT_FILE, PerplexityFilterConfig, filter_targets
+    from ..data.sampling import sample_responses
+    from ..data.target_writers import OpenAITargetWriter, ReferenceStepWriter, write_targets
 
-    sample = Stage(stages_dir / "01_sample", "sample",
-                   {**base_settings, "max_new_tokens": training_args.max_new_tokens,
-                    "temperature": training_args.temperature, "seed": training_args.seed})
+    sample = Stage(
+        stages_dir / "01_sample",
+        "sample",
+        {
+            **base_settings,
+            "max_new_tokens": training_args.max_new_tokens,
+            "temperature": training_args.temperature,
+            "seed": training_args.seed,
+        },
+    )
     if script_args.base_url or script_args.target_model:
         if not script_args.target_model:
             raise ValueError("`--base_url` needs `--target_model` (the model name at that endpoint).")
-        writer_settings = {"writer": "openai", "base_url": script_args.base_url, "target_model": script_args.target_model}
+        writer_settings = {
+            "writer": "openai",
+            "base_url": script_args.base_url,
+            "target_model": script_args.target_model,
+        }
     else:
         writer_settings = {"writer": "reference-step", "fraction": script_args.offline_fraction}
     targets = Stage(stages_dir / "02_targets", "targets", writer_settings, after=sample)
     # The filter truncates rows to the improver-SFT length when scoring them.
-    filtered = Stage(stages_dir / "03_filter", "filter", {"ppl_max_ratio": script_args.ppl_max_ratio,
-                                                          "improver_sft_max_length": script_args.improver_sft_max_length},
-                     after=targets)
+    filtered = Stage(
+        stages_dir / "03_filter",
+        "filter",
+        {"ppl_max_ratio": script_args.ppl_max_ratio, "improver_sft_max_length": script_args.improver_sft_max_length},
+        after=targets,
+    )
 
     with state.main_process_first():
         model = tokenizer = None
@@ -435,10 +549,15 @@ def _data_stages(script_args, training_args, model_name, load, rows, stages_dir,
         if not sample.check():
             started = sample.start()
             print(f"[1/5] sampling the policy's answers to {len(rows)} prompts", flush=True)
-            answered = sample_responses(*policy(), rows, sample.root / "responses.jsonl",
-                                        batch_size=script_args.sample_batch_size,
-                                        max_new_tokens=training_args.max_new_tokens,
-                                        temperature=training_args.temperature, seed=training_args.seed)
+            answered = sample_responses(
+                *policy(),
+                rows,
+                sample.root / "responses.jsonl",
+                batch_size=script_args.sample_batch_size,
+                max_new_tokens=training_args.max_new_tokens,
+                temperature=training_args.temperature,
+                seed=training_args.seed,
+            )
             sample.finish(started, rows=len(answered))
         summary["stages"]["sample"] = sample.summary
         if script_args.stop_after == "sample":
@@ -448,10 +567,13 @@ def _data_stages(script_args, training_args, model_name, load, rows, stages_dir,
             started = targets.start()
             answered = load_rows(sample.root / "responses.jsonl")
             if writer_settings["writer"] == "openai":
-                writer = OpenAITargetWriter(model=script_args.target_model, base_url=script_args.base_url,
-                                            api_key_env=script_args.api_key_env,
-                                            max_concurrency=script_args.max_concurrency,
-                                            timeout=script_args.request_timeout)
+                writer = OpenAITargetWriter(
+                    model=script_args.target_model,
+                    base_url=script_args.base_url,
+                    api_key_env=script_args.api_key_env,
+                    max_concurrency=script_args.max_concurrency,
+                    timeout=script_args.request_timeout,
+                )
             else:
                 writer = ReferenceStepWriter(fraction=script_args.offline_fraction)
             print(f"[2/5] writing improver targets with {writer.name}", flush=True)
@@ -465,17 +587,26 @@ def _data_stages(script_args, training_args, model_name, load, rows, stages_dir,
             started = filtered.start()
             print("[3/5] perplexity filter", flush=True)
             written = load_rows(targets.root / "targets.jsonl")
-            kept, report = filter_targets(*policy(), written, filtered.root,
-                                          PerplexityFilterConfig(max_ratio=script_args.ppl_max_ratio),
-                                          batch_size=script_args.sample_batch_size,
-                                          max_length=script_args.improver_sft_max_length)
+            kept, report = filter_targets(
+                *policy(),
+                written,
+                filtered.root,
+                PerplexityFilterConfig(max_ratio=script_args.ppl_max_ratio),
+                batch_size=script_args.sample_batch_size,
+                max_length=script_args.improver_sft_max_length,
+            )
             if len(kept) == 0:
                 raise ValueError(
                     f"The perplexity filter dropped every target ({report['dropped_by_reason']}); see "
                     f"{filtered.root / REPORT_FILE}. Raise --ppl_max_ratio or use a stronger target writer."
                 )
-            filtered.finish(started, rows=report["rows"], kept=report["kept"], dropped=report["dropped"],
-                            dropped_by_reason=report["dropped_by_reason"])
+            filtered.finish(
+                started,
+                rows=report["rows"],
+                kept=report["kept"],
+                dropped=report["dropped"],
+                dropped_by_reason=report["dropped_by_reason"],
+            )
         summary["stages"]["filter"] = filtered.summary
         del model
     if script_args.stop_after == "filter":

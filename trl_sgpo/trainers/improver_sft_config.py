@@ -7,8 +7,8 @@ from typing import Any
 
 from trl import SFTConfig
 
-from .templates import DEFAULT_INSTRUCTION
-from .utils import apply_cpu_defaults
+from ..templates import DEFAULT_INSTRUCTION
+from ..utils import apply_cpu_defaults
 
 
 @dataclass

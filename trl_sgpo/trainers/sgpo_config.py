@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from trl.experimental.online_dpo import OnlineDPOConfig
 
-from .templates import DEFAULT_INSTRUCTION
-from .utils import apply_cpu_defaults
+from ..templates import DEFAULT_INSTRUCTION
+from ..utils import apply_cpu_defaults
 
 
 @dataclass

@@ -8,7 +8,8 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset, load_dataset
 
-from .templates import render_prompt
+from ..templates import render_prompt
+
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +32,14 @@ def load_default_dataset(conversational: bool = True) -> Dataset:
 
 def warn_if_raw_prompts(dataset, tokenizer, name: str = "dataset") -> None:
     """Warn when string prompts meet a chat model: TRL feeds them raw, without the chat template."""
-    if isinstance(dataset, Dataset) and len(dataset) and isinstance(dataset[0]["prompt"], str):
-        if getattr(tokenizer, "chat_template", None):
-            logger.warning(
-                "`%s` has plain-string prompts, which are used as raw text (TRL's standard format), but the tokenizer "
-                "has a chat template. For an instruct model, give prompts as messages: "
-                "`dataset.map(lambda r: {'prompt': [{'role': 'user', 'content': r['prompt']}]})`.",
-                name,
-            )
+    raw = isinstance(dataset, Dataset) and len(dataset) and isinstance(dataset[0]["prompt"], str)
+    if raw and getattr(tokenizer, "chat_template", None):
+        logger.warning(
+            "`%s` has plain-string prompts, which are used as raw text (TRL's standard format), but the tokenizer "
+            "has a chat template. For an instruct model, give prompts as messages: "
+            "`dataset.map(lambda r: {'prompt': [{'role': 'user', 'content': r['prompt']}]})`.",
+            name,
+        )
 
 
 def _is_empty(value: Any) -> bool:

@@ -22,11 +22,12 @@ from trl.experimental.online_dpo import OnlineDPOTrainer
 from trl.experimental.utils import empty_cache, truncate_right
 from trl.models.utils import unwrap_model_for_generation
 
-from .data import check_prompt_dataset
-from .models import DEFAULT_MODEL, load_model_and_tokenizer
+from ..data.checks import check_prompt_dataset
+from ..models import DEFAULT_MODEL, load_model_and_tokenizer
+from ..templates import ImproverTemplate, improver_prompt, render_prompt
+from ..utils import SGPO_PAPER
 from .sgpo_config import SGPOConfig
-from .templates import ImproverTemplate, improver_prompt, render_prompt
-from .utils import SGPO_PAPER
+
 
 # Pair counts beside each checkpoint: TrainerState does not hold them, and a resumed run should report totals.
 PAIR_COUNTS_NAME = "sgpo_pair_counts.json"
@@ -440,7 +441,9 @@ class SGPOTrainer(OnlineDPOTrainer):
 
         device = self.accelerator.device
         empty = torch.tensor([not t for t in improved], dtype=torch.bool, device=device)
-        identical = torch.tensor([a == b for a, b in zip(improved, responses)], dtype=torch.bool, device=device) & ~empty
+        identical = (
+            torch.tensor([a == b for a, b in zip(improved, responses)], dtype=torch.bool, device=device) & ~empty
+        )
         keep = ~empty & ~identical
         judge_scores = None
         if self.has_judge:
@@ -476,7 +479,9 @@ class SGPOTrainer(OnlineDPOTrainer):
         lengths = pairs.completion_mask.sum(1).float()
         empty, identical, keep = pairs.empty.float(), pairs.identical.float(), pairs.keep.float()
         judge_dropped = 1 - keep - empty - identical
-        per_pair = torch.stack([lengths[batch_size:], lengths[:batch_size], empty, identical, judge_dropped, keep], dim=1)
+        per_pair = torch.stack(
+            [lengths[batch_size:], lengths[:batch_size], empty, identical, judge_dropped, keep], dim=1
+        )
         per_pair = self.accelerator.gather(per_pair)
         for key, column in zip(SGPO_STATS, per_pair.mean(0).tolist(), strict=True):
             self.stats[key].append(column)
@@ -541,7 +546,9 @@ class SGPOTrainer(OnlineDPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         if self.args.should_save:  # written first: the parent may push the checkpoint folder to the Hub
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, PAIR_COUNTS_NAME), "w") as f:
                 json.dump(self.pair_counts, f)
@@ -576,7 +583,10 @@ class SGPOTrainer(OnlineDPOTrainer):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if not self.is_world_process_zero():
             return
-        rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in self.training_figures().items())
+        rows = "\n".join(
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in self.training_figures().items()
+        )
         section = (
             "\n## SGPO training figures\n\nPairs are (chosen: the model's improvement of its own answer, rejected: "
             "its answer). Values at the last logged step.\n\n| figure | value |\n|---|---|\n" + rows + "\n"
@@ -627,8 +637,14 @@ class SGPOTrainer(OnlineDPOTrainer):
         model.eval()
         # Per pair: kept, lengths, and loss/margin/accuracy counted on kept pairs only. Fixed-size rows per batch so
         # every process gathers the same shapes.
-        columns = ("sgpo/kept_frac", "sgpo/policy_length", "sgpo/improved_length", "loss", "rewards/margins",
-                   "rewards/accuracies")
+        columns = (
+            "sgpo/kept_frac",
+            "sgpo/policy_length",
+            "sgpo/improved_length",
+            "loss",
+            "rewards/margins",
+            "rewards/accuracies",
+        )
         totals = torch.zeros(len(columns), dtype=torch.float64)
         n_pairs = 0
         for batch in self.get_eval_dataloader(eval_dataset):

@@ -17,9 +17,10 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .data import check_rows
+from ..templates import render_prompt
+from .checks import check_rows
 from .jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, rows_in_order
-from .templates import render_prompt
+
 
 logger = logging.getLogger(__name__)
 
