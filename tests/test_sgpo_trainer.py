@@ -8,8 +8,7 @@ from transformers import AutoModelForCausalLM
 from trl.experimental.online_dpo import OnlineDPOTrainer
 
 from trl_sgpo import SGPOConfig, SGPOTrainer
-from trl_sgpo.templates import render_prompt
-from trl_sgpo.trainers.collators import encode_improver_example
+from trl_sgpo.templates import improver_prompt, render_prompt
 
 
 def conv_dataset(n=8):
@@ -92,7 +91,9 @@ def test_improver_sees_exactly_x_and_y_with_the_sft_tokens(tmp_path, tiny_model,
         )
         # Improver prompt: token for token what improver SFT trains on, built from x and the decoded y.
         improver_tokens = i_ids[row][i_mask[row].bool()].tolist()
-        sft_prompt_ids, _ = encode_improver_example(tiny_tokenizer, prompt, pairs.responses[row], "target")
+        # (tests/test_improver_sft.py checks that improver SFT's prepared rows start with these same tokens.)
+        request = render_prompt(improver_prompt(prompt, pairs.responses[row]), tiny_tokenizer)
+        sft_prompt_ids = tiny_tokenizer(request, add_special_tokens=False)["input_ids"]
         assert improver_tokens == sft_prompt_ids
         text = tiny_tokenizer.decode(improver_tokens)
         assert prompt[0]["content"] in text and f"### Draft answer\n{pairs.responses[row]}" in text

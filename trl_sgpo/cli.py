@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(p)
     _add_targets(p)
     _add_filter(p)
+
+    from . import improve
+
+    improve.add_parser(sub)
     return parser
 
 
@@ -340,7 +344,11 @@ def run(args) -> None:
     from .data.jsonl import load_rows
     from .data.perplexity import KEPT_DIR
 
-    if args.command == "sample":
+    if args.command == "improve":
+        from . import improve
+
+        improve.run(args)
+    elif args.command == "sample":
         model, tokenizer = _load_model(args.model, args.device, args.dtype)
         rows = _sample(args, model, tokenizer, _load_input(args.input), args.output)
         print(f"sample: {len(rows)} responses -> {args.output}", file=sys.stderr)

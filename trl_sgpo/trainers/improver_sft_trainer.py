@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import SFTTrainer
 
-from ..data.checks import _show, check_rows
+from ..data.checks import check_rows
 from ..models import DEFAULT_MODEL, resolve_model_path
-from ..templates import ImproverTemplate
+from ..templates import improver_template_for, save_improver_template
 from ..utils import SGPO_PAPER
-from .collators import DataCollatorForImproverTargets, encode_improver_example
+from .collators import DataCollatorForImproverTargets
 from .improver_sft_config import ImproverSFTConfig
 
 
@@ -27,18 +27,20 @@ class ImproverSFTTrainer(SFTTrainer):
 
     Each training row is `{prompt, response, target}`: the question, the policy's own answer, and the improved
     answer an external LLM wrote by moving that answer part of the way toward a reference (see
-    `trl_sgpo.target_writers`). The model is trained to write `target` when shown the improver request for
-    `(prompt, response)`, with the loss on the target tokens only ([`DataCollatorForImproverTargets`]). The request
-    is rendered by `trl_sgpo.templates`, exactly as [`SGPOTrainer`] renders it when the model improves its own
-    answers during preference optimization.
+    `trl_sgpo.data.target_writers`). [`DataCollatorForImproverTargets`] renders each row as a prompt-completion row
+    (prompt: the improver request for `(prompt, response)`, exactly as [`SGPOTrainer`] renders it; completion:
+    `target`), and `SFTTrainer` trains on it with its completion-only loss.
 
-    Before training, rows with a missing column or an empty `prompt`/`response`/`target` raise a `ValueError` naming
-    the rows; rows whose improver request alone exceeds `args.max_length` are dropped with a counted warning.
+    Rows with a missing column or an empty `prompt`/`response`/`target` raise a `ValueError` naming the rows. Rows
+    whose request and target together exceed `args.max_length` tokens are dropped, never cut (a cut target teaches
+    the improver to stop mid-answer); they are counted in `dropped_rows` and logged. The improver template is
+    `args.improver_instruction` if set, else the one saved with `model`, else the default; it is saved as
+    `improver_template.json` (and in the model card) with every saved model.
 
     Args:
         model: A `PreTrainedModel`, a Hub id, a local path, or `"smollm2-135m-instruct"` for the embedded default.
         args: An [`ImproverSFTConfig`]. Defaults to `ImproverSFTConfig("<model name>-ImproverSFT")`.
-        train_dataset: Dataset with `prompt`, `response` and `target` columns.
+        train_dataset: A `datasets.Dataset` with `prompt`, `response` and `target` columns.
         processing_class: Tokenizer; loaded from `model` when `model` is a string.
         **kwargs: The other arguments of [`~trl.SFTTrainer`] (`peft_config`, `callbacks`, ...).
     """
@@ -47,16 +49,7 @@ class ImproverSFTTrainer(SFTTrainer):
     _name = "SGPO Improver SFT"
     _paper = SGPO_PAPER
 
-    def __init__(
-        self,
-        model,
-        args: ImproverSFTConfig | None = None,
-        data_collator=None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset=None,
-        processing_class: PreTrainedTokenizerBase | None = None,
-        **kwargs,
-    ):
+    def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None, **kwargs):
         if isinstance(model, str) and model == DEFAULT_MODEL:
             model = resolve_model_path(model)
         if args is None:
@@ -64,65 +57,82 @@ class ImproverSFTTrainer(SFTTrainer):
             args = ImproverSFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-ImproverSFT")
         elif not isinstance(args, ImproverSFTConfig):
             raise TypeError(f"`args` must be an `ImproverSFTConfig`, got {type(args).__name__}.")
-        if processing_class is None:
+        tokenizer: PreTrainedTokenizerBase | None = kwargs.pop("processing_class", None)
+        if tokenizer is None:
             if not isinstance(model, str):
                 raise ValueError("`processing_class` (the tokenizer) is required when `model` is a model object.")
-            processing_class = AutoTokenizer.from_pretrained(model, trust_remote_code=args.trust_remote_code)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
+            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
 
-        self.improver_template = ImproverTemplate(instruction=args.improver_instruction)
-        train_dataset = self._check_dataset(train_dataset, processing_class, args.max_length, "train_dataset")
+        self.improver_template = improver_template_for(model, args.improver_instruction)
+        renderer = DataCollatorForImproverTargets(
+            tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of, template=self.improver_template
+        )
+        if data_collator is None and not (args.padding_free or args.packing):
+            data_collator = renderer  # else SFTTrainer builds its padding-free collator
+        self.dropped_rows: dict[str, int] = {}
+        train_dataset = self._render(train_dataset, renderer, tokenizer, args.max_length, "train_dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {
-                k: self._check_dataset(v, processing_class, args.max_length, f"eval_dataset[{k!r}]")
+                k: self._render(v, renderer, tokenizer, args.max_length, f"eval_dataset[{k!r}]")
                 for k, v in eval_dataset.items()
             }
         elif eval_dataset is not None:
-            eval_dataset = self._check_dataset(eval_dataset, processing_class, args.max_length, "eval_dataset")
-
-        if data_collator is None:
-            data_collator = DataCollatorForImproverTargets(
-                processing_class,
-                max_length=args.max_length,
-                template=self.improver_template,
-                pad_to_multiple_of=args.pad_to_multiple_of,
-            )
+            eval_dataset = self._render(eval_dataset, renderer, tokenizer, args.max_length, "eval_dataset")
         super().__init__(
-            model=model,
+            model,
             args=args,
             data_collator=data_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            processing_class=processing_class,
+            processing_class=tokenizer,
             **kwargs,
         )
 
-    def _check_dataset(self, dataset, tokenizer, max_length: int | None, name: str):
+    def _render(self, dataset, renderer: DataCollatorForImproverTargets, tokenizer, max_length: int | None, name: str):
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"`{name}` must be a `datasets.Dataset` (rows are counted and filtered before training).")
         check_rows(dataset, IMPROVER_COLUMNS, IMPROVER_COLUMNS, name, " (see `trl-sgpo improver-data` to build them)")
-        if isinstance(dataset, IterableDataset):
-            return dataset
+        rendered = dataset.map(
+            renderer.render, fn_kwargs={"tokenizer": tokenizer}, remove_columns=dataset.column_names
+        )
         if max_length is None:
-            return dataset
-        too_long = [
-            i
-            for i, row in enumerate(dataset.select_columns(list(IMPROVER_COLUMNS)))
-            if len(encode_improver_example(tokenizer, row["prompt"], row["response"], "", self.improver_template)[0])
-            >= max_length
-        ]
-        if len(too_long) == len(dataset):
+            return rendered
+
+        def fits(row) -> bool:  # tokenized as SFTTrainer tokenizes prompt + completion
+            if isinstance(row["prompt"], list):
+                ids = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)
+            else:
+                ids = tokenizer(text=row["prompt"] + row["completion"] + tokenizer.eos_token)
+            return len(ids["input_ids"]) <= max_length
+
+        kept = rendered.filter(fits)
+        self.dropped_rows[name] = len(rendered) - len(kept)
+        if len(kept) == 0:
             raise ValueError(
-                f"Every improver request in `{name}` is longer than max_length={max_length} tokens. Raise "
-                "`max_length` or shorten the responses."
+                f"Every row of `{name}` is longer than max_length={max_length} tokens (improver request + target). "
+                "Raise `max_length` or shorten the responses and targets."
             )
-        if too_long:
+        if self.dropped_rows[name]:
             logger.warning(
-                "Skipping %d of %d rows of `%s` whose improver request exceeds max_length=%d: rows %s.",
-                len(too_long),
-                len(dataset),
+                "Dropped %d of %d rows of `%s` whose improver request + target exceed max_length=%d tokens (targets "
+                "are never cut).",
+                self.dropped_rows[name],
+                len(rendered),
                 name,
                 max_length,
-                _show(too_long),
             )
-            dataset = dataset.select(sorted(set(range(len(dataset))) - set(too_long)))
-        return dataset
+        return kept
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save the model as `Trainer` does, plus `improver_template.json` beside it (checkpoints included)."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            save_improver_template(self, output_dir or self.args.output_dir)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card (tags `trl`, `sgpo`, `improver-sft`, the SGPO citation) plus the improver template."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            save_improver_template(self, self.args.output_dir)
