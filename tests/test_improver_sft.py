@@ -88,9 +88,11 @@ def test_rows_that_do_not_fit_are_dropped_and_counted_never_cut(tmp_path, tiny_m
     assert kept == [rows["target"][0] + "<|im_end|>\n", rows["target"][2] + "<|im_end|>\n"]
     with pytest.raises(ValueError, match="Every row of `train_dataset` is longer than max_length=5"):
         ImproverSFTTrainer(
-            tiny_model, args=make_args(tmp_path, max_length=5), train_dataset=improver_rows(2),
+            tiny_model,
+            args=make_args(tmp_path, max_length=5),
+            train_dataset=improver_rows(2),
             processing_class=tiny_tokenizer,
-        )  # fmt: skip
+        )
 
 
 def test_full_finetune_lowers_the_target_loss(tmp_path, tiny_model, tiny_tokenizer):

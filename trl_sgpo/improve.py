@@ -75,9 +75,15 @@ def improve(
 
     def generate(texts: list[str], budget: int, call_seed: int) -> list[tuple[str, bool]]:
         outputs = generate_completions(
-            model, tokenizer, texts, max_new_tokens=budget, temperature=temperature, top_p=top_p, top_k=top_k,
+            model,
+            tokenizer,
+            texts,
+            max_new_tokens=budget,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
             seed=call_seed,
-        )  # fmt: skip
+        )
         return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), done) for ids, done in outputs]
 
     results = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer
 from trl import SFTTrainer
 
 from ..data.checks import check_rows
@@ -57,7 +57,7 @@ class ImproverSFTTrainer(SFTTrainer):
             args = ImproverSFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-ImproverSFT")
         elif not isinstance(args, ImproverSFTConfig):
             raise TypeError(f"`args` must be an `ImproverSFTConfig`, got {type(args).__name__}.")
-        tokenizer: PreTrainedTokenizerBase | None = kwargs.pop("processing_class", None)
+        tokenizer = kwargs.pop("processing_class", None)
         if tokenizer is None:
             if not isinstance(model, str):
                 raise ValueError("`processing_class` (the tokenizer) is required when `model` is a model object.")
@@ -66,20 +66,16 @@ class ImproverSFTTrainer(SFTTrainer):
             tokenizer.pad_token = tokenizer.eos_token
 
         self.improver_template = improver_template_for(model, args.improver_instruction)
-        renderer = DataCollatorForImproverTargets(
+        collator = DataCollatorForImproverTargets(
             tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of, template=self.improver_template
         )
         if data_collator is None and not (args.padding_free or args.packing):
-            data_collator = renderer  # else SFTTrainer builds its padding-free collator
+            data_collator = collator  # else SFTTrainer builds its padding-free collator
         self.dropped_rows: dict[str, int] = {}
-        train_dataset = self._render(train_dataset, renderer, tokenizer, args.max_length, "train_dataset")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                k: self._render(v, renderer, tokenizer, args.max_length, f"eval_dataset[{k!r}]")
-                for k, v in eval_dataset.items()
-            }
-        elif eval_dataset is not None:
-            eval_dataset = self._render(eval_dataset, renderer, tokenizer, args.max_length, "eval_dataset")
+        train_dataset, eval_dataset = (
+            self._render(dataset, collator, tokenizer, args.max_length, name)
+            for dataset, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset"))
+        )
         super().__init__(
             model,
             args=args,
@@ -90,15 +86,18 @@ class ImproverSFTTrainer(SFTTrainer):
             **kwargs,
         )
 
-    def _render(self, dataset, renderer: DataCollatorForImproverTargets, tokenizer, max_length: int | None, name: str):
+    def _render(self, dataset, collator, tokenizer, max_length: int | None, name: str):
+        """Render `{prompt, response, target}` rows as prompt-completion rows; drop (and count) those that do not fit."""
+        if isinstance(dataset, dict):
+            return {k: self._render(v, collator, tokenizer, max_length, f"{name}[{k!r}]") for k, v in dataset.items()}
+        if dataset is None and name != "train_dataset":
+            return None
         if not isinstance(dataset, Dataset):
             raise TypeError(f"`{name}` must be a `datasets.Dataset` (rows are counted and filtered before training).")
         check_rows(dataset, IMPROVER_COLUMNS, IMPROVER_COLUMNS, name, " (see `trl-sgpo improver-data` to build them)")
         rendered = dataset.map(
-            renderer.render, fn_kwargs={"tokenizer": tokenizer}, remove_columns=dataset.column_names
+            collator.render, fn_kwargs={"tokenizer": tokenizer}, remove_columns=dataset.column_names
         )
-        if max_length is None:
-            return rendered
 
         def fits(row) -> bool:  # tokenized as SFTTrainer tokenizes prompt + completion
             if isinstance(row["prompt"], list):
@@ -107,7 +106,7 @@ class ImproverSFTTrainer(SFTTrainer):
                 ids = tokenizer(text=row["prompt"] + row["completion"] + tokenizer.eos_token)
             return len(ids["input_ids"]) <= max_length
 
-        kept = rendered.filter(fits)
+        kept = rendered if max_length is None else rendered.filter(fits)
         self.dropped_rows[name] = len(rendered) - len(kept)
         if len(kept) == 0:
             raise ValueError(
