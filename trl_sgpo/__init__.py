@@ -25,14 +25,23 @@ _EXPORTS = {
     "DEFAULT_INSTRUCTION": "templates",
     "ImproverTemplate": "templates",
     "improver_prompt": "templates",
+    "improver_template_for": "templates",
     "render_prompt": "templates",
+    "save_improver_template": "templates",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .models import DEFAULT_MODEL, default_model_path, load_model_and_tokenizer
-    from .templates import DEFAULT_INSTRUCTION, ImproverTemplate, improver_prompt, render_prompt
+    from .templates import (
+        DEFAULT_INSTRUCTION,
+        ImproverTemplate,
+        improver_prompt,
+        improver_template_for,
+        render_prompt,
+        save_improver_template,
+    )
     from .trainers.collators import DataCollatorForImproverTargets
     from .trainers.improver_sft_config import ImproverSFTConfig
     from .trainers.improver_sft_trainer import ImproverSFTTrainer
