@@ -79,9 +79,11 @@ def test_rows_that_do_not_fit_are_dropped_and_counted_never_cut(tmp_path, tiny_m
         tiny_model,
         args=make_args(tmp_path, max_length=limit),
         train_dataset=Dataset.from_dict(rows),
+        eval_dataset={"held_out": Dataset.from_dict(rows)},
         processing_class=tiny_tokenizer,
     )
-    assert trainer.dropped_rows == {"train_dataset": 2}
+    assert trainer.dropped_rows == {"train_dataset": 2, "eval_dataset['held_out']": 2}
+    assert trainer.eval_dataset["held_out"]["input_ids"] == trainer.train_dataset["input_ids"]
     assert "Dropped 2 of 4 rows of `train_dataset`" in caplog.text
     # The kept rows are whole: each ends with its full target and the end of turn.
     kept = [tiny_tokenizer.decode([t for t in r["labels"] if t != -100]) for r in trainer.train_dataset]

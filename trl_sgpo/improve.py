@@ -164,7 +164,7 @@ def run(args) -> None:
     from .cli import _load_model
     from .data.checks import check_rows
     from .data.jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, load_rows
-    from .models import resolve_model_path
+    from .models import DEFAULT_MODEL, resolve_model_path
     from .templates import DEFAULT_TEMPLATE, improver_template_for
 
     dataset = load_rows(args.input)
@@ -178,7 +178,7 @@ def run(args) -> None:
     model, tokenizer = _load_model(args.model, args.device, args.dtype)
     template = improver_template_for(resolve_model_path(args.model), args.instruction)
     if args.instruction is None and template == DEFAULT_TEMPLATE:
-        logger.warning("Using the default improver template: none was saved with %s.", args.model)
+        logger.warning("Using the default improver template: none was saved with %s.", args.model or DEFAULT_MODEL)
     chat = not args.raw_prompts and bool(getattr(tokenizer, "chat_template", None))
 
     def as_prompt(prompt):
