@@ -472,3 +472,28 @@ def test_zero3_reference_is_the_weights_the_round_starts_from(tmp_path, tiny_mod
     assert loaded[-1] == str(tmp_path / "round1")
     for (name, p), (_, q) in zip(model.named_parameters(), next_round.ref_model.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, msg=name)
+
+
+def test_sgpo_reads_the_template_saved_with_the_model_and_saves_it_again(tmp_path, tiny_model, tiny_tokenizer):
+    from trl_sgpo.templates import TEMPLATE_FILE, ImproverTemplate
+
+    folder = tmp_path / "improver-sft"
+    tiny_model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    ImproverTemplate(instruction="Make the answer one step better.").save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+
+    trainer = SGPOTrainer(model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer)
+    assert trainer.improver_template.instruction == "Make the answer one step better."
+    # An explicit instruction wins over the saved one.
+    explicit = SGPOTrainer(
+        model,
+        args=make_args(tmp_path, improver_instruction="Fix it."),
+        train_dataset=conv_dataset(),
+        processing_class=tiny_tokenizer,
+    )
+    assert explicit.improver_template.instruction == "Fix it."
+
+    trainer.save_model(str(tmp_path / "saved"))
+    assert ImproverTemplate.from_pretrained(tmp_path / "saved") == trainer.improver_template
+    assert (tmp_path / "saved" / TEMPLATE_FILE).is_file()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..templates import DEFAULT_INSTRUCTION
 from .onpolicy import OnPolicyConfig
 
 
@@ -35,7 +34,8 @@ class SGPOConfig(OnPolicyConfig):
     Parameters:
         improver_instruction (`str`, *optional*):
             The instruction shown to the model in its improver role, above the question and the draft answer. Defaults
-            to [`~trl_sgpo.templates.DEFAULT_INSTRUCTION`]. Must be the same as the one used for improver SFT.
+            to the template saved with the model (`improver_template.json`, written by improver SFT), else
+            [`~trl_sgpo.templates.DEFAULT_INSTRUCTION`]. Must be the same as the one used for improver SFT.
         improver_temperature (`float`, *optional*):
             Sampling temperature of the improver generation. Defaults to `temperature`.
         improver_max_new_tokens (`int`, *optional*):
@@ -50,8 +50,8 @@ class SGPOConfig(OnPolicyConfig):
             more than `judge_margin` above the original one; other pairs are dropped from the batch and counted.
     """
 
-    improver_instruction: str = field(
-        default=DEFAULT_INSTRUCTION,
+    improver_instruction: str | None = field(
+        default=None,
         metadata={"help": "Instruction shown to the improver above the question and the draft answer."},
     )
     improver_temperature: float | None = field(
@@ -92,5 +92,5 @@ class SGPOConfig(OnPolicyConfig):
                 f"`judge_margin` must be >= 0, got {self.judge_margin}: a negative margin would keep pairs whose "
                 "improved answer the judge scores lower, training toward the worse answer."
             )
-        if not self.improver_instruction.strip():
+        if self.improver_instruction is not None and not self.improver_instruction.strip():
             raise ValueError("`improver_instruction` is empty; leave it unset to use the default instruction.")

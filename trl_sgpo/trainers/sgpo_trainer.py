@@ -13,7 +13,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from trl.data_utils import is_conversational
 from trl.experimental.utils import truncate_right
 
-from ..templates import ImproverTemplate, improver_prompt, render_prompt
+from ..templates import improver_prompt, improver_template_for, render_prompt, save_improver_template
 from ..utils import SGPO_PAPER
 from .onpolicy import Items, OnPolicyTrainer, Sequences, pad_rows
 from .sgpo_config import SGPOConfig
@@ -90,7 +90,8 @@ class SGPOTrainer(OnPolicyTrainer):
             args = SGPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-SGPO")
         elif not isinstance(args, SGPOConfig):
             raise TypeError(f"`args` must be an `SGPOConfig`, got {type(args).__name__}.")
-        self.improver_template = ImproverTemplate(instruction=args.improver_instruction)
+        # The template improver SFT saved with the model, unless the config names an instruction.
+        self.improver_template = improver_template_for(model, args.improver_instruction)
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -346,3 +347,16 @@ class SGPOTrainer(OnPolicyTrainer):
             "draft finished unless `keep_truncated_drafts`. Counts are totals over the run (`truncated_*`, `empty`, "
             "`identical`, `judge_rejected` are not exclusive); loss figures are at the last logged step."
         )
+
+    # ------------------------------------------------------------------ the improver travels with the model
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save as the base does, plus `improver_template.json` beside the weights (checkpoints included)."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            save_improver_template(self, output_dir or self.args.output_dir)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            save_improver_template(self, self.args.output_dir)
