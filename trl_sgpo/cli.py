@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(p)
     _add_targets(p)
     _add_filter(p)
+
+    from .evaluation.cli import add_parser as add_eval_parser  # argparse only: keeps --help fast
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -340,6 +344,8 @@ def run(args) -> None:
     from .data.jsonl import load_rows
     from .data.perplexity import KEPT_DIR
 
+    if getattr(args, "run", None) is not None:  # subcommands that bring their own runner (e.g. `eval`)
+        return args.run(args)
     if args.command == "sample":
         model, tokenizer = _load_model(args.model, args.device, args.dtype)
         rows = _sample(args, model, tokenizer, _load_input(args.input), args.output)
