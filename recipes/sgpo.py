@@ -68,6 +68,11 @@ def format_summary(summary) -> str:
             f"pairs made {s.get('pairs_made')}, kept {s.get('pairs_kept')}; last loss {s.get('loss')}; "
             f"chosen-vs-rejected margin {s.get('rewards/margins')}"
         )
+    evaluation = summary.get("evaluation") or {}
+    if "table" in evaluation:
+        lines += ["", "Win rates on held-out prompts", evaluation["table"], f"report: {evaluation['report']}"]
+    elif "skipped" in evaluation:
+        lines.append(f"evaluation {evaluation['skipped']}")
     if "saved_to" in summary:
         lines.append(f"model saved to {summary['saved_to']}")
     if "pushed_to" in summary:
