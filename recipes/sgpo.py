@@ -73,6 +73,11 @@ def format_summary(summary) -> str:
             f"{s.get('pairs_judge_rejected')}; skipped steps {s.get('skipped_steps')} of {s.get('steps')}"
         )
         lines.append(f"last loss {s.get('loss')}; chosen-vs-rejected margin {s.get('rewards/margins')}")
+    evaluation = summary.get("evaluation") or {}
+    if "table" in evaluation:
+        lines += ["", "Win rates on held-out prompts", evaluation["table"], f"report: {evaluation['report']}"]
+    elif "skipped" in evaluation:
+        lines.append(f"evaluation {evaluation['skipped']}")
     if "saved_to" in summary:
         lines.append(f"model saved to {summary['saved_to']}")
     if "pushed_to" in summary:

@@ -483,7 +483,9 @@ def test_sgpo_reads_the_template_saved_with_the_model_and_saves_it_again(tmp_pat
     ImproverTemplate(instruction="Make the answer one step better.").save_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
 
-    trainer = SGPOTrainer(model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer)
+    trainer = SGPOTrainer(
+        model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer
+    )
     assert trainer.improver_template.instruction == "Make the answer one step better."
     # An explicit instruction wins over the saved one.
     explicit = SGPOTrainer(

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 
-DESCRIPTION = "Build SGPO improver-SFT data: sample answers, write improved targets, filter them by perplexity."
+DESCRIPTION = "SGPO tools: build improver-SFT data (sample answers, write improved targets, filter them by perplexity), use a trained model as an improver, and evaluate models by win rates."
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import improve
 
     improve.add_parser(sub)
+
+    from .evaluation.cli import add_parser as add_eval_parser  # argparse only: keeps --help fast
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -344,6 +348,8 @@ def run(args) -> None:
     from .data.jsonl import load_rows
     from .data.perplexity import KEPT_DIR
 
+    if getattr(args, "run", None) is not None:  # subcommands that bring their own runner (e.g. `eval`)
+        return args.run(args)
     if args.command == "improve":
         from . import improve
 

@@ -20,6 +20,13 @@ exact request body it answers with the fault, then answers normally. ``N`` defau
 ``untagged``              HTTP 200, content without the ``<improved_answer>`` tag
 ========================  ====================================================================================
 
+Judging: a request holding ``[Start of answer A]`` ... ``[End of answer B]`` (the pairwise prompt of
+:class:`~trl_sgpo.evaluation.judges.OpenAIPairwiseJudge`) is judged by a deterministic rule instead of answered:
+``judge_rule="longer"`` prefers the answer with more characters, ``"marker"`` the one containing ``[[good]]`` (equal:
+a tie). The preferred letter gets probability ``judge_strength`` (0.5 each on a tie), plus ``judge_bias`` for ``A``
+(a position bias, to check that both orders cancel it); the reply is that letter, and when the request asks for
+``logprobs`` (and ``logprobs=True``, the default) the first token's ``top_logprobs`` carry both probabilities.
+
 Server-wide settings: ``latency`` (seconds added to every request), ``api_key`` (requests with another bearer token
 get 401), and ``reply`` (a function from the request body to the answer text). ``GET /stats`` returns the counters
 as JSON, and ``python -m trl_sgpo.testing --latency 0.05`` serves in its own process (printing its base
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import threading
 import time
@@ -40,6 +48,10 @@ from typing import Any
 
 
 MARKER = re.compile(r"\[\[stub:([\w.=]+)(?:\*(\d+|inf))?\]\]")
+JUDGE_ANSWERS = re.compile(
+    r"\[Start of answer A\]\n(.*?)\n\[End of answer A\].*?\[Start of answer B\]\n(.*?)\n\[End of answer B\]", re.DOTALL
+)
+GOOD_MARKER = "[[good]]"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
@@ -49,6 +61,23 @@ def default_reply(body: dict[str, Any]) -> str:
     match = re.search(r"## Current answer\n(.*?)\n\n## ", text, re.DOTALL)
     current = match.group(1).strip() if match else "An answer."
     return f"<improved_answer>{current} It is also worth adding one clarifying detail.</improved_answer>"
+
+
+def judge_probability(body: dict[str, Any], rule: str, strength: float, bias: float) -> float | None:
+    """P(the judge answers ``A``) for a pairwise judging request, or ``None`` when ``body`` is not one."""
+    text = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+    match = JUDGE_ANSWERS.search(text)
+    if match is None:
+        return None
+    a, b = match.group(1), match.group(2)
+    if rule == "longer":
+        sign = (len(a) > len(b)) - (len(a) < len(b))
+    elif rule == "marker":
+        sign = (GOOD_MARKER in a) - (GOOD_MARKER in b)
+    else:
+        raise ValueError(f"unknown judge_rule {rule!r}")
+    p = 0.5 if sign == 0 else (strength if sign > 0 else 1 - strength)
+    return min(1.0, max(0.0, p + bias))
 
 
 class _Server(ThreadingHTTPServer):
@@ -158,7 +187,19 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(200, None, raw=b'{"id": "chatcmpl-stub", "choices": [ this is not json')
         if fault == "nochoices":
             return self._send_json(200, {"id": "chatcmpl-stub", "object": "chat.completion", "created": 0})
-        content = stub.reply(body)
+        logprobs = None
+        p_a = judge_probability(body, stub.judge_rule, stub.judge_strength, stub.judge_bias)
+        if p_a is not None:
+            content = "A" if p_a >= 0.5 else "B"
+            if body.get("logprobs") and stub.logprobs:
+                top = [
+                    {"token": t, "logprob": math.log(max(p, 1e-12)), "bytes": list(t.encode())}
+                    for t, p in (("A", p_a), ("B", 1 - p_a))
+                ]
+                top.sort(key=lambda x: -x["logprob"])
+                logprobs = {"content": [{**top[0], "top_logprobs": top}]}
+        else:
+            content = stub.reply(body)
         finish = "stop"
         if fault == "empty":
             content = ""
@@ -176,7 +217,12 @@ class _Handler(BaseHTTPRequestHandler):
                 "created": int(time.time()),
                 "model": body.get("model", "stub"),
                 "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": finish,
+                        "logprobs": logprobs,
+                    }
                 ],
                 "usage": {
                     "prompt_tokens": prompt_tokens,
@@ -197,6 +243,7 @@ class OpenAIStub:
         api_key: When set, requests whose ``Authorization`` is not ``Bearer <api_key>`` get HTTP 401.
         reply: Function from the request body to the answer content (default: :func:`default_reply`).
         max_connections: Most connections served at once; further ones wait in the listen queue.
+        judge_rule, judge_strength, judge_bias, logprobs: How judging requests are answered (see the module doc).
 
     Attributes:
         requests: Every parsed request body, in arrival order.
@@ -209,8 +256,16 @@ class OpenAIStub:
         api_key: str | None = None,
         reply: Callable[[dict[str, Any]], str] = default_reply,
         max_connections: int = 256,
+        judge_rule: str = "longer",
+        judge_strength: float = 0.8,
+        judge_bias: float = 0.0,
+        logprobs: bool = True,
     ):
         self.latency = latency
+        self.judge_rule = judge_rule
+        self.judge_strength = judge_strength
+        self.judge_bias = judge_bias
+        self.logprobs = logprobs
         self.api_key = api_key
         self.reply = reply
         self.max_connections = max_connections

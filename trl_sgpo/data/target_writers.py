@@ -18,27 +18,32 @@ rerun resumes) and each failed row, with its reason, to a separate failures file
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import logging
 import math
 import os
-import random
 import re
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from ..openai_client import (  # run_coroutine: re-exported for existing imports
+    ChatRun,
+    ClientStats,
+    EndpointAbort,
+    OpenAIEndpoint,
+    RowFailure,
+    run_coroutine,  # noqa: F401
+)
 from ..templates import render_prompt
 from .checks import check_rows
-from .jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, read_jsonl, rows_in_order, stable_hash
+from .jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, rows_in_order, stable_hash
 from .sampling import generate_completions
 from .target_prompts import (
     DEFAULT_TARGET_PROMPT,
@@ -66,38 +71,9 @@ class TargetResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class WriterStats:
-    """Counters of one :func:`write_targets` run (``writer.stats``)."""
-
-    rows: int = 0
-    written: int = 0
-    failed: int = 0
-    requests: int = 0  # HTTP requests sent, retries included
-    retries: int = 0
-    cache_hits: int = 0
-    prompt_tokens: int = 0  # billed tokens of the answers received in this run (cache hits are free)
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    peak_in_flight: int = 0
-    elapsed_s: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def summary(self) -> str:
-        text = f"{self.written} written, {self.failed} failed of {self.rows} rows in {self.elapsed_s:.1f}s"
-        if self.requests or self.cache_hits:
-            text += (
-                f"; {self.requests} requests ({self.retries} retries, peak {self.peak_in_flight} in flight), "
-                f"{self.cache_hits} cache hits, {self.prompt_tokens}+{self.completion_tokens} tokens, "
-                f"${self.cost_usd:.4f}"
-            )
-        return text
-
-
-class TargetWriterAbort(RuntimeError):
-    """A failure that concerns every row (bad key, unknown model or URL, full disk): the run stops at once."""
+# One set of counters and one abort for every client of an OpenAI-compatible endpoint (see trl_sgpo.openai_client).
+WriterStats = ClientStats
+TargetWriterAbort = EndpointAbort
 
 
 Job = dict[str, Any]
@@ -224,48 +200,14 @@ def write_targets(
     return rows_in_order(dataset, done)
 
 
-def run_coroutine(coro: Coroutine) -> Any:
-    """``asyncio.run(coro)``, also from code that already runs an event loop (e.g. Jupyter): then in a thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def target():
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as e:  # re-raised in the caller's thread
-            box["error"] = e
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 # --------------------------------------------------------------------------------------------- OpenAI-compatible
 
 
-class _Retry(Exception):
-    """A transient failure of one attempt; ``delay`` is the server's Retry-After, if any."""
-
-    def __init__(self, reason: str, delay: float | None = None, key_accepted: bool = False):
-        super().__init__(reason)
-        self.delay = delay
-        self.key_accepted = key_accepted  # only a rate limit shows the endpoint took the key
-
-
-class _RowFailure(Exception):
-    """A failure of this row only, not worth retrying now."""
-
-
-class OpenAITargetWriter(TargetWriter):
+class OpenAITargetWriter(TargetWriter, OpenAIEndpoint):
     """Targets from a chat model behind any OpenAI-compatible ``/v1/chat/completions`` endpoint.
 
-    Uses ``openai.AsyncOpenAI`` with its own retries switched off (``max_retries=0``), so that every retry is ours,
+    The client machinery (shared with the OpenAI judge) is :mod:`trl_sgpo.openai_client`. It uses
+    ``openai.AsyncOpenAI`` with its own retries switched off (``max_retries=0``), so that every retry is ours,
     counted and bounded.
 
     - Concurrency: at most ``max_concurrency`` requests in flight (an ``asyncio.Semaphore``). The first request goes
@@ -323,35 +265,27 @@ class OpenAITargetWriter(TargetWriter):
         price_output_per_1m: float = 0.0,
         cache_path: str | os.PathLike | None = None,
     ):
-        super().__init__()
-        if max_concurrency < 1:
-            raise ValueError(f"`max_concurrency` must be >= 1, got {max_concurrency}.")
-        if max_retries < 0 or timeout <= 0:
-            raise ValueError(f"Need max_retries >= 0 and timeout > 0, got {max_retries} and {timeout}.")
-        self.model = model
-        self.base_url = base_url
-        self.api_key_env = api_key_env
+        TargetWriter.__init__(self)
+        OpenAIEndpoint.__init__(
+            self,
+            model,
+            base_url,
+            api_key_env=api_key_env,
+            max_concurrency=max_concurrency,
+            max_retries=max_retries,
+            timeout=timeout,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            price_input_per_1m=price_input_per_1m,
+            price_output_per_1m=price_output_per_1m,
+        )
         self.prompt_config = prompt_config
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.extra_params = dict(extra_params or {})
-        self.max_concurrency = max_concurrency
-        self.max_retries = max_retries
-        self.timeout = timeout
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.price_input_per_1m = price_input_per_1m
-        self.price_output_per_1m = price_output_per_1m
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self.active_cache_path = self.cache_path  # the cache of the current run (see prepare)
         self.name = f"openai:{model}"
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, "
-            f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency}, "
-            f"max_retries={self.max_retries}, timeout={self.timeout})"
-        )
 
     def prepare(self, output_path: Path) -> None:
         self.active_cache_path = self.cache_path or sibling_path(output_path, "cache")
@@ -365,252 +299,40 @@ class OpenAITargetWriter(TargetWriter):
         request.update(self.extra_params)
         return request
 
-    def run(self, jobs: list[Job], on_result: OnResult) -> None:
-        api_key = os.environ.get(self.api_key_env)
-        if not api_key:
-            raise ValueError(
-                f"The environment variable {self.api_key_env} holding the API key is not set. Export it (for a local "
-                f"server without authentication any value works: `export {self.api_key_env}=EMPTY`)."
+    def check_answer(self, content: str | None, finish_reason: str | None, request: dict[str, Any]) -> None:
+        if finish_reason == "length":
+            raise RowFailure(
+                f"answer cut off at max_tokens={self.max_tokens} (finish_reason 'length'); raise --max-tokens"
             )
+        try:
+            parse_target(content, self.prompt_config)
+        except MalformedTargetError as e:
+            raise RowFailure(f"unusable answer: {e}") from None
+
+    def run(self, jobs: list[Job], on_result: OnResult) -> None:
+        self.read_api_key()  # a missing key is named before anything else
         if self.active_cache_path is None:
             raise ValueError("`cache_path` is not set; pass it, or run the writer through `write_targets`.")
-        run_coroutine(_OpenAIRun(self, api_key, on_result).run(jobs))
+        self.run_requests(jobs, self._process, on_result, cache_path=self.active_cache_path, stats=self.stats)
 
-
-class _OpenAIRun:
-    """State of one :meth:`OpenAITargetWriter.run`: client, cache, semaphore. Holds the key only for the run."""
-
-    def __init__(self, writer: OpenAITargetWriter, api_key: str, on_result: OnResult):
-        self.w = writer
-        self.stats = writer.stats
-        self.on_result = on_result
-        self._api_key = api_key
-        self.cache = {e["key"]: e for e in read_jsonl(writer.active_cache_path, missing_ok=True) if "key" in e}
-        self.pending_answers: dict[str, asyncio.Future] = {}  # cache key -> answer of a request now in flight
-        self.in_flight = 0
-        self.probe_started = False
-        self.aborted = False
-
-    def __repr__(self) -> str:
-        return f"_OpenAIRun({self.w!r})"  # never the key
-
-    def scrub(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
-
-    async def run(self, jobs: list[Job]) -> None:
-        import openai
-
-        self.client = openai.AsyncOpenAI(
-            base_url=self.w.base_url, api_key=self._api_key, max_retries=0, timeout=self.w.timeout
-        )
-        self.semaphore = asyncio.Semaphore(self.w.max_concurrency)
-        self.gate = asyncio.Event()  # opened once the first request has been answered (see send)
-        window = 4 * self.w.max_concurrency  # tasks alive at once: bounds memory on huge datasets
-        queue = iter(jobs)
-        tasks: set[asyncio.Task] = set()
-        with JsonlWriter(self.w.active_cache_path) as self.cache_file:
-            try:
-                while True:
-                    while len(tasks) < window:
-                        job = next(queue, None)
-                        if job is None:
-                            break
-                        tasks.add(asyncio.create_task(self.process(job)))
-                    if not tasks:
-                        break
-                    finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                    errors = [t.exception() for t in finished if not t.cancelled() and t.exception() is not None]
-                    if errors:  # TargetWriterAbort (or a bug): stop at once, the abort first
-                        raise next((e for e in errors if isinstance(e, TargetWriterAbort)), errors[0])
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                await self.client.close()
-
-    async def process(self, job: Job) -> None:
-        request = self.w.build_request(job)
-        key = stable_hash(request)
+    async def _process(self, run: ChatRun, job: Job) -> TargetResult:
+        request = self.build_request(job)
         try:
-            entry, cached = await self.answer(request, key)
-            target = parse_target(entry["content"], self.w.prompt_config)
-            usage = entry.get("usage") or {}
-            result = TargetResult(
-                target=target,
-                meta={
-                    "target_prompt_tokens": usage.get("prompt_tokens"),
-                    "target_completion_tokens": usage.get("completion_tokens"),
-                    "target_cached": cached,
-                },
-            )
-        except _RowFailure as e:
-            result = TargetResult(error=self.scrub(str(e)))
+            entry, cached = await run.answer(request, stable_hash(request))
+            target = parse_target(entry["content"], self.prompt_config)
+        except RowFailure as e:
+            return TargetResult(error=run.scrub(str(e)))
         except MalformedTargetError as e:  # a cached answer that a stricter parser (require_tag) now rejects
-            result = TargetResult(error=f"unusable answer: {e}")
-        if self.aborted:  # another row hit a fatal error: this row was not really tried
-            return
-        try:
-            self.on_result(job, result)
-        except OSError as e:
-            self.aborted = True
-            raise TargetWriterAbort(
-                f"{e}. Stopped sending requests; the answers already received are in the cache "
-                f"{self.w.active_cache_path}."
-            ) from e
-
-    async def answer(self, request: dict[str, Any], key: str) -> tuple[dict[str, Any], bool]:
-        """The answer to ``request`` and whether it came from the cache (or from an identical request in flight)."""
-        entry = self.cache.get(key)
-        if entry is not None:
-            self.stats.cache_hits += 1
-            return entry, True
-        if key in self.pending_answers:  # a duplicate row: wait for the first one's answer instead of paying twice
-            entry = await asyncio.shield(self.pending_answers[key])
-            self.stats.cache_hits += 1
-            return entry, True
-        future = asyncio.get_running_loop().create_future()
-        self.pending_answers[key] = future
-        try:
-            entry = await self.send(request, key)
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except Exception as e:
-            future.set_exception(e)
-            future.exception()  # mark retrieved: no "exception never retrieved" warning when nobody waits
-            raise
-        finally:
-            del self.pending_answers[key]
-        future.set_result(entry)
-        return entry, False
-
-    def backoff(self, attempt: int, server_delay: float | None) -> float:
-        if server_delay is not None:
-            return min(self.w.backoff_max, max(0.0, server_delay))
-        delay = min(self.w.backoff_max, self.w.backoff_base * 2**attempt)
-        return delay * (0.5 + random.random() / 2)  # jitter spreads the retries of concurrent rows
-
-    async def send(self, request: dict[str, Any], key: str) -> dict[str, Any]:
-        """Send ``request`` with retries; cache and return ``{content, finish_reason, usage}`` or raise."""
-        # The first request goes alone (a probe): a bad key or URL then costs one request, not max_concurrency.
-        is_probe = not self.probe_started
-        self.probe_started = True
-        if not is_probe:
-            await self.gate.wait()
-        try:
-            reason = "no attempt"
-            for attempt in range(self.w.max_retries + 1):
-                if self.aborted:
-                    raise asyncio.CancelledError  # the run is stopping: send nothing more
-                try:
-                    async with self.semaphore:
-                        if self.aborted:  # checked again: the run may have stopped while this row waited
-                            raise asyncio.CancelledError
-                        if attempt:  # counted here, when it is really sent: not when the run stopped first
-                            self.stats.retries += 1
-                        return await self.attempt(request, key)
-                except _Retry as e:
-                    reason = str(e)
-                    logger.debug("Attempt %d failed (%s); retrying.", attempt + 1, reason)
-                    if is_probe and e.key_accepted:
-                        self.gate.set()  # the endpoint takes the key: let the others go
-                    if attempt < self.w.max_retries:
-                        await asyncio.sleep(self.backoff(attempt, e.delay))
-            raise _RowFailure(f"gave up after {self.w.max_retries + 1} attempts; last error: {reason}")
-        finally:
-            if is_probe:
-                self.gate.set()  # after `aborted` is set on a fatal error, so the waiters stop at once
-
-    async def attempt(self, request: dict[str, Any], key: str) -> dict[str, Any]:
-        import openai
-
-        self.stats.requests += 1
-        self.in_flight += 1
-        self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.in_flight)
-        try:
-            response = await asyncio.wait_for(self.client.chat.completions.create(**request), self.w.timeout)
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-            self.aborted = True
-            raise TargetWriterAbort(
-                f"The endpoint {self.w.base_url or 'api.openai.com'} rejected the API key from ${self.w.api_key_env} "
-                f"(HTTP {e.status_code}: {self.scrub(_message(e))}). Check the key and rerun; nothing was retried."
-            ) from None
-        except openai.NotFoundError as e:
-            self.aborted = True
-            raise TargetWriterAbort(
-                f"The endpoint {self.w.base_url or 'api.openai.com'} answered 404 for model {self.w.model!r} "
-                f"({self.scrub(_message(e))}). Check --base-url (it usually ends in /v1) and the model name."
-            ) from None
-        except openai.APIStatusError as e:
-            status = e.status_code
-            if status in (408, 409, 429) or status >= 500:
-                raise _Retry(f"HTTP {status}: {self.scrub(_message(e))}", _retry_after(e), status == 429) from None
-            raise _RowFailure(f"HTTP {status}: {self.scrub(_message(e))}") from None
-        except (openai.APITimeoutError, asyncio.TimeoutError):
-            raise _Retry(f"timed out after {self.w.timeout}s") from None
-        except openai.APIConnectionError as e:
-            raise _Retry(f"connection error: {self.scrub(str(e))}") from None
-        except (ValueError, openai.APIResponseValidationError) as e:  # body is not JSON / not a completion
-            raise _Retry(f"malformed answer from the endpoint: {self.scrub(str(e))[:200]}") from None
-        finally:
-            self.in_flight -= 1
-
-        usage = getattr(response, "usage", None)
-        prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        self.stats.prompt_tokens += prompt_tokens
-        self.stats.completion_tokens += completion_tokens
-        self.stats.cost_usd += (
-            prompt_tokens * self.w.price_input_per_1m + completion_tokens * self.w.price_output_per_1m
-        ) / 1e6
-
-        choices = getattr(response, "choices", None)
-        message = getattr(choices[0], "message", None) if choices else None
-        if message is None:
-            raise _Retry("malformed answer from the endpoint: no choices[0].message")
-        content = getattr(message, "content", None)
-        finish_reason = getattr(choices[0], "finish_reason", None)
-        if finish_reason == "length":
-            raise _RowFailure(
-                f"answer cut off at max_tokens={self.w.max_tokens} (finish_reason 'length'); raise --max-tokens"
-            )
-        try:
-            parse_target(content, self.w.prompt_config)
-        except MalformedTargetError as e:
-            raise _RowFailure(f"unusable answer: {e}") from None
-        entry = {
-            "key": key,
-            "request": request,
-            "content": content,
-            "finish_reason": finish_reason,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-            "time": time.time(),
-        }
-        try:
-            self.cache_file.write(entry)  # before the row: a crash between the two loses nothing paid for
-        except OSError as e:
-            self.aborted = True
-            raise TargetWriterAbort(f"{e}. Stopped sending requests.") from e
-        self.cache[key] = entry
-        return entry
-
-
-def _message(error) -> str:
-    body = getattr(error, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-    return str(getattr(error, "message", error))
-
-
-def _retry_after(error) -> float | None:
-    response = getattr(error, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:  # an HTTP date: fall back to our own backoff
-        return None
+            return TargetResult(error=f"unusable answer: {e}")
+        usage = entry.get("usage") or {}
+        return TargetResult(
+            target=target,
+            meta={
+                "target_prompt_tokens": usage.get("prompt_tokens"),
+                "target_completion_tokens": usage.get("completion_tokens"),
+                "target_cached": cached,
+            },
+        )
 
 
 # --------------------------------------------------------------------------------------------- offline writers

@@ -1,0 +1,212 @@
+"""Answers of a model to a prompt set, for judging: batched, resumable JSONL, progress bar, AlpacaEval export.
+
+A *generator* turns rendered prompt texts into answers. :class:`TransformersGenerator` runs a ``transformers`` causal
+LM (the same rendering, padding and stopping as SGPO's policy generation, via
+:func:`~trl_sgpo.data.sampling.generate_completions`); :class:`VLLMGenerator` runs a ``vllm.LLM`` (GPU; optional,
+tested on CPU with a stand-in object of the same interface). :func:`generate_answers` runs either over a dataset,
+appending each finished batch to ``answers.jsonl`` (a rerun answers only what is missing) and writing AlpacaEval's
+``model_outputs.json`` (``instruction``, ``output``, ``generator``) beside it, so the answers can be handed to
+``alpaca_eval`` as they are.
+
+With ``improve=True`` the model answers the improver request (:func:`~trl_sgpo.templates.improver_prompt`) for each
+row's ``draft``: the improvements SGPO trains on, to be judged against the drafts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from ..data.checks import check_rows
+from ..data.jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, rows_in_order
+from ..templates import improver_prompt, question_text, render_prompt
+
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS_FILE = "model_outputs.json"
+
+
+class AnswerGenerator(Protocol):
+    """What :func:`generate_answers` needs: a ``name``, ``render(prompt) -> str`` and a batched ``generate``."""
+
+    name: str
+
+    def render(self, prompt: Any) -> str: ...
+
+    def generate(self, texts: list[str], seed: int) -> list[tuple[str, int, bool]]:
+        """``(answer text, answer tokens, finished)`` per text; ``finished`` is false when cut at the token budget."""
+        ...
+
+
+class TransformersGenerator:
+    """Answers from a ``transformers`` causal LM (greedy by default).
+
+    Args:
+        model, tokenizer: The model (used in eval mode on its device) and its tokenizer (needs a pad token).
+        max_new_tokens, temperature, top_p: Generation settings; ``temperature=0`` is greedy.
+        name: Name in the outputs (default: the model's ``_name_or_path``).
+    """
+
+    def __init__(self, model, tokenizer, *, max_new_tokens=256, temperature=0.0, top_p=1.0, name: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+    def render(self, prompt: Any) -> str:
+        return render_prompt(prompt, self.tokenizer)
+
+    def generate(self, texts: list[str], seed: int) -> list[tuple[str, int, bool]]:
+        from ..data.sampling import generate_completions
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outputs = generate_completions(
+                self.model,
+                self.tokenizer,
+                texts,
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                seed=seed,
+            )
+        finally:
+            self.model.train(was_training)
+        return [
+            (self.tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), finished)
+            for ids, finished in outputs
+        ]
+
+
+class VLLMGenerator:
+    """Answers from a ``vllm.LLM`` (one call per batch; vLLM schedules it internally).
+
+    Args:
+        llm: A ``vllm.LLM`` (or an object with its ``generate(prompts, sampling_params, use_tqdm=...)`` and
+            ``get_tokenizer()``).
+        max_new_tokens, temperature, top_p: Sampling settings.
+        sampling_params_cls: ``vllm.SamplingParams`` by default; a stand-in for CPU tests.
+        name: Name in the outputs.
+    """
+
+    def __init__(
+        self, llm, *, max_new_tokens=256, temperature=0.0, top_p=1.0, sampling_params_cls=None, name: str = "vllm"
+    ):
+        if sampling_params_cls is None:
+            from vllm import SamplingParams as sampling_params_cls
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.sampling_params_cls = sampling_params_cls
+        self.name = name
+
+    def render(self, prompt: Any) -> str:
+        return render_prompt(prompt, self.tokenizer)
+
+    def generate(self, texts: list[str], seed: int) -> list[tuple[str, int, bool]]:
+        params = self.sampling_params_cls(
+            max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=seed
+        )
+        outputs = self.llm.generate(texts, params, use_tqdm=False)
+        results = []
+        for output in outputs:
+            completion = output.outputs[0]
+            results.append((completion.text.strip(), len(completion.token_ids), completion.finish_reason == "stop"))
+        return results
+
+
+def generate_answers(
+    generator: AnswerGenerator,
+    dataset: Dataset,
+    output_path: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+    improve: bool = False,
+    id_column: str = "id",
+    show_progress: bool = True,
+) -> Dataset:
+    """Answer every row's ``prompt`` (or, with ``improve``, improve every row's ``draft``) with ``generator``.
+
+    Args:
+        generator: A :class:`TransformersGenerator`, :class:`VLLMGenerator` or any :class:`AnswerGenerator`.
+        dataset: Rows with ``prompt`` (and ``draft`` when ``improve``); other columns pass through.
+        output_path: JSONL written batch by batch (fsynced). Rows already in it are not answered again. AlpacaEval's
+            ``model_outputs.json`` is (re)written in the same folder at the end.
+        batch_size: Prompts per generate call (grouped by length to limit padding).
+        seed: Sampling seed (per batch, derived from its row ids: a rerun samples alike).
+        improve: Answer the improver request for ``(prompt, draft)`` instead of the prompt.
+        id_column: Column to take ``row_id`` from when present.
+        show_progress: Show a tqdm progress bar.
+
+    Returns:
+        The rows in input order with ``row_id``, ``answer``, ``answer_tokens``, ``answer_finished`` and ``generator``.
+    """
+    columns = ("prompt", "draft") if improve else ("prompt",)
+    check_rows(dataset, columns, ("prompt",), "dataset", " (a string, or a list of chat messages)")
+    dataset = ensure_row_ids(dataset, id_column)
+    output_path = Path(output_path)
+    done = load_done(output_path, dataset, columns)
+    pending = [i for i, row_id in enumerate(dataset[ROW_ID]) if row_id not in done]
+
+    def request(row):
+        return improver_prompt(row["prompt"], row["draft"] or "") if improve else row["prompt"]
+
+    texts = {i: generator.render(request(dataset[i])) for i in pending}
+    pending.sort(key=lambda i: -len(texts[i]))  # similar lengths share a batch: less padding
+    what = "Improving" if improve else "Answering"
+    with (
+        JsonlWriter(output_path) as writer,
+        tqdm(
+            total=len(dataset),
+            initial=len(dataset) - len(pending),
+            desc=f"{what} ({generator.name})",
+            disable=not show_progress,
+        ) as bar,
+    ):
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            rows = [dataset[i] for i in batch]
+            outputs = generator.generate([texts[i] for i in batch], batch_seed(seed, rows))
+            for row, (text, tokens, finished) in zip(rows, outputs, strict=True):
+                row.update(answer=text, answer_tokens=tokens, answer_finished=finished, generator=generator.name)
+                done[row[ROW_ID]] = row
+            writer.write_many(rows)
+            bar.update(len(rows))
+    result = rows_in_order(dataset, done)
+    cut = sum(1 for f in result["answer_finished"] if not f) if len(result) else 0
+    if cut:
+        logger.warning("%d of %d answers of %s were cut at the token budget.", cut, len(result), generator.name)
+    write_model_outputs(result, output_path.parent / OUTPUTS_FILE, generator.name)
+    return result
+
+
+def write_model_outputs(rows: Dataset, path: str | os.PathLike, generator: str) -> Path:
+    """AlpacaEval's ``model_outputs.json``: a list of ``{instruction, output, generator}`` (plus ``dataset`` when
+    rows have a ``category``), ready for ``alpaca_eval --model_outputs``."""
+    records = []
+    categories = rows["category"] if "category" in rows.column_names else [None] * len(rows)
+    for prompt, answer, category in zip(rows["prompt"], rows["answer"], categories, strict=True):
+        record = {"instruction": question_text(prompt), "output": answer, "generator": generator}
+        if category is not None:
+            record["dataset"] = category
+        records.append(record)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(records, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,183 @@
+"""``trl-sgpo eval``: answer a prompt set with several models and report win rates against the first.
+
+Examples::
+
+    # Offline: the reference-similarity judge (rows need a `reference`)
+    trl-sgpo eval --model base=HuggingFaceTB/SmolLM2-135M-Instruct --model sgpo=outputs/sgpo \\
+        --prompts heldout.jsonl --output-dir eval/
+
+    # A strong LLM judge behind any OpenAI-compatible endpoint (key from $OPENAI_API_KEY)
+    trl-sgpo eval --model base=... --model sgpo=... --prompts heldout.jsonl --output-dir eval/ \\
+        --judge openai --base-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct
+
+A rerun of the same command resumes: answers, judgments and judge requests already made are not made again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+HELP = "Answer a prompt set with several models and report win rates against the first (the baseline)."
+
+
+def _model_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH_OR_ID, got {text!r} (e.g. --model base=my/model)")
+    return name, path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``eval`` subcommand to ``subparsers`` (``trl_sgpo.cli`` calls this)."""
+    p = subparsers.add_parser(
+        "eval",
+        help=HELP,
+        description=HELP,
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        type=_model_arg,
+        required=True,
+        metavar="NAME=PATH_OR_ID",
+        help="A model to evaluate (repeatable; the first is the baseline): Hub id, local folder, or "
+        "smollm2-135m-instruct (the embedded default).",
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="Prompt set: JSONL, JSON or save_to_disk folder with `prompt` (and `reference`, `category`). Default: the "
+        "set shipped with trl-sgpo.",
+    )
+    p.add_argument("--output-dir", required=True, help="Folder for answers, judgments, report and plots (resumed).")
+    p.add_argument("--num-prompts", type=int, default=None, help="Use only the first N prompts (default: all).")
+    p.add_argument(
+        "--improver",
+        action="store_true",
+        help="Also judge each model's improvements of its own answers against those answers.",
+    )
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="Most tokens per answer (default: 256).")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0).")
+    g.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (default: 8).")
+    g.add_argument("--seed", type=int, default=0, help="Sampling and bootstrap seed (default: 0).")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available).")
+    g = p.add_argument_group("judge")
+    g.add_argument(
+        "--judge",
+        default="similarity",
+        choices=["similarity", "openai", "reward-model"],
+        help="similarity: cosine similarity of sentence embeddings to each row's reference (offline, the default); "
+        "openai: an LLM at --base-url/--judge-model; reward-model: --reward-model scores each answer.",
+    )
+    g.add_argument("--base-url", default=None, help="openai: endpoint, e.g. http://localhost:8000/v1.")
+    g.add_argument("--judge-model", default=None, help="openai: model name at the endpoint.")
+    g.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="openai: environment variable holding the key (never passed as an argument; default: OPENAI_API_KEY).",
+    )
+    g.add_argument("--max-concurrency", type=int, default=32, help="openai: most requests in flight (default: 32).")
+    g.add_argument("--max-retries", type=int, default=5, help="openai: retries per request (default: 5).")
+    g.add_argument("--timeout", type=float, default=60.0, help="openai: seconds per request attempt (default: 60).")
+    g.add_argument(
+        "--no-logprobs",
+        action="store_true",
+        help="openai: do not ask for log-probabilities (for endpoints that reject them); verdicts are then 0/1.",
+    )
+    g.add_argument("--price-input", type=float, default=0.0, help="openai: USD per 1M prompt tokens (default: 0).")
+    g.add_argument(
+        "--price-output", type=float, default=0.0, help="openai: USD per 1M completion tokens (default: 0)."
+    )
+    g.add_argument("--reward-model", default=None, help="reward-model: Hub id or folder of a 1-label classifier.")
+    g.add_argument(
+        "--similarity-temperature",
+        type=float,
+        default=0.05,
+        help="similarity: P(a beats b) = sigmoid((sim_a - sim_b) / T); 0 for hard verdicts (default: 0.05).",
+    )
+    g = p.add_argument_group("report")
+    g.add_argument("--n-bootstrap", type=int, default=1000, help="Bootstrap resamples for intervals (default: 1000).")
+    g.add_argument("--confidence", type=float, default=0.95, help="Interval level (default: 0.95).")
+    g.add_argument("--no-plots", action="store_true", help="Do not write the PNG figures.")
+    g.add_argument(
+        "--trainer-state",
+        action="append",
+        default=[],
+        type=_model_arg,
+        metavar="NAME=PATH",
+        help="A trainer_state.json to plot training curves from (repeatable).",
+    )
+    p.set_defaults(run=run)
+    return p
+
+
+def build_judge(args):
+    """The judge named by ``--judge`` (checks its arguments before any model is loaded)."""
+    from .judges import OpenAIPairwiseJudge, ReferenceSimilarityJudge, RewardModelJudge
+
+    if args.judge == "openai":
+        if not args.judge_model:
+            raise ValueError("--judge openai needs --judge-model (the model name at the endpoint).")
+        judge = OpenAIPairwiseJudge(
+            args.judge_model,
+            args.base_url,
+            api_key_env=args.api_key_env,
+            logprobs=not args.no_logprobs,
+            max_concurrency=args.max_concurrency,
+            max_retries=args.max_retries,
+            timeout=args.timeout,
+            price_input_per_1m=args.price_input,
+            price_output_per_1m=args.price_output,
+        )
+        judge.read_api_key()  # a missing key is an error now, not after the answers are generated
+        return judge
+    if args.judge == "reward-model":
+        if not args.reward_model:
+            raise ValueError("--judge reward-model needs --reward-model (Hub id or folder of the reward model).")
+        return RewardModelJudge(args.reward_model, device=args.device)
+    return ReferenceSimilarityJudge(temperature=args.similarity_temperature)
+
+
+def run(args) -> dict:
+    """Run ``trl-sgpo eval`` with parsed ``args``; print the table; return the report."""
+    from ..cli import _load_input
+    from .compare import evaluate_models
+    from .reports import text_table
+
+    names = [name for name, _ in args.model]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Model names must be unique, got {names}.")
+    if len(names) < 2 and not args.improver:
+        raise ValueError("Give at least two --model (the first is the baseline), or --improver.")
+    dataset = _load_input(args.prompts)
+    if args.num_prompts is not None:
+        dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
+    if args.judge == "similarity" and "reference" not in dataset.column_names:
+        raise ValueError("--judge similarity needs a `reference` column in --prompts; use --judge openai otherwise.")
+    judge = build_judge(args)
+    report = evaluate_models(
+        dict(args.model),
+        dataset,
+        judge,
+        args.output_dir,
+        improver=args.improver,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        n_bootstrap=args.n_bootstrap,
+        confidence=args.confidence,
+        device=args.device,
+        trainer_states=dict(args.trainer_state) or None,
+        plots=not args.no_plots,
+        show_progress=not getattr(args, "quiet", False),
+    )
+    print(text_table(report))
+    print(f"report: {os.path.join(args.output_dir, 'report.md')}", file=sys.stderr)
+    return report

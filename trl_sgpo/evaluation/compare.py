@@ -1,0 +1,264 @@
+"""Compare models against a baseline on a prompt set: :func:`evaluate_models`, the Python API behind ``trl-sgpo eval``,
+the recipe's evaluation stage and the training callback.
+
+Layout of ``output_dir`` (every file written as it goes; a rerun of the same call redoes nothing that is there)::
+
+    answers/<model>/answers.jsonl         each model's answers (resumable)
+    answers/<model>/model_outputs.json    the same, in AlpacaEval's format
+    answers/<model>/improvements.jsonl    with improver=True: the model's improvements of its own answers
+    judgments/<model>.jsonl               per row: P(model beats the baseline), keyed by the exact texts judged
+    judgments/<model>.improver.jsonl      per row: P(improvement beats the draft)
+    judge_cache.jsonl                     the OpenAI judge's answer cache (no request is sent twice)
+    report.json, report.md, *.png         see trl_sgpo.evaluation.reports
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from ..data.checks import check_rows
+from ..data.jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_rows, read_jsonl, stable_hash
+from .answers import TransformersGenerator, generate_answers
+from .judges import OpenAIPairwiseJudge, PairwiseJudge
+from .scores import compare
+
+
+logger = logging.getLogger(__name__)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _generator(spec: Any, max_new_tokens: int, temperature: float, device: str | None, name: str):
+    """A generator for ``spec``: a generator object, a ``(model, tokenizer)`` pair, or a Hub id / folder to load."""
+    if hasattr(spec, "generate") and hasattr(spec, "render"):
+        return spec, False
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        model, tokenizer = spec
+        owned = False
+    elif isinstance(spec, (str, os.PathLike)):
+        import torch
+
+        from ..models import load_model_and_tokenizer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model, tokenizer = load_model_and_tokenizer(str(spec), dtype=dtype)
+        model.to(device)
+        owned = True
+    else:
+        raise TypeError(
+            f"Model {name!r}: expected a Hub id or folder, a (model, tokenizer) pair or an answer generator, got "
+            f"{type(spec).__name__}."
+        )
+    generator = TransformersGenerator(
+        model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, name=name
+    )
+    return generator, owned
+
+
+def judge_rows(
+    judge: PairwiseJudge,
+    prompts: list[Any],
+    answers: list[str],
+    baseline_answers: list[str],
+    row_ids: list[str],
+    references: list[str] | None,
+    path: str | os.PathLike,
+) -> list[float]:
+    """``judge`` on every row, resuming from ``path``: a row judged before on the very same texts by the same judge
+    is not judged again. Each new verdict is appended to ``path`` as ``{row_id, preference, key}``."""
+    keys = [
+        stable_hash([judge.name, p, a, b, r])
+        for p, a, b, r in zip(prompts, answers, baseline_answers, references or [None] * len(prompts), strict=True)
+    ]
+    done = {e["key"]: e["preference"] for e in read_jsonl(path, missing_ok=True) if "key" in e}
+    todo = [i for i, key in enumerate(keys) if key not in done]
+    if todo:
+        preferences = judge.judge(
+            [prompts[i] for i in todo],
+            [answers[i] for i in todo],
+            [baseline_answers[i] for i in todo],
+            [references[i] for i in todo] if references is not None else None,
+        )
+        with JsonlWriter(path) as writer:
+            rows = []
+            for i, p in zip(todo, preferences, strict=True):
+                p = float(p)
+                done[keys[i]] = p
+                rows.append({ROW_ID: row_ids[i], "preference": None if math.isnan(p) else p, "key": keys[i]})
+            writer.write_many(rows)
+    return [math.nan if done[key] is None else float(done[key]) for key in keys]
+
+
+def evaluate_models(
+    models: Mapping[str, Any],
+    prompts_dataset: Dataset | str | os.PathLike,
+    judge: PairwiseJudge,
+    output_dir: str | os.PathLike,
+    *,
+    improver: bool = False,
+    reference_column: str = "reference",
+    category_column: str = "category",
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    device: str | None = None,
+    trainer_states: Mapping[str, str | os.PathLike] | None = None,
+    plots: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Answer ``prompts_dataset`` with every model, judge each against the first (the baseline), and report.
+
+    Args:
+        models: ``{name: model}``, in order; the first is the baseline. A model is a Hub id or folder (loaded, used,
+            freed one at a time), a ``(model, tokenizer)`` pair, or an answer generator
+            (:class:`~trl_sgpo.evaluation.answers.TransformersGenerator`, ``VLLMGenerator``).
+        prompts_dataset: Rows with ``prompt`` (and ``reference`` for the similarity judge, ``category`` for the
+            per-category table): a ``Dataset``, a JSONL/JSON file or a ``save_to_disk`` folder.
+        judge: Any :class:`~trl_sgpo.evaluation.judges.PairwiseJudge`. An :class:`OpenAIPairwiseJudge` without a
+            ``cache_path`` gets ``<output_dir>/judge_cache.jsonl``.
+        output_dir: Where everything is written (see the module doc). A rerun resumes.
+        improver: Also evaluate each model as improver: its improvements of its own answers against those answers
+            (the signal SGPO trains on), reported under ``improver``.
+        reference_column, category_column: Column names (used when present).
+        max_new_tokens, temperature, batch_size, seed: Answer generation (greedy by default).
+        n_bootstrap, confidence: Bootstrap resamples and level of the intervals (the length-controlled interval refits
+            a logistic model per resample, so it uses ``n_bootstrap // 5``).
+        device: Device for models loaded from a name (default: cuda when available).
+        trainer_states: ``{label: trainer_state.json path}`` to plot training curves from.
+        plots: Write the matplotlib figures.
+        show_progress: Progress bars.
+
+    Returns:
+        The report (also in ``report.json``): ``baseline``, ``judge``, ``n_prompts``, ``models`` (answer files and
+        average lengths), ``comparisons`` (per non-baseline model: win rate, interval, length-controlled win rate,
+        counts, lengths, per category) and, with ``improver``, ``improver`` (per model, improvement vs draft).
+    """
+    from .reports import write_report
+
+    if not models:
+        raise ValueError("`models` is empty: give at least a baseline and one model to compare with it.")
+    if len(models) < 2 and not improver:
+        raise ValueError("Need at least two models (the first is the baseline), or `improver=True`.")
+    out = Path(output_dir)
+    dataset = load_rows(prompts_dataset) if not isinstance(prompts_dataset, Dataset) else prompts_dataset
+    check_rows(dataset, ("prompt",), ("prompt",), "prompts_dataset", " (a string, or a list of chat messages)")
+    dataset = ensure_row_ids(dataset)
+    if isinstance(judge, OpenAIPairwiseJudge) and judge.cache_path is None:
+        judge.cache_path = out / "judge_cache.jsonl"
+    references = dataset[reference_column] if reference_column in dataset.column_names else None
+    categories = dataset[category_column] if category_column in dataset.column_names else None
+    prompts, row_ids = dataset["prompt"], dataset[ROW_ID]
+
+    names = list(models)
+    baseline = names[0]
+    answers: dict[str, list[str]] = {}
+    improvements: dict[str, list[str]] = {}
+    report_models: dict[str, Any] = {}
+    for name in names:
+        folder = out / "answers" / _safe(name)
+        generator, owned = _generator(models[name], max_new_tokens, temperature, device, name)
+        answered = generate_answers(
+            generator,
+            dataset,
+            folder / "answers.jsonl",
+            batch_size=batch_size,
+            seed=seed,
+            show_progress=show_progress,
+        )
+        answers[name] = answered["answer"]
+        entry = {
+            "answers": str(folder / "answers.jsonl"),
+            "model_outputs": str(folder / "model_outputs.json"),
+            "avg_length": sum(len(a) for a in answers[name]) / max(1, len(answers[name])),
+            "cut_at_budget": sum(1 for f in answered["answer_finished"] if not f),
+        }
+        if improver:
+            drafts = answered.rename_column("answer", "draft").select_columns([ROW_ID, "prompt", "draft"])
+            improved = generate_answers(
+                generator,
+                drafts,
+                folder / "improvements.jsonl",
+                batch_size=batch_size,
+                seed=seed,
+                improve=True,
+                show_progress=show_progress,
+            )
+            improvements[name] = improved["answer"]
+            entry["improvements"] = str(folder / "improvements.jsonl")
+        report_models[name] = entry
+        if owned:
+            del generator
+            gc.collect()
+
+    comparisons = {}
+    for name in names[1:]:
+        preferences = judge_rows(
+            judge,
+            prompts,
+            answers[name],
+            answers[baseline],
+            row_ids,
+            references,
+            out / "judgments" / f"{_safe(name)}.jsonl",
+        )
+        comparisons[name] = compare(
+            preferences,
+            answers[name],
+            answers[baseline],
+            categories,
+            n_bootstrap=n_bootstrap,
+            n_bootstrap_lc=n_bootstrap // 5,
+            confidence=confidence,
+            seed=seed,
+        )
+    improver_scores = {}
+    for name in improvements:
+        preferences = judge_rows(
+            judge,
+            prompts,
+            improvements[name],
+            answers[name],
+            row_ids,
+            references,
+            out / "judgments" / f"{_safe(name)}.improver.jsonl",
+        )
+        improver_scores[name] = compare(
+            preferences,
+            improvements[name],
+            answers[name],
+            categories,
+            n_bootstrap=n_bootstrap,
+            n_bootstrap_lc=n_bootstrap // 5,
+            confidence=confidence,
+            seed=seed,
+        )
+
+    report: dict[str, Any] = {
+        "baseline": baseline,
+        "judge": judge.name,
+        "n_prompts": len(dataset),
+        "confidence": confidence,
+        "models": report_models,
+        "comparisons": comparisons,
+    }
+    if improver:
+        report["improver"] = improver_scores
+    stats = getattr(judge, "stats", None)
+    if stats is not None and hasattr(stats, "as_dict"):
+        report["judge_stats"] = stats.as_dict()
+    answer_lengths = {name: [len(a) for a in answers[name]] for name in names}
+    return write_report(report, out, answer_lengths=answer_lengths, trainer_states=trainer_states, plots=plots)
