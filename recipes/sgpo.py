@@ -21,7 +21,7 @@ accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/sgpo.p
     --config recipes/configs/sgpo_smollm2.yaml \
     --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
     --dataset_name my-org/prompts-with-references \
-    --base_url https://api.openai.com/v1 --target_model gpt-4o \
+    --base_url https://api.openai.com/v1 --writer_model gpt-4o \
     --iterations 2 \
     --output_dir Qwen2.5-0.5B-SGPO --push_to_hub
 ```
@@ -86,7 +86,7 @@ DEMO_DEFAULTS = dict(
     max_length=512,
     temperature=0.7,
     beta=0.1,
-    gradient_checkpointing=False,
+    activation_checkpointing=False,
     logging_steps=2,
     save_steps=5,
     save_total_limit=1,
