@@ -272,7 +272,10 @@ def main() -> None:
         f"  SGPO step / sum of its parts (median)    {over_parts:8.2f}   <= {TARGET_STEP_OVER_PARTS:<4}  "
         f"{verdict(over_parts, TARGET_STEP_OVER_PARTS)}"
     )
-    print(f"\nwall time {time.perf_counter() - started:.0f}s | load average at the end: {_common.load_average()}")
+    print(
+        f"\nwall time {time.perf_counter() - started:.0f}s | peak resident memory {_common.peak_rss_gb():.2f} GB | "
+        f"load average at the end: {_common.load_average()}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "records": records}, f, indent=1)

@@ -150,6 +150,7 @@ SCRIPT_SETTINGS = {
     "improver_sft_epochs": "improver_sft",
     "improver_sft_learning_rate": "improver_sft",
     "improver_sft_batch_size": "improver_sft",
+    "improver_sft_gradient_accumulation_steps": "improver_sft",
     "num_sgpo_prompts": "sgpo",
 }
 """The first stage each recipe setting (:class:`~trl_sgpo.pipeline.SGPOScriptArguments`) changes. A setting that is

@@ -69,7 +69,7 @@ class SGPOScriptArguments:
         default=64, metadata={"help": "Rows used to build improver-SFT data (stages 1-3); None: half of the data."}
     )
     num_sgpo_prompts: int | None = field(
-        default=48, metadata={"help": "Prompts for SGPO (stage 5), taken after the improver rows; None: the rest."}
+        default=32, metadata={"help": "Prompts for SGPO (stage 5), taken after the improver rows; None: the rest."}
     )
     improver_data: str | None = field(
         default=None,
@@ -128,7 +128,14 @@ class SGPOScriptArguments:
     # stage 4
     improver_sft_epochs: float = field(default=2.0, metadata={"help": "Epochs of improver SFT."})
     improver_sft_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of improver SFT."})
-    improver_sft_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of improver SFT."})
+    improver_sft_batch_size: int = field(default=2, metadata={"help": "Per-device batch size of improver SFT."})
+    improver_sft_gradient_accumulation_steps: int = field(
+        default=4,
+        metadata={
+            "help": "Batches per optimizer step of improver SFT (an optimizer step sees batch size x this x "
+            "processes rows; small batches bound the memory the logits over the vocabulary take)."
+        },
+    )
     improver_sft_max_length: int = field(default=768, metadata={"help": "Max tokens per improver-SFT row."})
 
     def __post_init__(self):
@@ -184,12 +191,14 @@ def _improver_sft_args(training_args: SGPOConfig, script_args: SGPOScriptArgumen
         k: getattr(training_args, k)
         for k in (
             "seed",
+            "optim",
             "bf16",
             "fp16",
             "use_cpu",
             "activation_checkpointing",
             "logging_steps",
             "report_to",
+            "project",
             "save_steps",
             "save_total_limit",
             "disable_tqdm",
@@ -201,11 +210,19 @@ def _improver_sft_args(training_args: SGPOConfig, script_args: SGPOScriptArgumen
         num_train_epochs=script_args.improver_sft_epochs,
         learning_rate=script_args.improver_sft_learning_rate,
         per_device_train_batch_size=script_args.improver_sft_batch_size,
+        gradient_accumulation_steps=script_args.improver_sft_gradient_accumulation_steps,
         max_length=script_args.improver_sft_max_length,
         improver_instruction=training_args.improver_instruction,
         save_strategy="steps",
+        run_name=_run_name(training_args, "improver_sft"),
         **shared,
     )
+
+
+def _run_name(training_args: SGPOConfig, stage: str) -> str:
+    """The name a stage's trainer logs under (trackio, wandb, ...): ``<run_name or output_dir name>-<stage>``, so that
+    the trainers of one recipe run are told apart and grouped."""
+    return f"{training_args.run_name or Path(training_args.output_dir).name}-{stage}"
 
 
 def _print(state: PartialState, message: str) -> None:
@@ -329,7 +346,12 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
             state.wait_for_everyone()
             _print(state, f"[5/5] SGPO iteration {iteration}/{script_args.iterations} on {len(sgpo_rows)} prompts")
             model, tokenizer = load(start_model)
-            args = dataclasses.replace(training_args, output_dir=str(stage.root), push_to_hub=False)
+            args = dataclasses.replace(
+                training_args,
+                output_dir=str(stage.root),
+                push_to_hub=False,
+                run_name=_run_name(training_args, f"sgpo_iter{iteration}"),
+            )
             trainer = SGPOTrainer(
                 model,
                 args=args,
