@@ -37,6 +37,7 @@ other settings is refused at the first stage they change; deleting a stage's fol
 import argparse
 import difflib
 import os
+import warnings
 
 
 def main(script_args, training_args, model_args):
@@ -169,4 +170,9 @@ def parse_args(args: list[str] | None = None):
 
 if __name__ == "__main__":
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    # TRL 1.16's `unwrap_model_for_generation` switches activation checkpointing off for generation under its old
+    # transformers name; nothing a user of the recipe could change.
+    warnings.filterwarnings(
+        "ignore", message="`gradient_checkpointing_(dis|en)able` is deprecated", category=FutureWarning
+    )
     main(*parse_args())
