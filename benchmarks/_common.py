@@ -142,6 +142,13 @@ def verdict(value: float, target: float) -> str:
     return "PASS" if value <= target else "MISS"
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB (what `/usr/bin/time -v` calls maximum resident set size)."""
+    from trl_sgpo.pipeline.memory import peak_rss_gb as peak
+
+    return peak()
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())

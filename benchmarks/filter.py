@@ -33,6 +33,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch
 
 from trl_sgpo.data.perplexity import _encode, completion_nll
+from trl_sgpo.pipeline.memory import peak_rss_gb
 
 
 WORDS = [
@@ -201,6 +202,7 @@ def main() -> None:
     print(f"perplexity filter: {tokens / t_filter:,.0f} tokens/s ({t_filter:.2f}s)")
     print(f"plain forward:     {tokens / t_plain:,.0f} tokens/s ({t_plain:.2f}s)")
     print(f"ratio filter/plain: {t_plain / t_filter:.2f}x (max |mean NLL difference| {worst:.1e})")
+    print(f"peak resident memory: {peak_rss_gb():.2f} GB")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,10 @@ def main() -> None:
     ratio = r_plain / r_ours
     print("\nratio                                          measured   target   verdict")
     print(f"  plain tokens/s / trainer path tokens/s       {ratio:8.2f}   <= {TARGET:<4}  {verdict(ratio, TARGET)}")
-    print(f"\nwall time {time.perf_counter() - started:.0f}s | load average at the end: {_common.load_average()}")
+    print(
+        f"\nwall time {time.perf_counter() - started:.0f}s | peak resident memory {_common.peak_rss_gb():.2f} GB | "
+        f"load average at the end: {_common.load_average()}"
+    )
     tmp.cleanup()
 
 

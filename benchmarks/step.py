@@ -320,7 +320,10 @@ def main() -> None:
         f"  SGPO per pair, accumulation {ACCUMULATION} / 1      {pair_ratio:8.2f}   <= {TARGET_PAIR_COST_GA4:<4}  "
         f"{verdict(pair_ratio, TARGET_PAIR_COST_GA4)}"
     )
-    print(f"\nwall time {time.perf_counter() - started:.0f}s | load average at the end: {_common.load_average()}")
+    print(
+        f"\nwall time {time.perf_counter() - started:.0f}s | peak resident memory {_common.peak_rss_gb():.2f} GB | "
+        f"load average at the end: {_common.load_average()}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "records": records}, f, indent=1)

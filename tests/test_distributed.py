@@ -13,6 +13,81 @@ HERE = Path(__file__).parent
 CPU_CONFIG = HERE.parent / "recipes" / "accelerate" / "cpu_2proc.yaml"
 
 
+def launch(script, *args, port, timeout=420):
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_CONFIG),
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(HERE / script),
+        *map(str, args),
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def data_stage_argv(model_dir, out):
+    from test_pipeline import base_argv, write_prompts
+
+    prompts = write_prompts(out.parent / f"{out.name}-prompts.jsonl")
+    argv = base_argv(model_dir, prompts, out)
+    argv[argv.index("--num_improver_prompts") + 1] = "8"
+    argv[argv.index("--sample_batch_size") + 1] = "2"
+    return argv + ["--temperature", "0", "--stop_after", "filter"]
+
+
+@pytest.mark.slow
+def test_data_stages_share_the_rows_over_processes_and_merge_what_one_process_makes(tmp_path, tiny_model_dir):
+    import importlib.util
+
+    from trl_sgpo.data.jsonl import read_jsonl
+
+    two = tmp_path / "two"
+    proc = launch("dist_pipeline_script.py", tmp_path, "--", *data_stage_argv(tiny_model_dir, two), port=29519)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("sgpo_recipe", HERE.parent / "recipes" / "sgpo.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    one = tmp_path / "one"
+    recipe.main(*recipe.parse_args(data_stage_argv(tiny_model_dir, one)))
+
+    # Each process answered and scored its own share: 4 batches of 2 rows, dealt 2 and 2.
+    for stage, name in (("01_sample", "responses"), ("03_filter", "scores")):
+        shares = [read_jsonl(two / "stages" / stage / "shards" / f"{name}.{k}-of-2.jsonl") for k in (0, 1)]
+        ids = [{row["row_id"] for row in share} for share in shares]
+        assert [len(i) for i in ids] == [4, 4] and not ids[0] & ids[1]
+    # Greedy answers and their scores do not depend on how many processes made them.
+    assert read_jsonl(two / "stages" / "01_sample" / "responses.jsonl") == read_jsonl(
+        one / "stages" / "01_sample" / "responses.jsonl"
+    )
+    scores = [read_jsonl(run / "stages" / "03_filter" / "scores.jsonl") for run in (two, one)]
+    assert [r["row_id"] for r in scores[0]] == [r["row_id"] for r in scores[1]]
+    for a, b in zip(*scores, strict=True):
+        assert a["target_ppl"] == pytest.approx(b["target_ppl"], rel=1e-5)
+        assert a["response_ppl"] == pytest.approx(b["response_ppl"], rel=1e-5)
+    assert (two / "stages" / "03_filter" / "improver_sft.jsonl").read_text() != ""
+
+
+@pytest.mark.slow
+def test_a_failure_on_the_main_process_ends_every_process_with_its_error(tmp_path, tiny_model_dir):
+    argv = data_stage_argv(tiny_model_dir, tmp_path / "run")
+    proc = launch("dist_pipeline_script.py", tmp_path, "targets", "--", *argv, port=29521, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    ends = [json.loads((tmp_path / f"rank{k}.exit").read_text()) for k in (0, 1)]
+    # Both processes raised the main process's error, the other one within a minute of it (not after ddp_timeout).
+    for end in ends:
+        assert "injected failure in stage 2 on the main process" in end["error"], output[-3000:]
+    assert ends[1]["error"].startswith("PeerFailedError: process 0 of 2 failed")
+    assert 0 <= ends[1]["time"] - ends[0]["time"] < 60
+    assert "injected failure in stage 2 on the main process" in output
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_give_the_update_of_one_process_with_the_same_pairs(tmp_path, tiny_model_dir):
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}

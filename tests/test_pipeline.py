@@ -213,7 +213,7 @@ def test_bad_arguments_give_clear_errors(recipe, tiny_model_dir, prompt_file, tm
     no_ref.write_text('{"prompt": "q"}\n' * 4)
     with pytest.raises(ValueError, match=r"missing the column\(s\) \['reference'\]"):
         recipe.main(*parse(recipe, *base_argv(tiny_model_dir, no_ref, tmp_path / "c")))
-    with pytest.raises(ValueError, match="--target_model"):
+    with pytest.raises(ValueError, match="--writer_model"):
         recipe.main(
             *parse(
                 recipe, *base_argv(tiny_model_dir, prompt_file, tmp_path / "d"), "--base_url", "http://127.0.0.1:9/v1"
@@ -253,6 +253,7 @@ PUSHED_FILES = [
     "chat_template.jinja",
     "config.json",
     "generation_config.json",
+    "improver_template.json",  # the improver travels with the model
     "model.safetensors",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -393,7 +394,7 @@ def test_yaml_config_spells_out_the_defaults_and_the_command_line_wins(recipe):
         differ = {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
         assert differ <= {"iterations", "model_name_or_path"}
     assert from_yaml[0].iterations == 3 and from_yaml[2].model_name_or_path == "smollm2-135m-instruct"
-    assert bare[1].learning_rate == 1e-6 and bare[1].gradient_checkpointing is False
+    assert bare[1].learning_rate == 1e-6 and bare[1].activation_checkpointing is True
 
 
 def test_lora_run_merges_each_stage_into_a_plain_model(recipe, tiny_model_dir, prompt_file, tmp_path):

@@ -1,5 +1,9 @@
 """``trl-sgpo``: build the improver-SFT set from a prompt/reference set, from the command line.
 
+Options have the names of the recipe's settings (``--writer-model`` here is ``--writer_model`` or ``--writer-model``
+there); ``--batch-size``, ``--timeout`` and ``--max-ratio`` are older spellings of ``--sample-batch-size``,
+``--request-timeout`` and ``--ppl-max-ratio``.
+
 Subcommands (each writes as it goes and resumes from its output when rerun with the same arguments):
 
 - ``sample``: the policy answers every prompt (adds ``response``).
@@ -56,7 +60,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_sample(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (use your SGPOConfig's values so answers match SGPO's policy generation)")
-    g.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call.")
+    g.add_argument("--sample-batch-size", "--batch-size", type=int, default=8, help="Prompts per generate call.")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.9, help="0 for greedy.")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -85,7 +89,7 @@ def _add_targets(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-concurrency", type=int, default=32, help="Most requests in flight.")
     g.add_argument("--max-retries", type=int, default=5, help="Retries per row on 429/5xx/timeouts/malformed answers.")
-    g.add_argument("--timeout", type=float, default=120.0, help="Seconds per request attempt.")
+    g.add_argument("--request-timeout", "--timeout", type=float, default=120.0, help="Seconds per request attempt.")
     g.add_argument("--writer-temperature", type=float, default=0.7)
     g.add_argument("--max-tokens", type=int, default=2048, help="Most tokens per target (max_new_tokens locally).")
     g.add_argument("--price-input", type=float, default=0.0, help="USD per 1M prompt tokens, for the cost figure.")
@@ -122,7 +126,11 @@ def _add_targets(p: argparse.ArgumentParser) -> None:
 def _add_filter(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("perplexity filter (see trl_sgpo.perplexity)")
     g.add_argument(
-        "--max-ratio", type=float, default=3.0, help="Keep targets with ppl <= this x the response's ppl; 0 disables."
+        "--ppl-max-ratio",
+        "--max-ratio",
+        type=float,
+        default=3.0,
+        help="Keep targets with ppl <= this x the response's ppl; 0 disables.",
     )
     g.add_argument(
         "--max-quantile",
@@ -225,7 +233,7 @@ def _sample(args, model, tokenizer, dataset, output):
         tokenizer,
         dataset,
         output,
-        batch_size=args.batch_size,
+        batch_size=args.sample_batch_size,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -282,7 +290,7 @@ def _writer(args, choice, policy=None):
             max_tokens=args.max_tokens,
             max_concurrency=args.max_concurrency,
             max_retries=args.max_retries,
-            timeout=args.timeout,
+            timeout=args.request_timeout,
             price_input_per_1m=args.price_input,
             price_output_per_1m=args.price_output,
             cache_path=args.cache,
@@ -296,7 +304,7 @@ def _writer(args, choice, policy=None):
             model,
             tokenizer,
             prompt_config=prompt_config,
-            batch_size=getattr(args, "batch_size", 8),
+            batch_size=getattr(args, "sample_batch_size", 8),
             max_new_tokens=args.max_tokens,
             temperature=args.writer_temperature,
         )
@@ -316,7 +324,7 @@ def _filter(args, model, tokenizer, dataset, output_dir):
     from .data.perplexity import PerplexityFilterConfig, filter_targets
 
     config = PerplexityFilterConfig(
-        max_ratio=args.max_ratio or None,
+        max_ratio=args.ppl_max_ratio or None,
         max_quantile=args.max_quantile,
         max_ppl=args.max_ppl,
         drop_same_as_response=not args.keep_same_as_response,

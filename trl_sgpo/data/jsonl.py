@@ -46,6 +46,23 @@ def batch_seed(seed: int, rows: Iterable[Mapping[str, Any]]) -> int:
     return int(stable_hash([seed, [row[ROW_ID] for row in rows]])[:8], 16)
 
 
+def shard_order(lengths: list[int], batch_size: int, shard: tuple[int, int] | None = None) -> list[int]:
+    """Indices of the rows one process handles, longest first, when ``shard = (index, count)`` splits the work.
+
+    The rows are sorted by length (longest first: similar lengths share a batch and an out-of-memory error shows at
+    once) and cut into batches of ``batch_size``; batch ``k`` goes to process ``k % count``. Each process thus forms
+    exactly the batches one process would have formed, so its output (a batch's seed and padding included) does not
+    depend on how many processes share the work. ``None``: every row.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if shard is None:
+        return order
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"`shard` must be (index, count) with 0 <= index < count, got {shard}.")
+    return [i for k in range(index * batch_size, len(order), count * batch_size) for i in order[k : k + batch_size]]
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Yield the objects of a JSONL file, skipping blank lines and a torn (unterminated, unparsable) last line.
 
@@ -151,6 +168,17 @@ class JsonlWriter:
                     f"space and rerun the same command to resume from where it stopped",
                 ) from e
             raise
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write ``rows`` as the JSONL file ``path`` in one step (a temporary file, then a rename): readers see the old
+    file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with JsonlWriter(tmp) as writer:
+        writer.write_many(rows)
+    os.replace(tmp, path)
 
 
 def load_rows(source: str | os.PathLike | Dataset) -> Dataset:

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..templates import end_of_turn_text, render_prompt
 from .checks import check_rows
-from .jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_done, rows_in_order
+from .jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_done, rows_in_order, shard_order, write_jsonl_atomic
 
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,8 @@ def score_targets(
     max_length: int = 1024,
     id_column: str = "id",
     show_progress: bool = True,
+    shard: tuple[int, int] | None = None,
+    before_batch: Callable[[], None] | None = None,
 ) -> Dataset:
     """Add ``response_ppl``, ``target_ppl`` and ``ppl_ratio`` (target / response) to every row, under ``model``.
 
@@ -201,9 +204,12 @@ def score_targets(
         output_path: JSONL of scored rows, appended per batch; rows already in it are not scored again.
         batch_size: Rows per batch (each row is two sequences: response and target).
         max_length: Most tokens per scored sequence (prompt + completion).
+        shard: ``(index, count)``: score only this process's share of the rows, into its own ``output_path``
+            (see :func:`~trl_sgpo.data.jsonl.shard_order`).
+        before_batch: Called before each batch; it may raise to stop (the recipe stops when another process failed).
 
     Returns:
-        The scored rows in input order, also with ``response_ppl_tokens`` and ``target_ppl_tokens``.
+        The scored rows (of the shard) in input order, also with ``response_ppl_tokens`` and ``target_ppl_tokens``.
     """
     check_rows(
         dataset,
@@ -213,14 +219,19 @@ def score_targets(
     )
     dataset = ensure_row_ids(dataset, id_column)
     done = load_done(output_path, dataset, ("prompt", "response", "target"))
-    pending = [i for i, row_id in enumerate(dataset[ROW_ID]) if row_id not in done]
+    # In input order (the scoring groups each batch by length itself): the shares only need to be balanced.
+    mine = sorted(shard_order([0] * len(dataset), batch_size, shard))
+    row_ids = dataset[ROW_ID]
+    pending = [i for i in mine if row_ids[i] not in done]
     with (
         JsonlWriter(output_path) as writer,
         tqdm(
-            total=len(dataset), initial=len(dataset) - len(pending), desc="Scoring targets", disable=not show_progress
+            total=len(mine), initial=len(mine) - len(pending), desc="Scoring targets", disable=not show_progress
         ) as bar,
     ):
         for start in range(0, len(pending), batch_size):
+            if before_batch is not None:
+                before_batch()
             rows = [dataset[i] for i in pending[start : start + batch_size]]
             prompts = [r["prompt"] for r in rows]
             scores = completion_nll(
@@ -239,7 +250,7 @@ def score_targets(
                 done[row[ROW_ID]] = row
             writer.write_many(rows)
             bar.update(len(rows))
-    return rows_in_order(dataset, done)
+    return rows_in_order(dataset if shard is None else dataset.select(mine), done)
 
 
 def _normalized(text: Any) -> str:
@@ -281,14 +292,6 @@ def drop_reasons(scored: Dataset, config: PerplexityFilterConfig) -> tuple[list[
 def _median(values: list[float]) -> float | None:
     finite = sorted(v for v in values if math.isfinite(v))
     return finite[len(finite) // 2] if finite else None
-
-
-def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    with JsonlWriter(tmp) as writer:
-        writer.write_many(rows)
-    os.replace(tmp, path)
 
 
 def _remove_tree(path: Path) -> None:
@@ -344,6 +347,16 @@ def filter_targets(
         id_column=id_column,
         show_progress=show_progress,
     )
+    return apply_filter(scored, output_dir, config)
+
+
+def apply_filter(
+    scored: Dataset, output_dir: str | os.PathLike, config: PerplexityFilterConfig | None = None
+) -> tuple[Dataset, dict[str, Any]]:
+    """The second half of :func:`filter_targets`: apply ``config`` to rows scored by :func:`score_targets` and write
+    the kept set, the dropped rows and the report into ``output_dir``. Returns ``(kept, report)``."""
+    config = config or PerplexityFilterConfig()
+    output_dir = Path(output_dir)
     reasons, thresholds = drop_reasons(scored, config)
     kept_idx = [i for i, r in enumerate(reasons) if r is None]
     kept = scored.select(kept_idx)
@@ -363,8 +376,8 @@ def filter_targets(
         "median_target_ppl": _median(scored["target_ppl"]) if len(scored) else None,
         "median_ppl_ratio": _median(scored["ppl_ratio"]) if len(scored) else None,
     }
-    _write_jsonl_atomic(output_dir / KEPT_FILE, kept.to_list())
-    _write_jsonl_atomic(output_dir / DROPPED_FILE, dropped)
+    write_jsonl_atomic(output_dir / KEPT_FILE, kept.to_list())
+    write_jsonl_atomic(output_dir / DROPPED_FILE, dropped)
     # Never leave a stale set from an earlier run; a removal that fails raises rather than leave it there unnoticed.
     _remove_tree(output_dir / KEPT_DIR)
     if len(kept):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -19,7 +20,7 @@ from transformers import GenerationConfig
 
 from ..templates import render_prompt
 from .checks import check_rows
-from .jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, rows_in_order
+from .jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, rows_in_order, shard_order
 
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ def sample_responses(
     seed: int = 0,
     id_column: str = "id",
     show_progress: bool = True,
+    shard: tuple[int, int] | None = None,
+    before_batch: Callable[[], None] | None = None,
 ) -> Dataset:
     """Answer every prompt of ``dataset`` with ``model`` and add the answers as a ``response`` column.
 
@@ -121,24 +124,25 @@ def sample_responses(
         seed: Each batch is sampled with a seed derived from ``seed`` and its row ids, so reruns are reproducible.
         id_column: Column to take ``row_id`` from when present (see :func:`~trl_sgpo.jsonl.ensure_row_ids`).
         show_progress: Show a tqdm progress bar.
+        shard: ``(index, count)``: answer only this process's share of the rows (see
+            :func:`~trl_sgpo.data.jsonl.shard_order`), into its own ``output_path``; the shares of ``count``
+            processes hold the same batches as one process's run, so the merged answers do not depend on ``count``.
+        before_batch: Called before each batch; it may raise to stop (the recipe stops when another process failed).
 
     Returns:
-        The input rows that have a response, in input order, with ``row_id``, ``response`` (decoded without special
+        The input rows (of the shard) that have a response, in input order, with ``row_id``, ``response`` (decoded without special
         tokens, stripped), ``response_tokens`` and ``response_finished`` (``False`` when cut at ``max_new_tokens``).
     """
     check_rows(dataset, ("prompt",), ("prompt",), "dataset", " (a string, or a list of chat messages)")
     dataset = ensure_row_ids(dataset, id_column)
     done = load_done(output_path, dataset, ("prompt",))
-    pending = [i for i, row_id in enumerate(dataset[ROW_ID]) if row_id not in done]
+    texts = [render_prompt(prompt, tokenizer) for prompt in dataset["prompt"]]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    mine = shard_order(lengths, batch_size, shard)
+    row_ids = dataset[ROW_ID]
+    pending = [i for i in mine if row_ids[i] not in done]
     if done:
-        logger.info(
-            "Resuming %s: %d of %d rows already sampled.", output_path, len(dataset) - len(pending), len(dataset)
-        )
-
-    texts = {i: render_prompt(dataset[i]["prompt"], tokenizer) for i in pending}
-    # Longest first: similar lengths share a batch (less padding), and an out-of-memory error shows up at once.
-    lengths = {i: len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in pending}
-    pending.sort(key=lambda i: -lengths[i])
+        logger.info("Resuming %s: %d of %d rows already sampled.", output_path, len(mine) - len(pending), len(mine))
 
     was_training = model.training
     model.eval()
@@ -146,14 +150,16 @@ def sample_responses(
         with (
             JsonlWriter(output_path) as writer,
             tqdm(
-                total=len(dataset),
-                initial=len(dataset) - len(pending),
+                total=len(mine),
+                initial=len(mine) - len(pending),
                 desc="Sampling responses",
                 disable=not show_progress,
             ) as bar,
         ):
             for start in range(0, len(pending), batch_size):
                 batch = pending[start : start + batch_size]
+                if before_batch is not None:
+                    before_batch()
                 rows = [dataset[i] for i in batch]
                 outputs = generate_completions(
                     model,
@@ -175,7 +181,7 @@ def sample_responses(
     finally:
         model.train(was_training)
 
-    result = rows_in_order(dataset, done)
+    result = rows_in_order(dataset if shard is None else dataset.select(sorted(mine)), done)
     empty = sum(1 for r in result["response"] if not r) if len(result) else 0
     if empty:
         logger.warning(

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,77 +35,20 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..data.checks import check_columns, check_non_empty, load_default_dataset
 from ..data.jsonl import load_rows
 from ..models import DEFAULT_MODEL, HUB_ID, load_model_and_tokenizer
+from ..templates import save_improver_template
 from ..trainers.improver_sft_config import ImproverSFTConfig
 from ..trainers.improver_sft_trainer import ImproverSFTTrainer
 from ..trainers.sgpo_config import SGPOConfig
 from ..trainers.sgpo_trainer import SGPOTrainer
 from ..utils import set_cpu_threads
 from .evaluation_stage import EvaluationArguments, run_evaluation_stage
+from .fingerprints import SAMPLING_SETTINGS, fingerprint, model_fingerprint, script_fingerprint
 from .stages import Stage
 
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("sample", "targets", "filter", "improver_sft", "sgpo")
-
-# Settings that change what a training stage produces (not logging, saving or speed), recorded in its stage.json.
-TRAINING_KEYS = (
-    "learning_rate",
-    "lr_scheduler_type",
-    "lr_scheduler_kwargs",
-    "warmup_steps",
-    "weight_decay",
-    "max_grad_norm",
-    "optim",
-    "optim_args",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "num_train_epochs",
-    "max_steps",
-    "seed",
-    "data_seed",
-    "bf16",
-    "fp16",
-    # SGPO and OnlineDPO
-    "beta",
-    "loss_type",
-    "disable_dropout",
-    "max_new_tokens",
-    "max_length",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "generation_kwargs",
-    "use_vllm",
-    "improver_instruction",
-    "improver_temperature",
-    "improver_max_new_tokens",
-    "judge_margin",
-)
-IMPROVER_SFT_KEYS = (
-    "improver_sft_epochs",
-    "improver_sft_learning_rate",
-    "improver_sft_batch_size",
-    "improver_sft_max_length",
-)
-# Taken from the SGPO arguments by improver SFT (see `_improver_sft_args`) and changing its result.
-IMPROVER_SFT_SHARED_KEYS = ("seed", "bf16", "fp16", "improver_instruction")
-LORA_KEYS = (
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "lora_target_parameters",
-    "lora_modules_to_save",
-    "lora_task_type",
-    "use_rslora",
-    "use_dora",
-)
 
 
 @dataclass
@@ -127,7 +71,7 @@ class SGPOScriptArguments(EvaluationArguments):
         default=64, metadata={"help": "Rows used to build improver-SFT data (stages 1-3); None: half of the data."}
     )
     num_sgpo_prompts: int | None = field(
-        default=48, metadata={"help": "Prompts for SGPO (stage 5), taken after the improver rows; None: the rest."}
+        default=32, metadata={"help": "Prompts for SGPO (stage 5), taken after the improver rows; None: the rest."}
     )
     improver_data: str | None = field(
         default=None,
@@ -157,21 +101,27 @@ class SGPOScriptArguments(EvaluationArguments):
         default=None,
         metadata={"help": "OpenAI-compatible endpoint for the target writer, e.g. http://localhost:8000/v1."},
     )
-    target_model: str | None = field(
-        default=None, metadata={"help": "Model name at `base_url` (or at api.openai.com when `base_url` is unset)."}
+    writer_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Target writer: the model name at `base_url` (or at api.openai.com when `base_url` is unset). "
+            "Unset: the offline writer (`step_fraction`)."
+        },
     )
+    target_model: str | None = field(default=None, metadata={"help": "Deprecated alias of `writer_model`."})
     api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key."}
     )
     max_concurrency: int = field(default=32, metadata={"help": "Most target requests in flight at once."})
     request_timeout: float = field(default=120.0, metadata={"help": "Seconds one target request may take."})
-    offline_fraction: float = field(
+    step_fraction: float = field(
         default=0.5,
         metadata={
-            "help": "Without an endpoint, targets are the policy's answers moved this share of the sentence edits "
+            "help": "Without `writer_model`, targets are the policy's answers moved this share of the sentence edits "
             "toward the reference (the offline writer)."
         },
     )
+    offline_fraction: float | None = field(default=None, metadata={"help": "Deprecated alias of `step_fraction`."})
     # stage 3
     ppl_max_ratio: float = field(
         default=3.0,
@@ -180,10 +130,24 @@ class SGPOScriptArguments(EvaluationArguments):
     # stage 4
     improver_sft_epochs: float = field(default=2.0, metadata={"help": "Epochs of improver SFT."})
     improver_sft_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of improver SFT."})
-    improver_sft_batch_size: int = field(default=8, metadata={"help": "Per-device batch size of improver SFT."})
+    improver_sft_batch_size: int = field(default=2, metadata={"help": "Per-device batch size of improver SFT."})
+    improver_sft_gradient_accumulation_steps: int = field(
+        default=4,
+        metadata={
+            "help": "Batches per optimizer step of improver SFT (an optimizer step sees batch size x this x "
+            "processes rows; small batches bound the memory the logits over the vocabulary take)."
+        },
+    )
     improver_sft_max_length: int = field(default=768, metadata={"help": "Max tokens per improver-SFT row."})
 
     def __post_init__(self):
+        for old, new in (("target_model", "writer_model"), ("offline_fraction", "step_fraction")):
+            if getattr(self, old) is not None:
+                warnings.warn(f"`{old}` is deprecated; use `{new}`.", FutureWarning, stacklevel=2)
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
+        if self.base_url and not self.writer_model:
+            raise ValueError("`--base_url` needs `--writer_model` (the model name at that endpoint).")
         # A --config YAML sets defaults, which argparse does not check against `choices`.
         if self.stop_after is not None and self.stop_after not in STAGES:
             raise ValueError(f"`stop_after` must be one of {STAGES}, got {self.stop_after!r}.")
@@ -224,26 +188,19 @@ def _split(dataset: Dataset, script_args: SGPOScriptArguments, seed: int) -> tup
     return dataset.select(range(n_improver)), dataset.select(range(n_improver, n_improver + n_sgpo))
 
 
-def _settings(obj, keys) -> dict[str, Any]:
-    return {k: getattr(obj, k) for k in keys if hasattr(obj, k)}
-
-
-def _lora_settings(model_args) -> dict[str, Any]:
-    # Listed only for LoRA runs: the LoRA fields do nothing otherwise.
-    return {"use_peft": model_args.use_peft, **(_settings(model_args, LORA_KEYS) if model_args.use_peft else {})}
-
-
 def _improver_sft_args(training_args: SGPOConfig, script_args: SGPOScriptArguments, output_dir: Path):
     shared = {
         k: getattr(training_args, k)
         for k in (
             "seed",
+            "optim",
             "bf16",
             "fp16",
             "use_cpu",
-            "gradient_checkpointing",
+            "activation_checkpointing",
             "logging_steps",
             "report_to",
+            "project",
             "save_steps",
             "save_total_limit",
             "disable_tqdm",
@@ -255,11 +212,19 @@ def _improver_sft_args(training_args: SGPOConfig, script_args: SGPOScriptArgumen
         num_train_epochs=script_args.improver_sft_epochs,
         learning_rate=script_args.improver_sft_learning_rate,
         per_device_train_batch_size=script_args.improver_sft_batch_size,
+        gradient_accumulation_steps=script_args.improver_sft_gradient_accumulation_steps,
         max_length=script_args.improver_sft_max_length,
         improver_instruction=training_args.improver_instruction,
         save_strategy="steps",
+        run_name=_run_name(training_args, "improver_sft"),
         **shared,
     )
+
+
+def _run_name(training_args: SGPOConfig, stage: str) -> str:
+    """The name a stage's trainer logs under (trackio, wandb, ...): ``<run_name or output_dir name>-<stage>``, so that
+    the trainers of one recipe run are told apart and grouped."""
+    return f"{training_args.run_name or Path(training_args.output_dir).name}-{stage}"
 
 
 def _print(state: PartialState, message: str) -> None:
@@ -302,17 +267,15 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
     improver_rows, sgpo_rows = _split(dataset, script_args, training_args.seed)
     check_non_empty(sgpo_rows, ("prompt",), "dataset")
 
-    base_settings = {
-        "model": model_name,
-        "model_revision": model_args.model_revision,
-        "dtype": model_args.dtype,
-        "data": data_source,
-        "dataset_config": script_args.dataset_config,
-        "split": script_args.dataset_split,
-        "num_improver_prompts": len(improver_rows),
-        "num_sgpo_prompts": len(sgpo_rows),
-    }
-    lora_settings = _lora_settings(model_args)
+    def settings(stage: str, config=None, prefix: str = "") -> dict[str, Any]:
+        # What the stage's output depends on (see fingerprints.py): recorded in its stage.json, compared on rerun.
+        return {
+            **model_fingerprint(model_args, model_name, with_lora=stage in ("improver_sft", "sgpo")),
+            **script_fingerprint(script_args, stage),
+            "data": data_source,
+            "improver_rows": len(improver_rows),
+            **({} if config is None else fingerprint(config, prefix)),
+        }
 
     def load_base(path: str):
         # LoRA runs merge each stage's adapter into the model it was trained on; plain runs need no base.
@@ -327,23 +290,17 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
         else:
             check_columns(improver_rows, ("prompt", "reference"), "dataset", hint)
             last = _data_stages(
-                script_args, training_args, model_name, load, improver_rows, stages_dir, base_settings, summary, state
+                script_args, training_args, settings, load, model_name, improver_rows, stages_dir, summary
             )
             if last is None:  # stopped early
                 return _finish(summary, out, state)
             improver_data = load_rows(last.root / "improver_sft")
 
+        sft_args = _improver_sft_args(training_args, script_args, stages_dir / "04_improver_sft")
         stage = Stage(
             stages_dir / "04_improver_sft",
             "improver_sft",
-            {
-                **base_settings,
-                "improver_data": script_args.improver_data,
-                "improver_data_rows": len(improver_data),
-                **_settings(script_args, IMPROVER_SFT_KEYS),
-                **_settings(training_args, IMPROVER_SFT_SHARED_KEYS),
-                **lora_settings,
-            },
+            {**settings("improver_sft", sft_args, "improver_sft."), "improver_data_rows": len(improver_data)},
             after=last,
         )
         if not stage.check():
@@ -351,7 +308,6 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
             state.wait_for_everyone()
             _print(state, f"[4/5] improver SFT on {len(improver_data)} rows")
             model, tokenizer = load(model_name)
-            sft_args = _improver_sft_args(training_args, script_args, stage.root)
             trainer = ImproverSFTTrainer(
                 model,
                 args=sft_args,
@@ -384,13 +340,7 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
         stage = Stage(
             stages_dir / f"05_sgpo_iter{iteration}",
             f"sgpo iteration {iteration}",
-            {
-                **base_settings,
-                "start": "improver_sft" if improver_model_path else model_name,
-                "improver_data": script_args.improver_data,
-                **lora_settings,
-                **_settings(training_args, TRAINING_KEYS),
-            },
+            {**settings("sgpo", training_args), "start": "improver_sft" if improver_model_path else model_name},
             after=last,
         )
         if not stage.check():
@@ -398,7 +348,12 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
             state.wait_for_everyone()
             _print(state, f"[5/5] SGPO iteration {iteration}/{script_args.iterations} on {len(sgpo_rows)} prompts")
             model, tokenizer = load(start_model)
-            args = dataclasses.replace(training_args, output_dir=str(stage.root), push_to_hub=False)
+            args = dataclasses.replace(
+                training_args,
+                output_dir=str(stage.root),
+                push_to_hub=False,
+                run_name=_run_name(training_args, f"sgpo_iter{iteration}"),
+            )
             trainer = SGPOTrainer(
                 model,
                 args=args,
@@ -494,6 +449,7 @@ def _train_and_save(trainer, tokenizer, root: Path, state: PartialState, load_ba
             state_dict = None
         model.save_pretrained(root / "model", state_dict=state_dict)
         tokenizer.save_pretrained(root / "model")
+        save_improver_template(trainer, root / "model")  # the next stage and users rebuild the same improver prompt
     state.wait_for_everyone()
 
 
@@ -505,117 +461,29 @@ def _finish(summary: dict[str, Any], out: Path, state: PartialState) -> dict[str
     return summary
 
 
-def _data_stages(script_args, training_args, model_name, load, rows, stages_dir, base_settings, summary, state):
-    """Stages 1-3 on the main process (the others wait, then read the finished outputs).
+def _data_stages(script_args, training_args, settings, load, model_name, rows, stages_dir, summary):
+    """Stages 1-3 on every process (see :mod:`.data_stages`): the finished filter stage, or ``None`` when the run stops
+    at or before it."""
+    from .data_stages import run_data_stages
 
-    Returns the finished filter stage, or ``None`` when ``stop_after`` stops the run before or at it.
-    """
-    from ..data.perplexity import REPORT_FILE, PerplexityFilterConfig, filter_targets
-    from ..data.sampling import sample_responses
-    from ..data.target_writers import OpenAITargetWriter, ReferenceStepWriter, write_targets
+    sampling = {name: getattr(training_args, name) for name in SAMPLING_SETTINGS}
+    sample = Stage(stages_dir / "01_sample", "sample", {**settings("sample"), **sampling})
+    writer = "openai" if script_args.writer_model else "reference-step"
+    targets = Stage(stages_dir / "02_targets", "targets", {**settings("targets"), "writer": writer}, after=sample)
+    filtered = Stage(stages_dir / "03_filter", "filter", settings("filter"), after=targets)
+    state = PartialState()
+    loaded = []
 
-    sample = Stage(
-        stages_dir / "01_sample",
-        "sample",
-        {
-            **base_settings,
-            "max_new_tokens": training_args.max_new_tokens,
-            "temperature": training_args.temperature,
-            "seed": training_args.seed,
-        },
-    )
-    if script_args.base_url or script_args.target_model:
-        if not script_args.target_model:
-            raise ValueError("`--base_url` needs `--target_model` (the model name at that endpoint).")
-        writer_settings = {
-            "writer": "openai",
-            "base_url": script_args.base_url,
-            "target_model": script_args.target_model,
-        }
-    else:
-        writer_settings = {"writer": "reference-step", "fraction": script_args.offline_fraction}
-    targets = Stage(stages_dir / "02_targets", "targets", writer_settings, after=sample)
-    # The filter truncates rows to the improver-SFT length when scoring them.
-    filtered = Stage(
-        stages_dir / "03_filter",
-        "filter",
-        {"ppl_max_ratio": script_args.ppl_max_ratio, "improver_sft_max_length": script_args.improver_sft_max_length},
-        after=targets,
-    )
+    def policy():
+        if not loaded:
+            model, tokenizer = load(model_name)
+            loaded.append((model.to(state.device), tokenizer))
+        return loaded[0]
 
-    with state.main_process_first():
-        model = tokenizer = None
-
-        def policy():
-            nonlocal model, tokenizer
-            if model is None:
-                model, tokenizer = load(model_name)
-                model.to(state.device)
-            return model, tokenizer
-
-        if not sample.check():
-            started = sample.start()
-            print(f"[1/5] sampling the policy's answers to {len(rows)} prompts", flush=True)
-            answered = sample_responses(
-                *policy(),
-                rows,
-                sample.root / "responses.jsonl",
-                batch_size=script_args.sample_batch_size,
-                max_new_tokens=training_args.max_new_tokens,
-                temperature=training_args.temperature,
-                seed=training_args.seed,
-            )
-            sample.finish(started, rows=len(answered))
-        summary["stages"]["sample"] = sample.summary
-        if script_args.stop_after == "sample":
-            return None
-
-        if not targets.check():
-            started = targets.start()
-            answered = load_rows(sample.root / "responses.jsonl")
-            if writer_settings["writer"] == "openai":
-                writer = OpenAITargetWriter(
-                    model=script_args.target_model,
-                    base_url=script_args.base_url,
-                    api_key_env=script_args.api_key_env,
-                    max_concurrency=script_args.max_concurrency,
-                    timeout=script_args.request_timeout,
-                )
-            else:
-                writer = ReferenceStepWriter(fraction=script_args.offline_fraction)
-            print(f"[2/5] writing improver targets with {writer.name}", flush=True)
-            write_targets(writer, answered, targets.root / "targets.jsonl")
-            targets.finish(started, **writer.stats.as_dict())
-        summary["stages"]["targets"] = targets.summary
-        if script_args.stop_after == "targets":
-            return None
-
-        if not filtered.check():
-            started = filtered.start()
-            print("[3/5] perplexity filter", flush=True)
-            written = load_rows(targets.root / "targets.jsonl")
-            kept, report = filter_targets(
-                *policy(),
-                written,
-                filtered.root,
-                PerplexityFilterConfig(max_ratio=script_args.ppl_max_ratio),
-                batch_size=script_args.sample_batch_size,
-                max_length=script_args.improver_sft_max_length,
-            )
-            if len(kept) == 0:
-                raise ValueError(
-                    f"The perplexity filter dropped every target ({report['dropped_by_reason']}); see "
-                    f"{filtered.root / REPORT_FILE}. Raise --ppl_max_ratio or use a stronger target writer."
-                )
-            filtered.finish(
-                started,
-                rows=report["rows"],
-                kept=report["kept"],
-                dropped=report["dropped"],
-                dropped_by_reason=report["dropped_by_reason"],
-            )
-        summary["stages"]["filter"] = filtered.summary
-        del model
-    if script_args.stop_after == "filter":
-        return None
-    return filtered
+    try:
+        return run_data_stages(
+            script_args, training_args, policy, rows, [sample, targets, filtered], summary, stages_dir.parent / ".sync"
+        )
+    finally:
+        loaded.clear()  # the policy of stages 1 and 3 is gone before improver SFT loads its own
+        gc.collect()

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .memory import peak_figures, reset_peak
+
 
 MARKER = "stage.json"
 
@@ -132,9 +134,12 @@ class Stage:
                 if item != self.marker:
                     shutil.rmtree(item) if item.is_dir() else item.unlink()
             self.stale = False
+        reset_peak()
         return time.perf_counter()
 
     def finish(self, started: float, **summary: Any) -> None:
-        self.summary = _jsonable({**summary, "seconds": round(time.perf_counter() - started, 1)})
+        """Mark the stage finished with ``summary``, its seconds and this process's peak memory since :meth:`start`."""
+        seconds = round(time.perf_counter() - started, 1)
+        self.summary = _jsonable({**summary, "seconds": seconds, **peak_figures()})
         self.run_id = uuid.uuid4().hex[:12]
         self._write(done=True)

@@ -1,0 +1,46 @@
+"""One setting, one name: `trl-sgpo` and the recipe spell the settings they share alike."""
+
+import dataclasses
+
+from trl_sgpo import SGPOConfig
+from trl_sgpo.cli import build_parser
+from trl_sgpo.pipeline import SGPOScriptArguments
+
+
+SHARED = {
+    "writer_model",
+    "base_url",
+    "api_key_env",
+    "max_concurrency",
+    "request_timeout",
+    "step_fraction",
+    "sample_batch_size",
+    "ppl_max_ratio",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+}
+
+
+def cli_options(command: str) -> dict[str, list[str]]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {a.dest: a.option_strings for a in sub._actions}
+
+
+def test_the_cli_and_the_recipe_share_names():
+    recipe = {f.name for cls in (SGPOScriptArguments, SGPOConfig) for f in dataclasses.fields(cls)}
+    options = cli_options("improver-data")
+    assert recipe >= SHARED
+    for name in SHARED:
+        # The CLI's first spelling is the recipe's name with dashes (the recipe takes that spelling too).
+        assert options[name][0] == "--" + name.replace("_", "-"), (name, options.get(name))
+
+
+def test_older_cli_spellings_still_work():
+    args = build_parser().parse_args(
+        ["improver-data", "--output-dir", "x", "--batch-size", "3", "--timeout", "9", "--max-ratio", "2"]
+    )
+    assert (args.sample_batch_size, args.request_timeout, args.ppl_max_ratio) == (3, 9.0, 2.0)

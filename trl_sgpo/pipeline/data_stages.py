@@ -1,0 +1,246 @@
+"""Stages 1-3 of the recipe (sample, targets, filter) on every process of an ``accelerate launch``.
+
+- ``sample`` and ``filter`` (model-bound): each process answers, then scores, its share of the rows
+  (:func:`~trl_sgpo.data.jsonl.shard_order`) into its own file under the stage's ``shards/`` folder, resumed from it
+  on a rerun; the main process merges the shares into the stage's output.
+- ``targets`` (network-bound: one client keeps ``max_concurrency`` requests in flight): the main process only.
+
+The processes meet through files in the run's folder, which all of them read anyway (stage markers, merged outputs),
+rather than through collective calls: a collective waits for a process that failed until ``ddp_timeout`` (30 minutes
+by default) and then reports a timeout, not the error. Here a process that fails writes its error into the run's
+folder before it raises, and every other process, which looks for such a file between batches and while it waits,
+raises :class:`PeerFailedError` with the original message within seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from datasets import Dataset
+
+from ..data import target_writers
+from ..data.jsonl import ROW_ID, ensure_row_ids, load_rows, read_jsonl, rows_in_order, write_jsonl_atomic
+from .stages import Stage
+
+
+class PeerFailedError(RuntimeError):
+    """Another process of the run failed; the message is its error."""
+
+
+class Peers:
+    """The processes of one run, meeting through signal files in ``<root>/<run>/``.
+
+    Args:
+        root: A folder every process sees (the recipe's ``<output_dir>/.sync``).
+        state: The run's :class:`~accelerate.PartialState`.
+        poll_seconds: How often a waiting process looks for the signals it waits for, and for failures.
+    """
+
+    def __init__(self, root: Path, state: PartialState, poll_seconds: float = 0.5):
+        self.index, self.count, self.poll_seconds = state.process_index, state.num_processes, poll_seconds
+        # One folder per run, named by the main process, so that no process reads the signals of an earlier run.
+        run = [uuid.uuid4().hex[:12] if state.is_main_process else None]
+        if state.use_distributed:
+            broadcast_object_list(run)
+        self.folder = Path(root) / run[0]
+        if state.is_main_process and Path(root).is_dir():
+            for old in Path(root).iterdir():
+                if old != self.folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def signal(self, name: str) -> None:
+        """Tell the others that this process reached ``name``."""
+        (self.folder / f"{name}.{self.index}").touch()
+
+    def check(self) -> None:
+        """Raise :class:`PeerFailedError` when another process failed."""
+        for failed in sorted(self.folder.glob("failed.*")):
+            if failed.suffix != f".{self.index}":
+                raise PeerFailedError(failed.read_text(encoding="utf-8"))
+
+    def wait(self, name: str, processes: list[int] | None = None) -> None:
+        """Wait until ``processes`` (default: all) reached ``name``, raising as soon as one of them failed."""
+        pending = list(range(self.count) if processes is None else processes)
+        while True:
+            self.check()
+            pending = [p for p in pending if not (self.folder / f"{name}.{p}").exists()]
+            if not pending:
+                return
+            time.sleep(self.poll_seconds)
+
+    @contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Record an error raised in the block for the other processes (which then stop too), and raise it here."""
+        try:
+            yield
+        except PeerFailedError:
+            raise
+        except BaseException as e:
+            message = f"process {self.index} of {self.count} failed in {what}: {type(e).__name__}: {e}"
+            (self.folder / f"failed.{self.index}").write_text(message, encoding="utf-8")
+            raise
+
+
+def _merge_shards(rows: Dataset, shards: Path, pattern: str) -> Dataset:
+    """Every share's rows (of any process count, first copy wins), in the order of ``rows``."""
+    done: dict[str, dict[str, Any]] = {}
+    for path in sorted(shards.glob(pattern)):
+        for row in read_jsonl(path):
+            done.setdefault(row[ROW_ID], row)
+    return rows_in_order(rows, done)
+
+
+def _sharded_stage(
+    stage: Stage,
+    peers: Peers,
+    state: PartialState,
+    message: str,
+    work: Callable[[tuple[int, int], Path], None],
+    merge: Callable[[], dict[str, Any]],
+) -> None:
+    """Run ``work(shard, shard_file_folder)`` on every process, then ``merge()`` (returns the summary) on the main."""
+    name = stage.root.name
+    if state.is_main_process:
+        started = stage.start()
+        print(message, flush=True)
+        peers.signal(f"{name}-start")
+    peers.wait(f"{name}-start", [0])
+    shards = stage.root / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    work((peers.index, peers.count), shards)
+    peers.signal(f"{name}-shard")
+    if state.is_main_process:
+        peers.wait(f"{name}-shard")
+        stage.finish(started, **merge())
+        peers.signal(f"{name}-done")
+    peers.wait(f"{name}-done", [0])
+    stage.check()  # the others read the summary and run id from the marker
+
+
+def run_data_stages(
+    script_args,
+    training_args,
+    policy: Callable[[], tuple[Any, Any]],
+    rows: Dataset,
+    stages: list[Stage],
+    summary: dict[str, Any],
+    sync_dir: Path,
+) -> Stage | None:
+    """Stages 1-3 (``stages``: the sample, targets and filter :class:`Stage`) on every process.
+
+    ``sync_dir`` is a folder every process sees, for the signals of :class:`Peers`.
+
+    ``policy()`` loads the policy and its tokenizer on this process's device (once). Returns the finished filter
+    stage, or ``None`` when ``--stop_after`` stops the run at or before it.
+    """
+    state = PartialState()
+    peers = Peers(sync_dir, state)
+    with peers.guard("the data stages"):
+        return _run(script_args, training_args, policy, rows, stages, summary, state, peers)
+
+
+def _run(script_args, training_args, policy, rows, stages, summary, state, peers) -> Stage | None:
+    from ..data.perplexity import REPORT_FILE, PerplexityFilterConfig, apply_filter, score_targets
+    from ..data.sampling import sample_responses
+
+    sample, targets, filtered = stages
+    rows = ensure_row_ids(rows)
+    progress = state.is_local_main_process
+
+    if not sample.check():
+
+        def answer(shard, shards):
+            sample_responses(
+                *policy(),
+                rows,
+                shards / f"responses.{shard[0]}-of-{shard[1]}.jsonl",
+                batch_size=script_args.sample_batch_size,
+                max_new_tokens=training_args.max_new_tokens,
+                temperature=training_args.temperature,
+                top_p=training_args.top_p,
+                top_k=training_args.top_k,
+                seed=training_args.seed,
+                show_progress=progress,
+                shard=shard,
+                before_batch=peers.check,
+            )
+
+        def merge_answers():
+            answered = _merge_shards(rows, sample.root / "shards", "responses.*.jsonl")
+            write_jsonl_atomic(sample.root / "responses.jsonl", answered.to_list())
+            finished = sum(answered["response_finished"]) if len(answered) else 0
+            return {"rows": len(answered), "finished": finished, "finished_frac": finished / max(1, len(answered))}
+
+        message = f"[1/5] sampling the policy's answers to {len(rows)} prompts on {state.num_processes} process(es)"
+        _sharded_stage(sample, peers, state, message, answer, merge_answers)
+    summary["stages"]["sample"] = sample.summary
+    if script_args.stop_after == "sample":
+        return None
+
+    if not targets.check():
+        if state.is_main_process:
+            started = targets.start()
+            answered = load_rows(sample.root / "responses.jsonl")
+            if script_args.writer_model:
+                writer = target_writers.OpenAITargetWriter(
+                    model=script_args.writer_model,
+                    base_url=script_args.base_url,
+                    api_key_env=script_args.api_key_env,
+                    max_concurrency=script_args.max_concurrency,
+                    timeout=script_args.request_timeout,
+                )
+            else:
+                writer = target_writers.ReferenceStepWriter(fraction=script_args.step_fraction)
+            print(f"[2/5] writing improver targets with {writer.name}", flush=True)
+            target_writers.write_targets(writer, answered, targets.root / "targets.jsonl", show_progress=progress)
+            targets.finish(started, **writer.stats.as_dict())
+            peers.signal("targets-done")
+        peers.wait("targets-done", [0])
+        targets.check()
+    summary["stages"]["targets"] = targets.summary
+    if script_args.stop_after == "targets":
+        return None
+
+    if not filtered.check():
+        written = load_rows(targets.root / "targets.jsonl")
+
+        def score(shard, shards):
+            score_targets(
+                *policy(),
+                written,
+                shards / f"scores.{shard[0]}-of-{shard[1]}.jsonl",
+                batch_size=script_args.sample_batch_size,
+                max_length=script_args.improver_sft_max_length,
+                show_progress=progress,
+                shard=shard,
+                before_batch=peers.check,
+            )
+
+        def merge_scores():
+            scored = _merge_shards(written, filtered.root / "shards", "scores.*.jsonl")
+            write_jsonl_atomic(filtered.root / "scores.jsonl", scored.to_list())
+            kept, report = apply_filter(
+                scored, filtered.root, PerplexityFilterConfig(max_ratio=script_args.ppl_max_ratio)
+            )
+            if len(kept) == 0:
+                raise ValueError(
+                    f"The perplexity filter dropped every target ({report['dropped_by_reason']}); see "
+                    f"{filtered.root / REPORT_FILE}. Raise --ppl_max_ratio or use a stronger target writer."
+                )
+            return {k: report[k] for k in ("rows", "kept", "dropped", "dropped_by_reason")}
+
+        message = f"[3/5] perplexity filter on {state.num_processes} process(es)"
+        _sharded_stage(filtered, peers, state, message, score, merge_scores)
+    summary["stages"]["filter"] = filtered.summary
+    if script_args.stop_after == "filter":
+        return None
+    return filtered
