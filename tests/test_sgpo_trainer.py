@@ -37,6 +37,7 @@ class FixedAnswers:
     """Stand-in for the sampler: the policy always says `bad`, the improver always says `good`."""
 
     def __init__(self, tokenizer, bad="one", good="two two", improver=None):
+        self.tokenizer = tokenizer
         eos = tokenizer.eos_token_id
         self.ids = {
             "policy": tokenizer(bad, add_special_tokens=False)["input_ids"] + [eos],
@@ -45,9 +46,9 @@ class FixedAnswers:
         }
         self.calls = []
 
-    def __call__(self, model, prompts_text, role):
-        self.calls.append((role, list(prompts_text)))
-        return [list(self.ids[role]) for _ in prompts_text]
+    def __call__(self, model, prompt_ids, role):
+        self.calls.append((role, [self.tokenizer.decode(ids) for ids in prompt_ids]))
+        return [list(self.ids[role]) for _ in prompt_ids]
 
 
 def seq_logp(model, tokenizer, prompt, completion_ids):
@@ -92,10 +93,10 @@ def test_improver_sees_exactly_x_and_y_with_the_sft_tokens(tmp_path, tiny_model,
         )
         # Improver prompt: token for token what improver SFT trains on, built from x and the decoded y.
         improver_tokens = i_ids[row][i_mask[row].bool()].tolist()
-        sft_prompt_ids, _ = encode_improver_example(tiny_tokenizer, prompt, pairs.responses[row], "target")
+        sft_prompt_ids, _ = encode_improver_example(tiny_tokenizer, prompt, pairs.texts["draft"][row], "target")
         assert improver_tokens == sft_prompt_ids
         text = tiny_tokenizer.decode(improver_tokens)
-        assert prompt[0]["content"] in text and f"### Draft answer\n{pairs.responses[row]}" in text
+        assert prompt[0]["content"] in text and f"### Draft answer\n{pairs.texts['draft'][row]}" in text
 
 
 def test_pairs_put_improved_first_and_score_both_under_the_policy_prompt(tmp_path, tiny_model, tiny_tokenizer):
@@ -107,12 +108,14 @@ def test_pairs_put_improved_first_and_score_both_under_the_policy_prompt(tmp_pat
     prompts = [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "What is 1 plus 1?"}]]
     pairs = trainer.generate_pairs(trainer.model, prompts)
     B = len(prompts)
-    ids = [row[mask.bool()].tolist() for row, mask in zip(pairs.completion_ids, pairs.completion_mask)]
-    assert ids[:B] == [fixed.ids["improver"]] * B and ids[B:] == [fixed.ids["policy"]] * B
+    chosen, rejected = pairs.sequences["chosen"], pairs.sequences["rejected"]
+    for seqs, expected in ((chosen, fixed.ids["improver"]), (rejected, fixed.ids["policy"])):
+        ids = [row[mask.bool()].tolist() for row, mask in zip(seqs.completion_ids, seqs.completion_mask)]
+        assert ids == [expected] * B
     for row in range(B):
         policy = tiny_tokenizer(render_prompt(prompts[row], tiny_tokenizer), add_special_tokens=False)["input_ids"]
-        for half in (row, row + B):
-            assert pairs.prompt_ids[half][pairs.prompt_mask[half].bool()].tolist() == policy
+        for seqs in (chosen, rejected):
+            assert seqs.prompt_ids[row][seqs.prompt_mask[row].bool()].tolist() == policy
     assert pairs.keep.all()
     # The improver was asked about the policy's answer.
     role, texts = fixed.calls[1]
@@ -232,11 +235,11 @@ def test_lora_shares_one_adapter_and_reference_is_adapter_off(tmp_path, tiny_mod
     )
     assert trainer.ref_model is None
     seen_models = []
-    sample = trainer._sample
+    sample = FixedAnswers(tiny_tokenizer)
 
-    def spy(model, texts, role):
+    def spy(model, prompt_ids, role):
         seen_models.append((role, model))
-        return sample(model, texts, role)
+        return sample(model, prompt_ids, role)
 
     trainer._sample = spy
     trainer.train()
@@ -255,6 +258,7 @@ def test_full_finetune_changes_weights_and_save_load_round_trip(tmp_path, tiny_m
     trainer = SGPOTrainer(
         tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer
     )
+    trainer._sample = FixedAnswers(tiny_tokenizer)
     trainer.train()
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     out = tmp_path / "saved"
@@ -299,7 +303,8 @@ def test_evaluate_reports_pair_metrics(tmp_path, tiny_model, tiny_tokenizer):
     assert metrics["eval_sgpo/kept_frac"] == 1.0
     # Before training, policy == reference: the DPO logit is 0 and the loss is log 2.
     assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert metrics["eval_sgpo/improved_length"] == len(fixed.ids["improver"])
+    assert metrics["eval_sgpo/chosen_length"] == len(fixed.ids["improver"])
+    assert metrics["eval_sgpo/rejected_length"] == len(fixed.ids["policy"])
     trainer.train()
     assert trainer.evaluate()["eval_rewards/margins"] > 0
 
@@ -323,9 +328,16 @@ def test_judge_drops_pairs_it_does_not_prefer(tmp_path, tiny_model, tiny_tokeniz
     )
     trainer._sample = FixedAnswers(tiny_tokenizer)
     trainer.train()
-    assert trainer.pair_counts == {"made": 8, "kept": 4, "empty": 0, "identical": 0, "judge_rejected": 4}
+    counts = trainer.pair_counts
+    assert {k: counts[k] for k in ("made", "kept", "empty", "identical", "judge_rejected")} == {
+        "made": 8,
+        "kept": 4,
+        "empty": 0,
+        "identical": 0,
+        "judge_rejected": 4,
+    }
     logs = [h for h in trainer.state.log_history if "sgpo/kept_frac" in h]
-    assert all(h["sgpo/kept_frac"] == 0.5 and h["sgpo/judge_dropped_frac"] == 0.5 for h in logs)
+    assert all(h["sgpo/kept_frac"] == 0.5 and h["sgpo/judge_rejected_frac"] == 0.5 for h in logs)
     assert all(h["objective/scores_margin"] == 1.0 for h in logs)  # only preferred pairs trained
 
 
@@ -371,7 +383,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, tiny_model, tiny_tokenizer):
     with pytest.raises(ValueError, match="Every prompt"):
         SGPOTrainer(
             tiny_model,
-            args=make_args(tmp_path, max_length=16, max_new_tokens=8),
+            args=make_args(tmp_path, max_length=16, max_new_tokens=8, improver_max_new_tokens=8),
             train_dataset=Dataset.from_dict({"prompt": ["a long prompt " * 10]}),
             processing_class=tiny_tokenizer,
         )
@@ -444,25 +456,40 @@ def test_pair_counts_survive_a_resume_from_checkpoint(tmp_path, tiny_model_dir, 
     assert resumed.pair_counts == first.pair_counts
 
 
-def test_a_second_copy_loads_the_local_weights_not_the_card_name(tmp_path, tiny_model_dir, monkeypatch):
-    import trl_sgpo.trainers.sgpo_trainer as sgpo_trainer
+def test_zero3_reference_is_the_weights_the_round_starts_from(tmp_path, tiny_model_dir, monkeypatch):
+    import trl_sgpo.trainers.onpolicy as onpolicy
     from trl_sgpo import load_model_and_tokenizer
 
-    # Under ZeRO-3 the reference is loaded again from the policy's source. The pipeline renames `_name_or_path` to
-    # the base model's Hub id for the model card; the copy must still come from the local weights (offline here).
-    monkeypatch.setattr(sgpo_trainer, "is_deepspeed_zero3_enabled", lambda: True)
+    # Under ZeRO-3 the reference is loaded again from the folder the policy's weights came from. The pipeline renames
+    # `_name_or_path` to the base model's Hub id for the model card; the copy must still come from the local weights.
+    monkeypatch.setattr(onpolicy, "is_deepspeed_zero3_enabled", lambda: True)
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
     model.config._name_or_path = "someone/base-model-not-on-this-machine"
-    seen = []
-    init = sgpo_trainer.OnlineDPOTrainer.__init__
+    loaded = []
+    from_pretrained = onpolicy.AutoModelForCausalLM.from_pretrained
 
-    def spy(self, model, *args, **kwargs):
-        seen.append(model.config._name_or_path)  # what OnlineDPO's vLLM engine would load
-        init(self, model, *args, **kwargs)
+    def spy(source, **kwargs):
+        loaded.append(str(source))
+        return from_pretrained(source, **kwargs)
 
-    monkeypatch.setattr(sgpo_trainer.OnlineDPOTrainer, "__init__", spy)
-    trainer = SGPOTrainer(model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tokenizer)
-    assert seen == [str(tiny_model_dir)]
+    monkeypatch.setattr(onpolicy.AutoModelForCausalLM, "from_pretrained", spy)
+    args = make_args(tmp_path, max_steps=1)
+    trainer = SGPOTrainer(model, args=args, train_dataset=conv_dataset(), processing_class=tokenizer)
+    assert loaded == [str(tiny_model_dir)]
     assert trainer.model.config._name_or_path == "someone/base-model-not-on-this-machine"  # the card keeps its name
     for (name, p), (_, q) in zip(model.named_parameters(), trainer.ref_model.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+
+    # Round 1 trains this model object in memory: its folder no longer holds its weights.
+    trainer._sample = FixedAnswers(tokenizer)
+    trainer.train()
+    assert onpolicy.reference_weights_source(model) is None
+    with pytest.raises(ValueError, match="Pass `ref_model`"):
+        SGPOTrainer(model, args=args, train_dataset=conv_dataset(), processing_class=tokenizer)
+    # Saved, the round's folder is the next round's reference.
+    trainer.save_model(str(tmp_path / "round1"))
+    assert onpolicy.reference_weights_source(model) == str(tmp_path / "round1")
+    next_round = SGPOTrainer(model, args=args, train_dataset=conv_dataset(), processing_class=tokenizer)
+    assert loaded[-1] == str(tmp_path / "round1")
+    for (name, p), (_, q) in zip(model.named_parameters(), next_round.ref_model.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, msg=name)

@@ -20,6 +20,8 @@ _EXPORTS = {
     "DEFAULT_MODEL": "models",
     "default_model_path": "models",
     "load_model_and_tokenizer": "models",
+    "OnPolicyConfig": "trainers.onpolicy",
+    "OnPolicyTrainer": "trainers.onpolicy",
     "SGPOConfig": "trainers.sgpo_config",
     "SGPOTrainer": "trainers.sgpo_trainer",
     "DEFAULT_INSTRUCTION": "templates",
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from .trainers.collators import DataCollatorForImproverTargets
     from .trainers.improver_sft_config import ImproverSFTConfig
     from .trainers.improver_sft_trainer import ImproverSFTTrainer
+    from .trainers.onpolicy import OnPolicyConfig, OnPolicyTrainer
     from .trainers.sgpo_config import SGPOConfig
     from .trainers.sgpo_trainer import SGPOTrainer
 
