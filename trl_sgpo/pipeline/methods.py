@@ -20,6 +20,7 @@ and ``method_args``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,3 +229,97 @@ def round_prompts(prompts: Dataset, round_index: int, num_rounds: int) -> Datase
 def method_prompts(method: Method, prompts: Dataset, round_index: int, num_rounds: int) -> Dataset:
     """The prompts one round of ``method`` trains on: its disjoint share, or all of them."""
     return round_prompts(prompts, round_index, num_rounds) if method.disjoint_rounds else prompts
+
+
+JUDGES = ("none", "similarity", "reward-model", "openai")
+
+
+@dataclass
+class MethodArguments:
+    """Which method the recipe trains with (``recipes/sgpo.py --method``), its own settings and its judge."""
+
+    method: str = field(
+        default="sgpo",
+        metadata={
+            "help": "Training method: sgpo (improver stages then SGPO), sppo, sso or online_dpo (no improver stages).",
+            "choices": list(METHODS),
+        },
+    )
+    method_args: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON object of settings of the method's config that differ from the shared training arguments, "
+            'e.g. \'{"num_samples": 4, "beta": 0.01}\' for SPPO (its `beta` and `loss_type` otherwise keep the '
+            "method's defaults)."
+        },
+    )
+    judge: str = field(
+        default="none",
+        metadata={
+            "help": "Judge for methods that need one (sppo, online_dpo) or can use one (sgpo drops pairs): none, "
+            "similarity (offline; rows need a `reference`), reward-model (--reward_model) or openai "
+            "(--judge_base_url, --judge_model).",
+            "choices": list(JUDGES),
+        },
+    )
+    reward_model: str | None = field(default=None, metadata={"help": "reward-model judge: Hub id or folder."})
+    judge_base_url: str | None = field(default=None, metadata={"help": "openai judge: endpoint URL."})
+    judge_model: str | None = field(default=None, metadata={"help": "openai judge: model name at the endpoint."})
+    similarity_temperature: float = field(
+        default=0.05, metadata={"help": "similarity judge: P(a beats b) = sigmoid((sim_a - sim_b) / T)."}
+    )
+
+    def __post_init__(self):
+        # A --config YAML sets defaults, which argparse does not check against `choices`.
+        get_method(self.method)
+        if self.judge not in JUDGES:
+            raise ValueError(f"`judge` must be one of {JUDGES}, got {self.judge!r}.")
+        if METHODS[self.method].judge == "required" and self.judge == "none":
+            raise ValueError(
+                f"--method {self.method} needs a judge: add `--judge similarity` (offline, prompts with references), "
+                "`--judge reward-model --reward_model <id>` or `--judge openai --judge_model <name>`."
+            )
+        if METHODS[self.method].judge == "none" and self.judge != "none":
+            raise ValueError(f"--method {self.method} uses no judge; drop `--judge {self.judge}`.")
+        self.parsed_method_args()  # bad JSON fails here, before any model loads
+
+    def parsed_method_args(self) -> dict[str, Any]:
+        if self.method_args is None:
+            return {}
+        if isinstance(self.method_args, dict):
+            return dict(self.method_args)
+        try:
+            value = json.loads(self.method_args)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"`method_args` must be a JSON object, got {self.method_args!r}: {e}") from e
+        if not isinstance(value, dict):
+            raise ValueError(f"`method_args` must be a JSON object, got {self.method_args!r}.")
+        return value
+
+    def build_judge(self):
+        """The judge of :mod:`trl_sgpo.evaluation` named by ``judge`` (``None`` for ``"none"``)."""
+        if self.judge == "none":
+            return None
+        from ..evaluation.judges import OpenAIPairwiseJudge, ReferenceSimilarityJudge, RewardModelJudge
+
+        if self.judge == "similarity":
+            return ReferenceSimilarityJudge(temperature=self.similarity_temperature)
+        if self.judge == "reward-model":
+            if not self.reward_model:
+                raise ValueError("--judge reward-model needs --reward_model (Hub id or folder of the reward model).")
+            return RewardModelJudge(self.reward_model)
+        if not self.judge_model:
+            raise ValueError("--judge openai needs --judge_model (the model name at the endpoint).")
+        judge = OpenAIPairwiseJudge(self.judge_model, self.judge_base_url)
+        judge.read_api_key()
+        return judge
+
+
+def round_figures(trainer) -> dict[str, Any]:
+    """Counts and last logged figures of a finished round, for the summary (TRL's OnlineDPO has no counts)."""
+    if hasattr(trainer, "training_figures"):
+        return trainer.training_figures()
+    for entry in reversed(trainer.state.log_history):
+        if "loss" in entry:
+            return {k: v for k, v in entry.items() if k in ("loss", "rewards/margins", "rewards/accuracies")}
+    return {}
