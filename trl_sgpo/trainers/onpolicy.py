@@ -8,7 +8,8 @@ in the structure of TRL's ``GRPOTrainer``:
 - **Buffered generation.** The train dataloader yields the prompts of a whole gradient-accumulation window (TRL's
   ``RepeatSampler``, repeated once per micro-batch); ``_prepare_inputs`` makes the items of the window once (one
   unwrap of the model, one call of :meth:`OnPolicyTrainer.make_items`), keeps the kept ones, computes their reference
-  log-probs and slices the buffer into micro-batches.
+  log-probs and slices the buffer into micro-batches (micro-batch ``i`` holds the kept items among the window's
+  prompts ``[i * batch, (i + 1) * batch)``).
 - **Loss normalization.** :meth:`compute_loss` sums the per-item losses of the micro-batch and divides by the number
   of kept items in the whole window over all processes (times the process count, which DDP divides back), so every
   kept item weighs the same whatever micro-batch or process it landed on. The loss is scaled for accumulation here,
@@ -610,8 +611,8 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         with self.generation_model() as model:
             items = self.make_items(model, prompts, inputs)
         self._record_items(items)
-        kept = items.select(items.keep.nonzero().flatten().cpu())
-        n_window = int(self._gather_sum(torch.tensor(float(len(kept)))).item())
+        keep = items.keep.cpu()
+        n_window = int(self._gather_sum(keep.float().sum()).item())
         self.counts["steps"] += 1
         self._log_steps += 1
         self._window_skipped = n_window == 0
@@ -620,23 +621,22 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             return [{"skip": True}] * steps
 
         device = self.accelerator.device
-        kept.values["weight"] = torch.ones(len(kept), device=device)
-        # Micro-batches: the kept items in near-equal slices, the fuller ones last so the micro-batch that syncs
-        # gradients holds items whenever the process kept any.
-        sizes = [len(kept) // steps + (1 if i >= steps - len(kept) % steps else 0) for i in range(steps)]
-        batches, start = [], 0
-        for size in sizes:
-            if size:
-                part = kept.select(torch.arange(start, start + size))
+        size = len(items) // steps
+        batches = []
+        for i in range(steps):
+            # Micro-batch i holds the kept items among the window's prompts [i * size, (i + 1) * size).
+            kept = [j for j in range(i * size, (i + 1) * size) if keep[j]]
+            if kept:
+                part = items.select(torch.tensor(kept))
+                part.values["weight"] = torch.ones(len(kept), device=device)
             else:
                 # Every process runs forward and backward on every micro-batch of a window that trains (DDP
                 # all-reduces, DeepSpeed counts micro-steps): a process without an item here runs one with its
                 # completions masked out and weight 0, which adds a zero gradient.
-                part = items.select(torch.tensor([0]))
+                part = items.select(torch.tensor([i * size]))
                 for seqs in part.sequences.values():
                     seqs.completion_mask = torch.zeros_like(seqs.completion_mask)
                 part.values["weight"] = torch.zeros(1, device=device)
-            start += size
             ref = self.reference_logps(part)
             for name, value in ref.items():
                 part.values[f"ref_logps/{name}"] = value

@@ -1,0 +1,214 @@
+"""The step OnPolicyTrainer owns, checked through SGPOTrainer: validity, empty windows, accumulation, OnlineDPO seams."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl.experimental.online_dpo import OnlineDPOTrainer
+
+from trl_sgpo import SGPOConfig, SGPOTrainer
+from trl_sgpo.trainers.onpolicy import ONLINE_DPO_ATTRIBUTES, ONLINE_DPO_METHODS, OnPolicyTrainer
+
+
+def prompts(n):
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(n)]})
+
+
+def make_args(tmp_path, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        max_new_tokens=6,
+        max_length=128,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        seed=0,
+    )
+    defaults.update(kw)
+    return SGPOConfig(**defaults)
+
+
+class Scripted:
+    """Stand-in sampler: the draft is `one`, the improvement `two two`; both end with EOS unless told otherwise.
+
+    ``drop`` lists positions (in each call's list of prompts) whose improvement repeats the draft, so that pair is
+    dropped as identical; ``plan`` maps a call number (one per window) to such a list.
+    """
+
+    def __init__(self, tokenizer, drop=(), plan=None, draft_eos=True, improved_eos=True, improver=None):
+        eos = [tokenizer.eos_token_id]
+        self.draft = tokenizer("one", add_special_tokens=False)["input_ids"] + (eos if draft_eos else [])
+        improved = improver if improver is not None else tokenizer("two two", add_special_tokens=False)["input_ids"]
+        self.improved = list(improved) + (eos if improved_eos else [])
+        self.drop, self.plan, self.windows = set(drop), plan, 0
+
+    def __call__(self, model, prompt_ids, role):
+        if role == "policy":
+            self.windows += 1
+            return [list(self.draft) for _ in prompt_ids]
+        drop = self.drop if self.plan is None else set(self.plan.get(self.windows, ()))
+        return [list(self.draft) if i in drop else list(self.improved) for i in range(len(prompt_ids))]
+
+
+def test_online_dpo_members_still_relied_on_exist(tmp_path, tiny_model, tiny_tokenizer):
+    # SGPOTrainer still subclasses TRL's experimental OnlineDPOTrainer; these are the members it uses. A TRL release
+    # that drops or renames one must fail here, not change training silently.
+    assert issubclass(SGPOTrainer, OnPolicyTrainer) and issubclass(OnPolicyTrainer, OnlineDPOTrainer)
+    for name in ONLINE_DPO_METHODS:
+        assert name in vars(OnlineDPOTrainer), name
+    trainer = SGPOTrainer(
+        tiny_model, args=make_args(tmp_path), train_dataset=prompts(4), processing_class=tiny_tokenizer
+    )
+    for name in ONLINE_DPO_ATTRIBUTES:
+        assert hasattr(trainer, name), name
+    # And the OnlineDPO machinery this package replaced is not used: no training_step of OnlineDPO's, no _generate.
+    assert SGPOTrainer.training_step is OnPolicyTrainer.training_step
+    assert "_generate" not in vars(OnPolicyTrainer) and "_pending_pairs" not in vars(trainer)
+
+
+def _snapshot(trainer):
+    return (
+        {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+        copy.deepcopy(trainer.optimizer.state_dict()),
+        trainer.lr_scheduler.last_epoch,
+        [g["lr"] for g in trainer.optimizer.param_groups],
+    )
+
+
+class Snapshots(TrainerCallback):
+    def __init__(self):
+        self.trainer, self.after = None, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after.append(_snapshot(self.trainer))
+
+
+def _assert_same(a, b):
+    params_a, opt_a, epoch_a, lrs_a = a
+    params_b, opt_b, epoch_b, lrs_b = b
+    assert all(torch.equal(params_a[n], params_b[n]) for n in params_a)
+    assert epoch_a == epoch_b and lrs_a == lrs_b
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for key, state in opt_a["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][name])), (key, name)
+
+
+def test_a_step_that_keeps_nothing_leaves_weights_optimizer_and_schedule_bit_identical(
+    tmp_path, tiny_model, tiny_tokenizer
+):
+    # AdamW with weight decay and a warmup schedule: momentum, decay and the schedule would all move a skipped step.
+    args = make_args(
+        tmp_path, max_steps=3, optim="adamw_torch", weight_decay=0.1, lr_scheduler_type="linear", warmup_steps=2
+    )
+    trainer = SGPOTrainer(tiny_model, args=args, train_dataset=prompts(8), processing_class=tiny_tokenizer)
+    trainer._sample = Scripted(tiny_tokenizer, plan={2: (0, 1)})  # window 2 keeps no pair
+    snapshots = Snapshots()
+    snapshots.trainer = trainer
+    trainer.add_callback(snapshots)
+    trainer.train()
+    first, second, third = snapshots.after
+    _assert_same(first, second)
+    assert not all(torch.equal(first[0][n], third[0][n]) for n in first[0])  # step 3 trains again
+    assert third[2] == first[2] + 1
+    assert trainer.pair_counts["skipped_steps"] == 1 and trainer.pair_counts["identical"] == 2
+    logs = [h for h in trainer.state.log_history if "sgpo/skipped_steps" in h and "loss" in h]
+    assert [h["sgpo/skipped_steps"] for h in logs] == [0, 1, 1]
+    assert logs[1]["loss"] != logs[1]["loss"]  # NaN: a skipped step reports no loss rather than a placeholder
+
+
+def test_improvements_cut_at_the_budget_never_train(tmp_path, tiny_model, tiny_tokenizer):
+    # A real tiny model whose improver can never write its EOS: every improvement hits the token budget. Cut drafts
+    # are let through, so the improvement's own budget is what drops the pairs.
+    args = make_args(
+        tmp_path,
+        max_steps=2,
+        optim="adamw_torch",
+        weight_decay=0.1,
+        max_initial_empty_steps=0,
+        keep_truncated_drafts=True,
+    )
+    trainer = SGPOTrainer(tiny_model, args=args, train_dataset=prompts(4), processing_class=tiny_tokenizer)
+    trainer.improver_generation_config.suppress_tokens = list(trainer.eos_token_ids)
+    trainer.improver_generation_config.min_new_tokens = args.improver_max_new_tokens
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.pair_counts["made"] == 4 and trainer.pair_counts["kept"] == 0
+    assert trainer.pair_counts["truncated_improved"] == 4
+    logs = [h for h in trainer.state.log_history if "sgpo/kept_frac" in h]
+    assert logs and all(h["sgpo/truncated_improved_frac"] == 1.0 for h in logs)
+    # Improvements ran to their own budget (twice the draft's by default), not to `max_new_tokens`.
+    assert all(h["sgpo/chosen_length"] == args.improver_max_new_tokens == 12 for h in logs)
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_cut_drafts_are_dropped_unless_kept_on_purpose(tmp_path, tiny_model, tiny_tokenizer):
+    for keep_truncated, kept in ((False, 0), (True, 4)):
+        args = make_args(
+            tmp_path / str(keep_truncated), keep_truncated_drafts=keep_truncated, max_initial_empty_steps=0
+        )
+        trainer = SGPOTrainer(tiny_model, args=args, train_dataset=prompts(4), processing_class=tiny_tokenizer)
+        trainer._sample = Scripted(tiny_tokenizer, draft_eos=False)
+        trainer.train()
+        counts = trainer.pair_counts
+        assert counts["truncated_policy"] == 4 and counts["truncated_improved"] == 0 and counts["kept"] == kept
+
+
+def test_improver_budget_defaults_to_twice_the_draft_budget(tmp_path):
+    assert make_args(tmp_path, max_new_tokens=6).improver_max_new_tokens == 12
+    assert make_args(tmp_path, max_new_tokens=6, improver_max_new_tokens=7).improver_max_new_tokens == 7
+
+
+def test_a_run_whose_first_steps_keep_nothing_stops_and_says_what_to_change(tmp_path, tiny_model, tiny_tokenizer):
+    args = make_args(tmp_path, max_steps=5, max_initial_empty_steps=3)
+    trainer = SGPOTrainer(tiny_model, args=args, train_dataset=prompts(10), processing_class=tiny_tokenizer)
+    trainer._sample = Scripted(tiny_tokenizer, improved_eos=False)
+    with pytest.raises(ValueError, match=r"first 3 optimizer steps kept no pair.*raise `improver_max_new_tokens`"):
+        trainer.train()
+    assert trainer.state.global_step == 2 and trainer.pair_counts["skipped_steps"] == 3
+
+
+def test_many_skipped_steps_warn(tmp_path, tiny_model, tiny_tokenizer, caplog):
+    args = make_args(tmp_path, max_steps=4, max_initial_empty_steps=0, skipped_steps_warning_frac=0.5)
+    trainer = SGPOTrainer(tiny_model, args=args, train_dataset=prompts(8), processing_class=tiny_tokenizer)
+    trainer._sample = Scripted(tiny_tokenizer, plan={1: (), 2: (0, 1), 3: (0, 1), 4: (0, 1)})
+    trainer.train()
+    assert "3 of 4 optimizer steps kept no pair" in caplog.text and "train the improver first" in caplog.text
+
+
+def _delta(tmp_path, tokenizer, batch_size, accumulation, drop):
+    from helpers.tiny import build_tiny_model
+
+    model = build_tiny_model(tokenizer)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = make_args(
+        tmp_path / f"b{batch_size}ga{accumulation}",
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+    )
+    trainer = SGPOTrainer(model, args=args, train_dataset=prompts(8), processing_class=tokenizer)
+    trainer._sample = Scripted(tokenizer, drop=drop)
+    trainer.train()
+    assert trainer.pair_counts["kept"] == 8 - len(drop)
+    return {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()}
+
+
+def test_every_kept_pair_weighs_the_same_whatever_micro_batch_it_lands_on(tmp_path, tiny_tokenizer):
+    # One window of 8 prompts. Accumulated: micro-batch 1 (positions 0-3) keeps 1 pair, micro-batch 2 (4-7) keeps 3.
+    drop = (0, 1, 2, 7)
+    full = _delta(tmp_path, tiny_tokenizer, 8, 1, drop)
+    accumulated = _delta(tmp_path, tiny_tokenizer, 4, 2, drop)
+    assert sum(d.norm() ** 2 for d in full.values()) > 0
+    for name in full:
+        torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-7)

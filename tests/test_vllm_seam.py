@@ -1,0 +1,139 @@
+"""What SGPOTrainer hands to vLLM, checked on CPU against stand-in engine objects that record what they receive."""
+
+from types import SimpleNamespace
+
+import pytest
+from datasets import Dataset
+
+from trl_sgpo import SGPOConfig, SGPOTrainer, load_model_and_tokenizer
+from trl_sgpo.templates import improver_prompt, render_prompt
+
+
+BOS_CHATML = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class StandInLLM:
+    """A colocated `vllm.LLM` stand-in: records its prompts; the draft fills its budget, the improvement ends."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append((prompts, params.max_tokens))
+        word = self.tokenizer("two", add_special_tokens=False)["input_ids"]
+        ids = (word * params.max_tokens)[: params.max_tokens]
+        if params.role == "improver":
+            ids = word + [self.tokenizer.eos_token_id]
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(ids))]) for _ in prompts]
+
+
+class StandInClient:
+    """A server-mode `VLLMClient` stand-in."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def generate(self, prompts, max_tokens, **kwargs):
+        self.calls.append((prompts, max_tokens))
+        ids = self.tokenizer("two", add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return {"completion_ids": [list(ids) for _ in prompts]}
+
+
+def _trainer(tmp_path, tiny_model_dir, mode, **kw):
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    tokenizer.chat_template = BOS_CHATML  # a template that writes the BOS itself, as Llama's and Gemma's do
+    args = SGPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_new_tokens=8,
+        max_length=96,
+        report_to="none",
+        save_strategy="no",
+        **kw,
+    )
+    prompts = [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(4)]
+    trainer = SGPOTrainer(
+        model, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer
+    )
+    # Switch the built trainer to a stand-in engine (building a real one needs a GPU).
+    trainer.use_vllm, trainer.vllm_mode = True, mode
+    trainer._last_loaded_step = trainer.state.global_step  # weights already "synced"
+    trainer._vllm_sampling_params = lambda role: SimpleNamespace(
+        max_tokens=trainer._max_tokens(role),
+        role=role,
+        repetition_penalty=1.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        min_p=0.0,
+    )
+    if mode == "colocate":
+        trainer.llm = StandInLLM(tokenizer)
+    else:
+        trainer.vllm_client = StandInClient(tokenizer)
+    return trainer, tokenizer, prompts
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_vllm_receives_token_ids_with_exactly_one_bos(tmp_path, tiny_model_dir, mode):
+    trainer, tokenizer, prompts = _trainer(tmp_path, tiny_model_dir, mode)
+    pairs = trainer.generate_pairs(trainer.model, prompts[:2])
+    engine = trainer.llm if mode == "colocate" else trainer.vllm_client
+    (policy, policy_budget), (improver, improver_budget) = engine.calls
+    if mode == "colocate":
+        policy = [p["prompt_token_ids"] for p in policy]
+        improver = [p["prompt_token_ids"] for p in improver]
+    assert (policy_budget, improver_budget) == (8, 16)
+    bos = tokenizer.bos_token_id
+    for ids, prompt in zip(policy, prompts, strict=False):
+        assert all(isinstance(t, int) for t in ids)
+        assert ids[0] == bos and ids.count(bos) == 1
+        assert ids == tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=False)["input_ids"]
+    for ids in improver:
+        assert ids[0] == bos and ids.count(bos) == 1
+    # The pairs are scored under the same ids the engine was given.
+    chosen = pairs.sequences["chosen"]
+    assert chosen.prompt_ids[0][chosen.prompt_mask[0].bool()].tolist() == policy[0]
+
+
+def test_max_model_len_covers_the_improver_prompt_and_both_answers(tmp_path, tiny_model_dir):
+    trainer, tokenizer, _ = _trainer(tmp_path, tiny_model_dir, "colocate")
+    limit = trainer.vllm_max_model_len()
+    kwargs = trainer.vllm_engine_kwargs(trainer.model)
+    assert kwargs["max_model_len"] == limit
+    assert kwargs["model"] == str(tiny_model_dir)  # the local weights, not a card name
+    # The longest prompt the dataset check lets through, and a draft that fills its budget.
+    room = trainer.prompt_room(trainer.args)
+    words = 1
+    while (
+        len(tokenizer(render_prompt(_question(words + 1), tokenizer), add_special_tokens=False)["input_ids"]) <= room
+    ):
+        words += 1
+    question = _question(words)
+    draft = " ".join(["two"] * trainer.args.max_new_tokens)
+    request = render_prompt(improver_prompt(question, draft, trainer.improver_template), tokenizer)
+    request_ids = tokenizer(request, add_special_tokens=False)["input_ids"]
+    assert len(request_ids) + trainer.args.improver_max_new_tokens <= limit
+    # OnlineDPO's sizing (max_length + max_new_tokens) would not hold it.
+    assert (
+        len(request_ids) + trainer.args.improver_max_new_tokens > trainer.args.max_length + trainer.args.max_new_tokens
+    )
+    trainer.generate_pairs(trainer.model, [question])  # fits: no error
+
+
+def _question(words):
+    return [{"role": "user", "content": " ".join(["plus"] * words)}]
+
+
+def test_a_prompt_that_cannot_fit_gets_a_clear_error(tmp_path, tiny_model_dir):
+    trainer, _, _ = _trainer(tmp_path, tiny_model_dir, "colocate")
+    limit = trainer.vllm_max_model_len()
+    with pytest.raises(ValueError, match=r"improver prompt of \d+ tokens plus its 16-token budget does not fit"):
+        trainer._sample_vllm([[5] * (limit - 10)], role="improver")
+    assert trainer.llm.calls == []  # refused before reaching the engine
