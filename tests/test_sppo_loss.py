@@ -120,3 +120,16 @@ def test_pairwise_judge_asked_once_per_pair_with_complementary_probabilities():
 def test_not_a_judge():
     with pytest.raises(TypeError, match="scores"):
         judge_win_probabilities(object(), ["p"], [["a", "b"]])
+
+
+class TemperedScores(LengthScores):
+    """A pointwise judge with its own reading of two scores (as ReferenceSimilarityJudge has a temperature)."""
+
+    def probability(self, score_a, score_b):
+        return 1 / (1 + math.exp(-(score_a - score_b) / 2))
+
+
+def test_pointwise_judge_probability_method_is_used():
+    # Lengths 1 and 3, temperature 2: P(long beats short) = sigmoid(1).
+    (matrix,) = judge_win_probabilities(TemperedScores(), ["p"], [["a", "bbb"]])
+    assert matrix[1, 0].item() == pytest.approx(1 / (1 + math.exp(-1.0)))

@@ -1,6 +1,7 @@
 """SPPOTrainer: which answers train, with which targets, and what a step does to the weights."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from datasets import Dataset
 
 from trl_sgpo import SPPOConfig, SPPOTrainer
 from trl_sgpo.pipeline.methods import round_prompts
+from trl_sgpo.templates import render_prompt
 
 
 def conv_dataset(n=8):
@@ -196,3 +198,53 @@ def test_real_sampler_cut_answers_are_counted(tmp_path, tiny_model, tiny_tokeniz
     )
     trainer.train()
     assert trainer.counts["made"] == 6 and trainer.counts["truncated"] == 6 and trainer.counts["kept"] == 0
+
+
+class StandInLLM:
+    """A colocated `vllm.LLM` stand-in: records its prompts; answers "two", then EOS, then more tokens (cut at EOS)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append((prompts, params.max_tokens))
+        word = self.tokenizer("two", add_special_tokens=False)["input_ids"]
+        ids = word + [self.tokenizer.eos_token_id] + word
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(ids))]) for _ in prompts]
+
+
+class StandInClient:
+    """A server-mode `VLLMClient` stand-in."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def generate(self, prompts, max_tokens, **kwargs):
+        self.calls.append((prompts, max_tokens))
+        ids = self.tokenizer("two", add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return {"completion_ids": [list(ids) for _ in prompts]}
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_vllm_gets_token_ids_and_answers_end_at_the_first_eos(tmp_path, tiny_model, tiny_tokenizer, mode):
+    trainer = SPPOTrainer(
+        tiny_model,
+        judge=LengthScores(),
+        args=make_args(tmp_path),
+        train_dataset=conv_dataset(),
+        processing_class=tiny_tokenizer,
+    )
+    trainer.use_vllm, trainer.vllm_mode = True, mode
+    trainer._vllm_sampling_params = lambda: SimpleNamespace(
+        max_tokens=6, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0
+    )
+    engine = StandInLLM(tiny_tokenizer) if mode == "colocate" else StandInClient(tiny_tokenizer)
+    setattr(trainer, "llm" if mode == "colocate" else "vllm_client", engine)
+    prompts = conv_dataset(2)["prompt"]
+    ids = trainer.generate_ids(None, trainer.tokenize_prompts([render_prompt(p, tiny_tokenizer) for p in prompts]))
+    ((sent, max_tokens),) = engine.calls
+    sent = [row["prompt_token_ids"] for row in sent] if mode == "colocate" else sent
+    expected = tiny_tokenizer(render_prompt(prompts[0], tiny_tokenizer), add_special_tokens=False)["input_ids"]
+    assert sent[0] == expected and max_tokens == 6
+    # Answers end at the first EOS.
+    assert ids[0] == tiny_tokenizer("two", add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]

@@ -31,9 +31,23 @@ class PolicySampler:
         )
         return [c[m.bool()].tolist() for c, m in zip(completion_ids, completion_mask, strict=True)]
 
-    def _generate_ids_vllm(self, prompt_ids: list[list[int]]) -> list[list[int]]:  # pragma: no cover - needs vLLM
+    def _vllm_sampling_params(self):  # pragma: no cover - needs vLLM (tests replace it)
         from vllm import SamplingParams
 
+        return SamplingParams(
+            n=1,
+            repetition_penalty=self.repetition_penalty,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=-1 if not self.top_k else self.top_k,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            max_tokens=self.args.max_new_tokens,
+            detokenize=False,
+            **(self.args.generation_kwargs or {}),
+        )
+
+    def _generate_ids_vllm(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """Token ids in (never text, so no second BOS), token ids out, from the colocated engine or the server."""
         budget, limit = self.args.max_new_tokens, self.vllm_max_model_len()
         longest = max(len(ids) for ids in prompt_ids)
         if longest + budget > limit:
@@ -41,32 +55,23 @@ class PolicySampler:
                 f"A prompt of {longest} tokens plus its {budget}-token budget does not fit vLLM's max_model_len="
                 f"{limit}. Lower `max_new_tokens` or raise `max_length` (the engine is sized from them)."
             )
-        params = {
-            "n": 1,
-            "repetition_penalty": self.repetition_penalty,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": -1 if not self.top_k else self.top_k,
-            "min_p": 0.0 if self.min_p is None else self.min_p,
-            "max_tokens": budget,
-            "detokenize": False,
-            **(self.args.generation_kwargs or {}),
-        }
+        params = self._vllm_sampling_params()
         if self.vllm_mode == "colocate":
-            outputs = self.llm.generate(
-                [{"prompt_token_ids": ids} for ids in prompt_ids], SamplingParams(**params), use_tqdm=False
-            )
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
             return [list(out.outputs[0].token_ids) for out in outputs]
         all_prompts = gather_object([list(ids) for ids in prompt_ids])
         if self.accelerator.is_main_process:
-            params.pop("detokenize")
-            params.pop("n")
-            extra = {
-                k: params.pop(k)
-                for k in list(params)
-                if k not in ("repetition_penalty", "temperature", "top_p", "top_k", "min_p", "max_tokens")
-            }
-            result = self.vllm_client.generate(prompts=all_prompts, n=1, generation_kwargs=extra or None, **params)
+            result = self.vllm_client.generate(
+                prompts=all_prompts,
+                n=1,
+                repetition_penalty=params.repetition_penalty,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                min_p=params.min_p,
+                max_tokens=params.max_tokens,
+                generation_kwargs=self.args.generation_kwargs,
+            )
             completion_ids = result["completion_ids"]
         else:
             completion_ids = [None] * len(all_prompts)
