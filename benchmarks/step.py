@@ -322,6 +322,13 @@ def methods_main(argv=None) -> None:
     parser.add_argument("--max-length", type=int, default=768, help="(default: 768; SSO prompts carry a principle)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method (default: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method first (default: 1)")
+    parser.add_argument(
+        "--eos-bias",
+        type=float,
+        default=0.0,
+        help="logit bias on EOS while sampling (generate's `sequence_bias`), so that answers finish and the loss "
+        "parts run; e.g. 4 with --tiny, whose random answers never end otherwise (default: 0)",
+    )
     args = parser.parse_args(argv)
     setup_threads(args.threads)
     started = time.perf_counter()
@@ -331,6 +338,8 @@ def methods_main(argv=None) -> None:
     tmp = tempfile.TemporaryDirectory(prefix="sgpo-bench-methods-")
     # Nothing kept (answers cut at the budget) still times every part but the loss: never stop on empty steps.
     common = {"max_initial_empty_steps": 0}
+    if args.eos_bias:
+        common["generation_kwargs"] = {"sequence_bias": {(tokenizer.eos_token_id,): args.eos_bias}}
     trainers = {
         "SPPO": SPPOTrainer(
             fresh_copy(model),
@@ -350,7 +359,8 @@ def methods_main(argv=None) -> None:
     print(machine_line(args, name))
     print(
         f"batch {args.batch_size} prompts | SPPO K={args.num_samples} | max_new_tokens {args.max_new_tokens} | "
-        f"max_length {args.max_length} | gradient_checkpointing True | {args.warmup} warm-up + {args.steps} timed steps"
+        f"max_length {args.max_length} | gradient_checkpointing True | EOS bias {args.eos_bias} | {args.warmup} "
+        f"warm-up + {args.steps} timed steps"
     )
     print("\nratio                                      measured   target   verdict")
     results = {}

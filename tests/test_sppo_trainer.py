@@ -248,3 +248,28 @@ def test_vllm_gets_token_ids_and_answers_end_at_the_first_eos(tmp_path, tiny_mod
     assert sent[0] == expected and max_tokens == 6
     # Answers end at the first EOS.
     assert ids[0] == tiny_tokenizer("two", add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+
+
+class RecordingJudge(LengthScores):
+    def __init__(self):
+        self.seen = []
+
+    def scores(self, prompts, answers, references=None):
+        self.seen += list(zip(prompts, references or [None] * len(prompts)))
+        return super().scores(prompts, answers, references)
+
+
+def test_judge_reads_the_reference_column(tmp_path, tiny_model, tiny_tokenizer):
+    rows = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(4)],
+            "reference": [f"{2 * i}" for i in range(4)],
+        }
+    )
+    judge = RecordingJudge()
+    trainer = SPPOTrainer(
+        tiny_model, judge=judge, args=make_args(tmp_path), train_dataset=rows, processing_class=tiny_tokenizer
+    )
+    trainer.generate_ids = FixedAnswers(tiny_tokenizer, ["one", "two two two", "two two"], 3)
+    trainer.train()
+    assert judge.seen and all(ref == str(2 * int(q.split()[2])) for q, ref in judge.seen)
