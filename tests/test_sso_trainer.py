@@ -101,9 +101,12 @@ def test_principles_reach_the_chat_template_as_system_messages(tmp_path, tiny_mo
         # The plain prompt is exactly the user's prompt rendered by the template, with no principle.
         assert plain == render_prompt(prompts[i], tiny_tokenizer)
         assert good.endswith(plain.split("<|im_start|>system")[-1])
-    # Good and bad system messages come from the same principle.
+    # Good and bad system messages come from the same principle, the one the items record.
+    items = trainer.make_items(None, prompts[:1], {})
     principle = next(p for p in trainer.principles if p.good in texts[0])
     assert principle.bad in texts[2]
+    recorded = next(p for p in trainer.principles if p.name == items.texts["principle"][0])
+    assert recorded.good in tiny_tokenizer.decode(trainer.generate_ids.calls[1][0])
 
 
 def test_template_without_system_role_errors_or_falls_back(tmp_path, tiny_model, tiny_tokenizer):

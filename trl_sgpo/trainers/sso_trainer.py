@@ -117,11 +117,12 @@ class SSOTrainer(PolicySampler, OnPolicyTrainer):
         tokenizer = self._tokenizer
         device = self.accelerator.device
         n = len(prompts)
-        good, bad = [], []
+        good, bad, names = [], [], []
         for prompt in prompts:
-            x_good, x_bad, _ = self.steered_prompts(prompt)
+            x_good, x_bad, name = self.steered_prompts(prompt)
             good.append(x_good)
             bad.append(x_bad)
+            names.append(name)
         prompt_ids = {
             key: self.tokenize_prompts([render_prompt(p, tokenizer) for p in group])
             for key, group in (("x", prompts), ("x+", good), ("x-", bad))
@@ -153,7 +154,7 @@ class SSOTrainer(PolicySampler, OnPolicyTrainer):
             sequences=sequences,
             keep=keep,
             flags={"truncated": truncated, "empty": empty, "identical": identical},
-            texts={"y+": texts["y+"], "y-": texts["y-"], "yo": texts["yo"]},
+            texts={"principle": names, "y+": texts["y+"], "y-": texts["y-"], "yo": texts["yo"]},
         )
 
     def item_losses(self, items: Items, logps: dict[str, torch.Tensor], ref_logps: dict[str, torch.Tensor]):
