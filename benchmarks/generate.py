@@ -1,6 +1,6 @@
 """Generation throughput: SGPOTrainer's generation path vs a plain cached ``model.generate`` on the same inputs.
 
-The trainer path is what a training step runs for the policy answers: ``trainer._sample(model, prompts_text,
+The trainer path is what a training step runs for the policy answers: ``trainer._sample(model, prompt_ids,
 "policy")`` on the trainer's model, in train mode with TRL's default gradient checkpointing on (the trainer switches
 it off around ``generate`` and back on after), including its tokenization of the prompt texts and the cut at the
 first EOS. The plain path is ``model.generate(**inputs, generation_config=..., use_cache=True)`` on a separate copy of
@@ -93,7 +93,9 @@ def main() -> None:
     plain_config.use_cache = True
 
     def trainer_path():
-        ids = trainer._sample(trainer.model, texts, "policy")
+        # What a window's policy generation runs: tokenize once, unwrap once, sample.
+        with trainer.generation_model() as model:
+            ids = trainer._sample(model, trainer.tokenize_prompts(texts), "policy")
         return ids, sum(len(r) for r in ids)
 
     @torch.no_grad()

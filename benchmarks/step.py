@@ -13,12 +13,20 @@ log-probs, loss, backward), gradient clipping, ``optimizer.step``, scheduler and
 logging fall outside. The parts are timed inside the same steps by wrapping instance attributes:
 
     policy generation / improver generation   SGPOTrainer._sample, by role (OnlineDPO: _generate)
-    policy forward                             _forward(model, ...)
+    policy forward                             SGPO: compute_loss; OnlineDPO: _forward(model, ...)
     policy backward                            accelerator.backward
-    reference forward                          _forward(ref_model, ...)
+    reference forward                          SGPO: reference_logps; OnlineDPO: _forward(ref_model, ...)
     optimizer step                             _clip_grad_norm + optimizer.step
 
-    python benchmarks/step.py            # embedded SmolLM2-135M-Instruct, batch 4, 64 new tokens: ~4-6 min on 2 cores
+This is a cost benchmark: every SGPO pair trains, whatever its validity (a cut answer would otherwise drop its pair
+and skip the forward and backward), so the SGPO step always holds the whole work; the share of pairs a real run
+would keep is printed beside it.
+
+Per-pair cost with accumulation: a third trainer, SGPO with ``gradient_accumulation_steps=4`` (same batch size), takes
+its turns too. It generates the whole window (4 batches) at once; the ratio printed is its step time per pair over
+the accumulation-1 step time per pair.
+
+    python benchmarks/step.py            # embedded SmolLM2-135M-Instruct, batch 4, 64 new tokens: ~10 min on 2 cores
     python benchmarks/step.py --tiny     # random tiny model, seconds
     python benchmarks/step.py --device cuda --batch-size 16 --max-new-tokens 128 --rounds 5
 """
@@ -33,6 +41,7 @@ from collections import defaultdict
 
 # _common sets the offline/quiet environment; it must be imported before transformers and trl.
 import _common
+import torch
 from _common import (
     Clock,
     add_common_args,
@@ -52,7 +61,9 @@ from trl_sgpo import SGPOConfig, SGPOTrainer
 
 
 TARGET_STEP_RATIO = 0.5  # SGPO step / OnlineDPO step
-TARGET_STEP_OVER_PARTS = 1.3  # SGPO step / sum of its parts
+TARGET_STEP_OVER_PARTS = 1.1  # SGPO step / sum of its parts
+TARGET_PAIR_COST_GA4 = 1.0  # SGPO time per pair, accumulation 4 / accumulation 1
+ACCUMULATION = 4
 
 SGPO_PARTS = (
     "policy generation",
@@ -122,11 +133,23 @@ def instrument(trainer, recorder: StepRecorder, sgpo: bool) -> None:
     """Wrap the trainer's seams (instance attributes) so each step records its parts."""
     if sgpo:
 
-        def count(ids, model, texts, role):
+        def count(ids, model, prompt_ids, role):
             recorder.add(f"tokens/{role}", sum(len(r) for r in ids))
             recorder.add(f"width/{role}", max((len(r) for r in ids), default=0))
 
-        trainer._sample = _timed(recorder, lambda model, texts, role: f"{role} generation", trainer._sample, count)
+        trainer._sample = _timed(recorder, lambda model, ids, role: f"{role} generation", trainer._sample, count)
+        make_items = trainer.make_items
+
+        def train_every_pair(*args, **kwargs):
+            items = make_items(*args, **kwargs)
+            recorder.add("pairs", len(items))
+            recorder.add("valid pairs", float(items.keep.sum()))
+            items.keep = torch.ones_like(items.keep)  # cost benchmark: every pair trains (see the docstring)
+            return items
+
+        trainer.make_items = train_every_pair
+        trainer.compute_loss = _timed(recorder, "policy forward", trainer.compute_loss)
+        trainer.reference_logps = _timed(recorder, "reference forward", trainer.reference_logps)
     else:
 
         def count(out, *args, **kwargs):
@@ -134,12 +157,12 @@ def instrument(trainer, recorder: StepRecorder, sgpo: bool) -> None:
             recorder.add("width/generation", out[2].size(1))
 
         trainer._generate = _timed(recorder, "generation", trainer._generate, count)
-
-    ref = trainer.ref_model
-    trainer._forward = _timed(
-        recorder, lambda model, *a, **k: "reference forward" if model is ref else "policy forward", trainer._forward
-    )
-    # SGPO swaps `accelerator.backward` for a scaled version during its step; it wraps (and restores) this one.
+        ref = trainer.ref_model
+        trainer._forward = _timed(
+            recorder,
+            lambda model, *a, **k: "reference forward" if model is ref else "policy forward",
+            trainer._forward,
+        )
     trainer.accelerator.backward = _timed(recorder, "policy backward", trainer.accelerator.backward)
     trainer._clip_grad_norm = _timed(recorder, "optimizer step", trainer._clip_grad_norm)
     trainer.training_step = _timed(recorder, "training_step", trainer.training_step)
@@ -193,13 +216,19 @@ def main() -> None:
     started = time.perf_counter()
 
     model, tokenizer, name = load_model(args)
-    dataset = prompt_dataset(max(args.batch_size * max(args.steps, args.warmup), 8))
+    dataset = prompt_dataset(max(ACCUMULATION * args.batch_size * max(args.steps, args.warmup), 8))
     clock = Clock(args.device)
     tmp = tempfile.TemporaryDirectory(prefix="sgpo-bench-step-")
 
     sgpo = SGPOTrainer(
         fresh_copy(model),
         args=SGPOConfig(**trainer_kwargs(args, f"{tmp.name}/sgpo")),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    sgpo_ga = SGPOTrainer(
+        fresh_copy(model),
+        args=SGPOConfig(**trainer_kwargs(args, f"{tmp.name}/sgpo-ga", gradient_accumulation_steps=ACCUMULATION)),
         train_dataset=dataset,
         processing_class=tokenizer,
     )
@@ -212,30 +241,31 @@ def main() -> None:
     )
     del model
     recorders = {}
-    for key, trainer in (("sgpo", sgpo), ("online", online)):
+    turns = (("sgpo", sgpo), ("online", online), ("sgpo_ga", sgpo_ga))
+    for key, trainer in turns:
         recorders[key] = StepRecorder(clock)
         trainer.add_callback(recorders[key])
         trainer.remove_callback(PrinterCallback)  # the end-of-train summary each turn would clutter the report
-        instrument(trainer, recorders[key], sgpo=key == "sgpo")
+        instrument(trainer, recorders[key], sgpo=key != "online")
 
     print(machine_line(args, name))
     print(
         f"batch {args.batch_size} prompts | max_new_tokens {args.max_new_tokens} | max_length {args.max_length} | "
         f"gradient_checkpointing True | warm-up {args.warmup} step(s) each, then {args.rounds} rounds x "
-        f"{args.steps} step(s) each, A B A B in one process"
+        f"{args.steps} step(s) each, A B C A B C in one process (C: SGPO with accumulation {ACCUMULATION})"
     )
     print(
         f"generation KV cache: SGPO {sgpo.generation_config.use_cache}, OnlineDPO {online.generation_config.use_cache}"
     )
 
     if args.warmup:
-        for trainer, key in ((sgpo, "sgpo"), (online, "online")):
+        for key, trainer in turns:
             run_turn(trainer, args.warmup, args.seed)
             recorders[key].take()
-    records = {"sgpo": [], "online": []}
+    records = {key: [] for key, _ in turns}
     print("\nround   SGPO step s   OnlineDPO step s   ratio")
     for r in range(args.rounds):
-        for trainer, key in ((sgpo, "sgpo"), (online, "online")):
+        for key, trainer in turns:
             run_turn(trainer, args.steps, args.seed + 1 + r)
             records[key] += [{**rec, "round": r} for rec in recorders[key].take()]
         s = median(rec["step"] for rec in records["sgpo"] if rec["round"] == r)
@@ -244,6 +274,7 @@ def main() -> None:
 
     print_breakdown("SGPO step", records["sgpo"], SGPO_PARTS)
     print_breakdown("OnlineDPO step", records["online"], ONLINE_DPO_PARTS)
+    print_breakdown(f"SGPO step, accumulation {ACCUMULATION}", records["sgpo_ga"], SGPO_PARTS)
 
     def tokens(recs, role):
         return median(rec.get(f"tokens/{role}", 0) for rec in recs), median(
@@ -263,6 +294,19 @@ def main() -> None:
     online_step = median(rec["step"] for rec in records["online"])
     step_ratio = sgpo_step / online_step
     over_parts = median(rec["step"] / sum(rec.get(p, 0.0) for p in SGPO_PARTS) for rec in records["sgpo"])
+    per_pair = {
+        key: median(rec["step"] / max(rec.get("pairs", 0.0), 1.0) for rec in records[key])
+        for key in ("sgpo", "sgpo_ga")
+    }
+    pair_ratio = per_pair["sgpo_ga"] / per_pair["sgpo"]
+    valid = sum(rec.get("valid pairs", 0.0) for rec in records["sgpo"]) / max(
+        sum(rec.get("pairs", 0.0) for rec in records["sgpo"]), 1.0
+    )
+    print(
+        f"\nSGPO time per pair: accumulation 1 {per_pair['sgpo']:.3f}s, accumulation {ACCUMULATION} "
+        f"{per_pair['sgpo_ga']:.3f}s | pairs a real run would keep (EOS within budget, non-empty, changed): "
+        f"{100 * valid:.0f}%"
+    )
     print("\nratio                                      measured   target   verdict")
     print(
         f"  SGPO step / OnlineDPO step (medians)     {step_ratio:8.2f}   <= {TARGET_STEP_RATIO:<4}  "
@@ -271,6 +315,10 @@ def main() -> None:
     print(
         f"  SGPO step / sum of its parts (median)    {over_parts:8.2f}   <= {TARGET_STEP_OVER_PARTS:<4}  "
         f"{verdict(over_parts, TARGET_STEP_OVER_PARTS)}"
+    )
+    print(
+        f"  SGPO per pair, accumulation {ACCUMULATION} / 1      {pair_ratio:8.2f}   <= {TARGET_PAIR_COST_GA4:<4}  "
+        f"{verdict(pair_ratio, TARGET_PAIR_COST_GA4)}"
     )
     print(f"\nwall time {time.perf_counter() - started:.0f}s | load average at the end: {_common.load_average()}")
     if args.json:

@@ -72,10 +72,15 @@ def format_summary(summary) -> str:
     last = [s for k, s in summary.get("stages", {}).items() if k.startswith("sgpo_iter")]
     if last:
         s = last[-1]
+        made, kept = s.get("pairs_made") or 0, s.get("pairs_kept") or 0
+        share = f"{100 * kept / made:.0f}%" if made else "n/a"
         lines.append(
-            f"pairs made {s.get('pairs_made')}, kept {s.get('pairs_kept')}; last loss {s.get('loss')}; "
-            f"chosen-vs-rejected margin {s.get('rewards/margins')}"
+            f"pairs made {made}, kept {kept} ({share} of prompts gave a trained pair); cut at the token budget: "
+            f"drafts {s.get('pairs_truncated_policy')}, improvements {s.get('pairs_truncated_improved')}; "
+            f"empty {s.get('pairs_empty')}, identical {s.get('pairs_identical')}, judge-rejected "
+            f"{s.get('pairs_judge_rejected')}; skipped steps {s.get('skipped_steps')} of {s.get('steps')}"
         )
+        lines.append(f"last loss {s.get('loss')}; chosen-vs-rejected margin {s.get('rewards/margins')}")
     other = [(k, s) for k, s in summary.get("stages", {}).items() if "_iter" in k and not k.startswith("sgpo_iter")]
     if other:
         name, s = other[-1]

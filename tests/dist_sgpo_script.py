@@ -1,8 +1,14 @@
-"""Run by test_distributed.py under `accelerate launch` with 2 CPU processes (gloo DDP): a few SGPO steps on a tiny model.
+"""A few SGPO steps on a tiny model with scripted pairs; run by test_distributed.py in 1 and in 2 processes.
 
-Rank 0 samples for real. Rank 1's improver repeats the policy's answer for one prompt in step 1 and for both in
-step 2, so the ranks keep different numbers of pairs (2 vs 1, then 2 vs 0), which OnlineDPO's gathers must survive.
-Each rank writes what it ended with (a weight checksum, the pair counts, the logged losses) to <out>/rank<k>.json.
+Under `accelerate launch` with 2 CPU processes (gloo DDP) each process gets half of each 4-prompt window; alone, one
+process gets the whole window. The scripted sampler decides which pairs are dropped by their position in the global
+window, so both runs train on the same pairs:
+
+- step 1 drops position 1: process 0 keeps 1 pair, process 1 keeps 2;
+- step 2 drops positions 0 and 1: process 0 keeps none (it runs a zero-gradient filler), process 1 keeps 2;
+- step 3 drops every pair: the step is skipped everywhere.
+
+Each process writes what it ended with (its weights, pair counts, logged losses) to <out>/rank<k>.json/.pt.
 """
 
 import json
@@ -20,35 +26,41 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl_sgpo import SGPOConfig, SGPOTrainer
 
 
-class RepeatingImprover:
-    """Sampler for rank 1: the policy answers `one`; the improver writes `two two`, or repeats `one` (dropped)."""
+WINDOW = 4
+DROPS = {1: {1}, 2: {0, 1}, 3: {0, 1, 2, 3}}
 
-    def __init__(self, tokenizer):
+
+class ScriptedByGlobalPosition:
+    def __init__(self, tokenizer, process_index):
         eos = tokenizer.eos_token_id
         self.one = tokenizer("one", add_special_tokens=False)["input_ids"] + [eos]
         self.two = tokenizer("two two", add_special_tokens=False)["input_ids"] + [eos]
-        self.improver_calls = 0
+        self.process_index, self.window = process_index, 0
 
-    def __call__(self, model, prompts_text, role):
+    def __call__(self, model, prompt_ids, role):
         if role == "policy":
-            return [list(self.one) for _ in prompts_text]
-        self.improver_calls += 1
-        repeats = 1 if self.improver_calls == 1 else len(prompts_text)
-        return [list(self.one) if i < repeats else list(self.two) for i in range(len(prompts_text))]
+            self.window += 1
+            return [list(self.one) for _ in prompt_ids]
+        offset = self.process_index * len(prompt_ids)
+        drop = DROPS.get(self.window, set())
+        return [list(self.one) if offset + i in drop else list(self.two) for i in range(len(prompt_ids))]
 
 
 def main(model_dir, out_dir):
-    state = PartialState()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # PartialState learns the CPU setup only once the config is built
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    prompts = [[{"role": "user", "content": f"What is {i} times {i}?"}] for i in range(8)]
+    prompts = [[{"role": "user", "content": f"What is {i} times {i}?"}] for i in range(3 * WINDOW)]
     args = SGPOConfig(
         output_dir=os.path.join(out_dir, "run"),
-        per_device_train_batch_size=2,
-        max_steps=2,
+        per_device_train_batch_size=WINDOW // world,
+        max_steps=3,
         max_new_tokens=6,
         max_length=128,
-        learning_rate=1e-2,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
         report_to="none",
         logging_steps=1,
         save_strategy="no",
@@ -58,18 +70,16 @@ def main(model_dir, out_dir):
     trainer = SGPOTrainer(
         model, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer
     )
-    if state.process_index == 1:
-        trainer._sample = RepeatingImprover(tokenizer)
-    start = sum(p.double().sum().item() for p in trainer.model.parameters())
+    state = PartialState()
+    trainer._sample = ScriptedByGlobalPosition(tokenizer, state.process_index)
     trainer.train()
+    weights = {n: p.detach().cpu() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+    torch.save(weights, os.path.join(out_dir, f"rank{state.process_index}.pt"))
     result = {
         "rank": state.process_index,
         "world": state.num_processes,
-        "start_checksum": start,
-        "checksum": sum(p.double().sum().item() for p in trainer.model.parameters()),
         "pair_counts": trainer.pair_counts,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "kept_frac": [h["sgpo/kept_frac"] for h in trainer.state.log_history if "sgpo/kept_frac" in h],
     }
     with open(os.path.join(out_dir, f"rank{state.process_index}.json"), "w") as f:
         json.dump(result, f)

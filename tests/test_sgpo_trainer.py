@@ -238,6 +238,9 @@ def test_full_finetune_changes_weights_and_save_load_round_trip(tmp_path, tiny_m
     card = (tmp_path / "out" / "README.md").read_text()
     assert "sgpo" in card and "2507.20181" in card and "SGPO" in card
     assert "| pairs_made | 4 |" in card and "rewards/margins" in card
+    for row in ("| pairs_kept | 4 |", "| pairs_truncated_policy | 0 |", "| pairs_truncated_improved | 0 |"):
+        assert row in card
+    assert "| skipped_steps | 0 |" in card and "| pairs_kept_frac | 1 |" in card
 
 
 def test_args_none_and_model_path(tmp_path, tiny_model_dir, monkeypatch):

@@ -766,7 +766,10 @@ class OnPolicyTrainer(OnlineDPOTrainer):
 
     def training_figures(self) -> dict[str, float]:
         """Item counts so far and the last logged loss metrics, for summaries and the model card."""
-        figures: dict[str, float] = {f"{self._item_name}s_{k}": v for k, v in self.counts.items()}
+        step_keys = ("steps", "skipped_steps")
+        figures: dict[str, float] = {
+            k if k in step_keys else f"{self._item_name}s_{k}": v for k, v in self.counts.items()
+        }
         if self.counts["made"]:
             figures[f"{self._item_name}s_kept_frac"] = self.counts["kept"] / self.counts["made"]
         for entry in reversed(self.state.log_history):
