@@ -53,21 +53,17 @@ class CompareArguments:
             '{"num_samples": 4}}\'.'
         },
     )
-    num_eval_prompts: int = field(default=48, metadata={"help": "Held-out prompts for the evaluation."})
-    eval_max_new_tokens: int = field(default=160, metadata={"help": "Most tokens per evaluated (greedy) answer."})
     eval_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call in the evaluation."})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the intervals."})
     judge: str = field(
         default="similarity",
         metadata={
-            "help": "Judge for training (SPPO, online DPO) and evaluation: similarity (offline), reward-model or "
-            "openai.",
+            "help": "Judge for training (SPPO, online DPO) and evaluation: similarity (offline), reward-model "
+            "(--reward_model) or openai (--judge_model at --base_url).",
             "choices": ["similarity", "reward-model", "openai"],
         },
     )
     reward_model: str | None = field(default=None, metadata={"help": "reward-model judge: Hub id or folder."})
-    judge_base_url: str | None = field(default=None, metadata={"help": "openai judge: endpoint URL."})
-    judge_model: str | None = field(default=None, metadata={"help": "openai judge: model name at the endpoint."})
     similarity_temperature: float = field(
         default=0.05, metadata={"help": "similarity judge: P(a beats b) = sigmoid((sim_a - sim_b) / T)."}
     )
@@ -82,8 +78,6 @@ class CompareArguments:
             raise ValueError(f"`methods` must list some of {sorted(METHODS)}, got {self.methods}.")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"`methods` lists a method twice: {self.methods}.")
-        if self.num_eval_prompts < 1:
-            raise ValueError(f"`num_eval_prompts` must be >= 1, got {self.num_eval_prompts}.")
         extra = self.per_method_args()
         stray = sorted(set(extra) - set(self.methods))
         if stray:
@@ -106,8 +100,6 @@ class CompareArguments:
             method_args=json.dumps(self.per_method_args().get(method, {})),
             judge=self.judge if uses_judge else "none",
             reward_model=self.reward_model,
-            judge_base_url=self.judge_base_url,
-            judge_model=self.judge_model,
             similarity_temperature=self.similarity_temperature,
         )
 
@@ -127,13 +119,15 @@ def split_rows(script_args, compare_args, seed: int):
     else:
         dataset = load_dataset(name, script_args.dataset_config, split=script_args.dataset_split)
     check_columns(dataset, ("prompt",), "dataset")
-    if len(dataset) <= compare_args.num_eval_prompts:
+    n_eval = script_args.num_eval_prompts
+    if n_eval < 1:
+        raise ValueError(f"`num_eval_prompts` must be >= 1 (the held-out prompts of the comparison), got {n_eval}.")
+    if len(dataset) <= n_eval:
         raise ValueError(
-            f"The dataset has {len(dataset)} rows, not more than `num_eval_prompts`={compare_args.num_eval_prompts}: "
-            "nothing would be left to train on. Lower `num_eval_prompts` or use more prompts."
+            f"The dataset has {len(dataset)} rows, not more than `num_eval_prompts`={n_eval}: nothing would be left "
+            "to train on. Lower `num_eval_prompts` or use more prompts."
         )
     dataset = dataset.shuffle(seed=seed)
-    n_eval = compare_args.num_eval_prompts
     return dataset.select(range(n_eval, len(dataset))), dataset.select(range(n_eval))
 
 
@@ -158,13 +152,16 @@ def main(compare_args, script_args, training_args, model_args, judge=None):
     state.wait_for_everyone()
 
     if judge is None:
-        judge = compare_args.method_arguments("sppo").build_judge()
+        judge = compare_args.method_arguments("sppo").build_judge(script_args)
     start = model_args.model_name_or_path or DEFAULT_MODEL
     results = {}
     for name in compare_args.methods:
         method_args = compare_args.method_arguments(name)
         summary = run_pipeline(
-            dataclasses.replace(script_args, dataset_name=str(data_dir / "train.jsonl"), dataset_config=None),
+            # The comparison evaluates every method at the end; the pipeline's own evaluation stage is not run.
+            dataclasses.replace(
+                script_args, dataset_name=str(data_dir / "train.jsonl"), dataset_config=None, num_eval_prompts=0
+            ),
             dataclasses.replace(training_args, output_dir=str(out / name), push_to_hub=False),
             model_args,
             method_args,
@@ -184,7 +181,7 @@ def main(compare_args, script_args, training_args, model_args, judge=None):
             eval_rows,
             judge,
             out / "eval",
-            max_new_tokens=compare_args.eval_max_new_tokens,
+            max_new_tokens=script_args.eval_max_new_tokens or training_args.max_new_tokens,
             batch_size=compare_args.eval_batch_size,
             seed=training_args.seed,
             n_bootstrap=compare_args.n_bootstrap,

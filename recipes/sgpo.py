@@ -86,6 +86,11 @@ def format_summary(summary) -> str:
         name, s = other[-1]
         counts = ", ".join(f"{k}={v}" for k, v in s.items() if k.endswith(("_made", "_kept")))
         lines.append(f"{name}: {counts or 'no counts'}; last loss {s.get('loss')}")
+    evaluation = summary.get("evaluation") or {}
+    if "table" in evaluation:
+        lines += ["", "Win rates on held-out prompts", evaluation["table"], f"report: {evaluation['report']}"]
+    elif "skipped" in evaluation:
+        lines.append(f"evaluation {evaluation['skipped']}")
     if "saved_to" in summary:
         lines.append(f"model saved to {summary['saved_to']}")
     if "pushed_to" in summary:

@@ -412,3 +412,39 @@ def test_lora_run_merges_each_stage_into_a_plain_model(recipe, tiny_model_dir, p
     # The LoRA settings are part of each training stage's settings.
     with pytest.raises(StageConfigMismatchError, match=r"'improver_sft' stage .*lora_alpha: 8 -> 16"):
         recipe.main(*parse(recipe, *argv[:-1], "16"))
+
+
+def test_evaluation_stage_compares_every_model_on_held_out_prompts(recipe, tiny_model_dir, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    argv = [*base_argv(tiny_model_dir, prompt_file, out), "--num_eval_prompts", "2", "--eval_max_new_tokens", "6"]
+    summary = recipe.main(*parse(recipe, *argv))
+    assert list(summary["stages"])[-1] == "evaluation"
+    report = json.loads((out / "evaluation" / "report.json").read_text())
+    assert report["baseline"] == "start" and list(report["comparisons"]) == ["improver_sft", "sgpo_iter1"]
+    assert list(report["improver"]) == ["start", "improver_sft", "sgpo_iter1"]
+    assert report["n_prompts"] == 2 and report["judge"].startswith("reference-similarity")
+    # Held out: no evaluated prompt was sampled for improver data or trained on by SGPO.
+    stage = out / "stages" / "06_evaluation"
+    evaluated = {r["prompt"] for r in map(json.loads, open(stage / "answers" / "start" / "answers.jsonl"))}
+    sampled = {r["prompt"] for r in map(json.loads, open(out / "stages" / "01_sample" / "responses.jsonl"))}
+    all_prompts = {json.loads(line)["prompt"] for line in open(prompt_file)}
+    assert len(evaluated) == 2 and not evaluated & sampled
+    assert len(all_prompts - sampled - evaluated) == 4  # the SGPO prompts, also not evaluated
+    card = (out / "README.md").read_text()
+    assert card.count("## Evaluation") == 1 and "evaluation/win_rates.png" in card
+    assert (out / "evaluation" / "win_rates.png").is_file()
+    # A rerun redoes nothing and does not repeat the card section.
+    summary = recipe.main(*parse(recipe, *argv))
+    assert (out / "README.md").read_text().count("## Evaluation") == 1
+    assert "Win rates on held-out prompts" in recipe.format_summary(summary)
+
+
+def test_evaluation_is_skipped_with_a_reason_when_too_few_rows_are_held_out(recipe):
+    from datasets import Dataset
+
+    from trl_sgpo.pipeline.evaluation_stage import held_out_rows
+
+    data = Dataset.from_dict({"prompt": [f"q{i}" for i in range(10)], "reference": ["r"] * 10})
+    used = [data.select(range(3)), data.select(range(3, 5))]
+    rows = held_out_rows(data, used, 64, seed=0)
+    assert sorted(rows["prompt"]) == [f"q{i}" for i in range(5, 10)]

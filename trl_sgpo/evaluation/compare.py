@@ -135,7 +135,8 @@ def evaluate_models(
             (the signal SGPO trains on), reported under ``improver``.
         reference_column, category_column: Column names (used when present).
         max_new_tokens, temperature, batch_size, seed: Answer generation (greedy by default).
-        n_bootstrap, confidence: Bootstrap resamples and level of the intervals.
+        n_bootstrap, confidence: Bootstrap resamples and level of the intervals (the length-controlled interval refits
+            a logistic model per resample, so it uses ``n_bootstrap // 5``).
         device: Device for models loaded from a name (default: cuda when available).
         trainer_states: ``{label: trainer_state.json path}`` to plot training curves from.
         plots: Write the matplotlib figures.
@@ -220,6 +221,7 @@ def evaluate_models(
             answers[baseline],
             categories,
             n_bootstrap=n_bootstrap,
+            n_bootstrap_lc=n_bootstrap // 5,
             confidence=confidence,
             seed=seed,
         )
@@ -235,7 +237,14 @@ def evaluate_models(
             out / "judgments" / f"{_safe(name)}.improver.jsonl",
         )
         improver_scores[name] = compare(
-            preferences, improvements[name], answers[name], categories, n_bootstrap=n_bootstrap, seed=seed
+            preferences,
+            improvements[name],
+            answers[name],
+            categories,
+            n_bootstrap=n_bootstrap,
+            n_bootstrap_lc=n_bootstrap // 5,
+            confidence=confidence,
+            seed=seed,
         )
 
     report: dict[str, Any] = {

@@ -258,13 +258,11 @@ class MethodArguments:
         metadata={
             "help": "Judge for methods that need one (sppo, online_dpo) or can use one (sgpo drops pairs): none, "
             "similarity (offline; rows need a `reference`), reward-model (--reward_model) or openai "
-            "(--judge_base_url, --judge_model).",
+            "(--judge_model at --base_url, key from --api_key_env).",
             "choices": list(JUDGES),
         },
     )
     reward_model: str | None = field(default=None, metadata={"help": "reward-model judge: Hub id or folder."})
-    judge_base_url: str | None = field(default=None, metadata={"help": "openai judge: endpoint URL."})
-    judge_model: str | None = field(default=None, metadata={"help": "openai judge: model name at the endpoint."})
     similarity_temperature: float = field(
         default=0.05, metadata={"help": "similarity judge: P(a beats b) = sigmoid((sim_a - sim_b) / T)."}
     )
@@ -296,8 +294,10 @@ class MethodArguments:
             raise ValueError(f"`method_args` must be a JSON object, got {self.method_args!r}.")
         return value
 
-    def build_judge(self):
-        """The judge of :mod:`trl_sgpo.evaluation` named by ``judge`` (``None`` for ``"none"``)."""
+    def build_judge(self, script_args=None):
+        """The judge of :mod:`trl_sgpo.evaluation` named by ``judge`` (``None`` for ``"none"``). The openai judge
+        takes its endpoint from ``script_args`` (``judge_model``, ``base_url``, ``api_key_env``), the settings the
+        recipe's evaluation stage uses too."""
         if self.judge == "none":
             return None
         from ..evaluation.judges import OpenAIPairwiseJudge, ReferenceSimilarityJudge, RewardModelJudge
@@ -308,9 +308,14 @@ class MethodArguments:
             if not self.reward_model:
                 raise ValueError("--judge reward-model needs --reward_model (Hub id or folder of the reward model).")
             return RewardModelJudge(self.reward_model)
-        if not self.judge_model:
-            raise ValueError("--judge openai needs --judge_model (the model name at the endpoint).")
-        judge = OpenAIPairwiseJudge(self.judge_model, self.judge_base_url)
+        judge_model = getattr(script_args, "judge_model", None)
+        if not judge_model:
+            raise ValueError("--judge openai needs --judge_model (the model name at --base_url).")
+        judge = OpenAIPairwiseJudge(
+            judge_model,
+            getattr(script_args, "base_url", None),
+            api_key_env=getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
+        )
         judge.read_api_key()
         return judge
 

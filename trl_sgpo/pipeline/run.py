@@ -38,6 +38,7 @@ from ..trainers.improver_sft_config import ImproverSFTConfig
 from ..trainers.improver_sft_trainer import ImproverSFTTrainer
 from ..trainers.sgpo_config import SGPOConfig
 from ..utils import set_cpu_threads
+from .evaluation_stage import EvaluationArguments, run_evaluation_stage
 from .methods import MethodArguments, get_method, method_prompts, round_figures
 from .stages import Stage
 
@@ -107,7 +108,7 @@ LORA_KEYS = (
 
 
 @dataclass
-class SGPOScriptArguments:
+class SGPOScriptArguments(EvaluationArguments):
     """Arguments of ``recipes/sgpo.py`` beyond the training ones (``SGPOConfig``) and the model ones (``ModelConfig``).
 
     Every stage has defaults that finish on 2 CPU cores in about 15 minutes with the embedded default model.
@@ -395,7 +396,7 @@ def run_pipeline(
 
     # Stage 5: rounds of the method, each made from the previous round's model (so the reference re-anchors).
     start_model = improver_model_path or model_name
-    judge = judge if judge is not None else method_args.build_judge()
+    judge = judge if judge is not None else method_args.build_judge(script_args)
     extra = method_args.parsed_method_args()
     # Recorded only when set, so that plain SGPO runs keep their stage fingerprints.
     method_settings = {
@@ -442,10 +443,25 @@ def run_pipeline(
         start_model = str(stage.root / "model")
         last = stage
 
+    # Win rates on held-out prompts; adds a section to the final card and files under output_dir/evaluation.
+    eval_files = run_evaluation_stage(
+        script_args,
+        training_args,
+        dataset,
+        [improver_rows, sgpo_rows],
+        model_name,
+        stages_dir,
+        summary,
+        state,
+        last,
+        method=method.name,
+    )
+
     # Stage 6: the final model and its card in output_dir, and on the Hub.
     final_dir = Path(start_model)
     card = final_dir.parent / "README.md"
     files = sorted(item.name for item in final_dir.iterdir()) + (["README.md"] if card.is_file() else [])
+    files += eval_files
     summary["saved_to"] = str(out)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,216 @@
+"""evaluate_models, `trl-sgpo eval` and the training callback on tiny random models, judged by the local stub."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+from datasets import Dataset
+
+from helpers.openai_stub import OpenAIStub
+from helpers.tiny import build_tiny_model
+from trl_sgpo.evaluation import evaluate_models
+from trl_sgpo.evaluation.answers import TransformersGenerator, VLLMGenerator, generate_answers
+from trl_sgpo.evaluation.callbacks import WinRateCallback
+from trl_sgpo.evaluation.judges import OpenAIPairwiseJudge, PointwiseJudge
+
+
+KEY = "sk-eval-test"
+
+
+def prompts(n=6):
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": f"Question number {i}?"}] for i in range(n)],
+            "reference": [f"Reference {i}." for i in range(n)],
+            "category": ["math" if i % 2 else "chat" for i in range(n)],
+        }
+    )
+
+
+class ScriptedGenerator:
+    """An answer generator that answers from a function of the rendered prompt (known, distinct answers)."""
+
+    def __init__(self, name, answer):
+        self.name, self.answer = name, answer
+
+    def render(self, prompt):
+        return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+    def generate(self, texts, seed):
+        return [(self.answer(t), 5, True) for t in texts]
+
+
+class LengthJudge(PointwiseJudge):
+    """Longer wins, offline (counts its calls)."""
+
+    name = "length"
+
+    def __init__(self):
+        self.calls = 0
+
+    def scores(self, prompts, answers, references=None):
+        self.calls += 1
+        return [len(a) / 10 for a in answers]
+
+
+def test_generate_answers_resumes_and_exports_alpaca_eval(tmp_path, tiny_model, tiny_tokenizer):
+    gen = TransformersGenerator(tiny_model, tiny_tokenizer, max_new_tokens=8, name="tiny")
+    out = tmp_path / "a" / "answers.jsonl"
+    first = generate_answers(gen, prompts(3), out, batch_size=2, show_progress=False)
+    calls = []
+    original = gen.generate
+    gen.generate = lambda texts, seed: calls.append(len(texts)) or original(texts, seed)
+    again = generate_answers(gen, prompts(5), out, batch_size=2, show_progress=False)
+    assert calls == [2]  # only the two new rows
+    assert again["answer"][:3] == first["answer"]
+    exported = json.loads((tmp_path / "a" / "model_outputs.json").read_text())
+    assert [e["instruction"] for e in exported] == [f"Question number {i}?" for i in range(5)]
+    assert exported[0]["output"] == first["answer"][0] and exported[0]["generator"] == "tiny"
+    assert exported[1]["dataset"] == "math"
+
+
+def test_vllm_generator_seam_with_a_stand_in(tmp_path, tiny_tokenizer):
+    class Params(SimpleNamespace):
+        pass
+
+    class FakeLLM:
+        def get_tokenizer(self):
+            return tiny_tokenizer
+
+        def generate(self, texts, params, use_tqdm=False):
+            self.params = params
+            out = SimpleNamespace(text=" hi ", token_ids=[1, 2], finish_reason="length")
+            return [SimpleNamespace(outputs=[out]) for _ in texts]
+
+    llm = FakeLLM()
+    gen = VLLMGenerator(llm, max_new_tokens=7, sampling_params_cls=Params)
+    rows = generate_answers(gen, prompts(2), tmp_path / "answers.jsonl", show_progress=False)
+    assert rows["answer"] == ["hi", "hi"] and rows["answer_finished"] == [False, False]
+    assert llm.params.max_tokens == 7 and llm.params.temperature == 0.0
+
+
+def test_evaluate_models_with_the_openai_judge_resumes_without_asking_twice(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGPO_EVAL_KEY", KEY)
+
+    def base_answer(text):  # drafts, and as improver: the draft itself, so base's improvements tie
+        return "Draft." if "### Draft answer" not in text else "Draft."
+
+    def new_answer(text):  # longer on questions 0-3, shorter on 4-5; as improver: adds a sentence
+        if "### Draft answer" in text:
+            return text.split("### Draft answer\n")[1] + " More."
+        number = int(text.split("number ")[1].rstrip("?"))
+        return "A longer answer." if number < 4 else "No."
+
+    models = {"base": ScriptedGenerator("base", base_answer), "new": ScriptedGenerator("new", new_answer)}
+    kwargs = dict(batch_size=4, n_bootstrap=50, show_progress=False, improver=True)
+    with OpenAIStub(api_key=KEY, judge_rule="longer") as stub:
+
+        def judge():
+            return OpenAIPairwiseJudge("j", stub.base_url, api_key_env="SGPO_EVAL_KEY", timeout=5.0)
+
+        report = evaluate_models(models, prompts(6), judge(), tmp_path, **kwargs)
+        sent = len(stub.requests)
+        assert sent > 0
+        # Interrupted after the answers and judgments: a rerun (new judge, same folder) sends nothing.
+        again = evaluate_models(models, prompts(6), judge(), tmp_path, **kwargs)
+        assert len(stub.requests) == sent
+        # Deleting the judgments leaves the request cache: still nothing sent.
+        for path in (tmp_path / "judgments").iterdir():
+            path.unlink()
+        evaluate_models(models, prompts(6), judge(), tmp_path, **kwargs)
+        assert len(stub.requests) == sent
+    assert again["comparisons"] == report["comparisons"]
+    assert sent == 2 * 6 + 2 * 6  # both orders of 6 comparisons, and of new's 6 improvements; base's tie unasked
+    s = report["comparisons"]["new"]
+    assert s["win_rate"] == pytest.approx((4 * 0.8 + 2 * 0.2) / 6)
+    assert (s["wins"], s["ties"], s["losses"]) == (4, 0, 2)
+    assert s["per_category"]["chat"]["win_rate"] == pytest.approx((2 * 0.8 + 0.2) / 3)  # questions 0, 2, 4
+    assert report["improver"]["new"]["win_rate"] == pytest.approx(0.8)
+    assert report["improver"]["base"]["win_rate"] == 0.5 and report["improver"]["base"]["ties"] == 6
+    for name in ("report.json", "report.md", "win_rates.png", "lengths.png"):
+        assert (tmp_path / name).is_file(), name
+    assert "| new |" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["baseline"] == "base"
+
+
+def test_improver_requests_use_the_improver_template(tmp_path, tiny_model, tiny_tokenizer):
+    seen = []
+    gen = TransformersGenerator(tiny_model, tiny_tokenizer, max_new_tokens=4, name="t")
+    render = gen.render
+    gen.render = lambda p: seen.append(p) or render(p)
+    rows = Dataset.from_dict({"prompt": ["What is 1+1?"], "draft": ["It is 3."]})
+    generate_answers(gen, rows, tmp_path / "imp.jsonl", improve=True, show_progress=False)
+    assert "### Draft answer\nIt is 3." in seen[0] and "What is 1+1?" in seen[0]
+
+
+def test_cli_eval_end_to_end_on_tiny_models(tmp_path, tiny_model, tiny_tokenizer, tiny_model_dir, capsys):
+    from trl_sgpo.cli import main
+
+    other = tmp_path / "other"
+    build_tiny_model(tiny_tokenizer, seed=2).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    data = tmp_path / "prompts.jsonl"
+    rows = prompts(4)
+    with open(data, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    trainer_state = tmp_path / "trainer_state.json"
+    trainer_state.write_text(
+        json.dumps({"log_history": [{"step": 1, "loss": 0.7, "rewards/margins": 0.1}, {"step": 2, "loss": 0.6}]})
+    )
+    argv = [
+        "-q",
+        "eval",
+        "--model",
+        f"base={tiny_model_dir}",
+        "--model",
+        f"new={other}",
+        "--prompts",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "eval"),
+        "--max-new-tokens",
+        "8",
+        "--n-bootstrap",
+        "50",
+        "--trainer-state",
+        f"new={trainer_state}",
+        "--device",
+        "cpu",
+    ]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["judge"].startswith("reference-similarity") and report["n_prompts"] == 4
+    assert 0 <= report["comparisons"]["new"]["win_rate"] <= 1
+    assert (tmp_path / "eval" / "training_curves.png").is_file()
+    assert "vs base" in capsys.readouterr().out
+    # Bad input: a clear error, exit 1.
+    assert main(["eval", "--model", f"base={tiny_model_dir}", "--prompts", str(data), "--output-dir", "x"]) == 1
+    assert "at least two --model" in capsys.readouterr().err
+
+
+def test_win_rate_callback_logs_against_the_start_model(tiny_model, tiny_tokenizer):
+    logged = []
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(eval_steps=2, logging_steps=1),
+        state=SimpleNamespace(max_steps=4),
+        model=tiny_model,
+        processing_class=tiny_tokenizer,
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        log=logged.append,
+    )
+    judge = LengthJudge()
+    callback = WinRateCallback(judge, trainer, prompts(3), max_new_tokens=6, n_bootstrap=20)
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+    callback.on_train_begin(None, state, None, model=tiny_model)
+    for step in (1, 2, 3):
+        state.global_step = step
+        callback.on_step_end(None, state, None, model=tiny_model)
+    assert [h["step"] for h in callback.history] == [2]
+    # The model did not change: it ties with itself.
+    assert logged[0]["eval_win_rate"] == 0.5 and not math.isnan(logged[0]["eval_avg_length"])
+    state.global_step = 4
+    callback.on_step_end(None, state, None, model=tiny_model)
+    callback.on_train_end(None, state, None, model=tiny_model)  # step 4 already evaluated: not twice
+    assert [h["step"] for h in callback.history] == [2, 4] and len(logged) == 2

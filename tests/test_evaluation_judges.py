@@ -1,0 +1,155 @@
+"""Judges: the OpenAI judge against the local stub, the reward-model judge on a tiny classifier, the similarity judge on
+the bundled embedder."""
+
+import math
+
+import pytest
+import torch
+
+from helpers.openai_stub import OpenAIStub
+from trl_sgpo.evaluation.judges import (
+    OpenAIPairwiseJudge,
+    PointwiseJudge,
+    ReferenceSimilarityJudge,
+    RewardModelJudge,
+)
+
+
+KEY = "sk-judge-test"
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    monkeypatch.setenv("SGPO_JUDGE_KEY", KEY)
+
+
+def make_judge(stub, **kw):
+    defaults = dict(api_key_env="SGPO_JUDGE_KEY", backoff_base=0.01, backoff_max=0.05, timeout=5.0)
+    defaults.update(kw)
+    return OpenAIPairwiseJudge("judge-model", stub.base_url, **defaults)
+
+
+PROMPTS = ["Q1?", "Q2?", "Q3?"]
+LONG = ["A long and careful answer.", "Short.", "Same length!"]
+SHORT = ["Brief.", "A much longer answer here.", "Same-length!"]
+
+
+def test_asks_both_orders_and_cancels_position_bias(api_key):
+    # The stub prefers the longer answer with p=0.8 and adds 0.1 to whatever is shown first.
+    with OpenAIStub(api_key=KEY, judge_rule="longer", judge_strength=0.8, judge_bias=0.1) as stub:
+        judge = make_judge(stub)
+        got = judge.judge(PROMPTS, LONG, SHORT)
+        assert len(stub.requests) == 6  # 3 pairs x 2 orders
+        shown_first = [
+            r["messages"][1]["content"].split("[Start of answer A]\n")[1].split("\n")[0] for r in stub.requests
+        ]
+        assert sorted(shown_first) == sorted(LONG + SHORT)
+        assert all(r["logprobs"] is True and r["max_tokens"] == 1 for r in stub.requests)
+    # a first: 0.8 + 0.1; a second: 1 - (0.2 + 0.1). The mean cancels the bias.
+    assert got == pytest.approx([0.8, 0.2, 0.5])
+    assert judge.stats.requests == 6 and judge.stats.written == 6
+
+
+def test_reads_the_text_verdict_without_logprobs(api_key):
+    with OpenAIStub(api_key=KEY, judge_rule="marker", logprobs=False) as stub:
+        judge = make_judge(stub)
+        got = judge.judge(["Q?", "Q?", "Q?"], ["good [[good]]", "plain", "x"], ["plain", "good [[good]]", "y"])
+    # Without logprobs, each order gives a hard verdict; a tie shows A both times and averages to 0.5.
+    assert got == [1.0, 0.0, 0.5]
+
+
+def test_identical_answers_are_a_tie_without_a_request(api_key):
+    with OpenAIStub(api_key=KEY) as stub:
+        got = make_judge(stub).judge(["Q?"], ["same"], ["same "])
+        assert got == [0.5] and stub.requests == []
+
+
+def test_a_second_judge_call_sends_no_request_twice(api_key, tmp_path):
+    with OpenAIStub(api_key=KEY) as stub:
+        make_judge(stub, cache_path=tmp_path / "cache.jsonl").judge(PROMPTS[:2], LONG[:2], SHORT[:2])
+        first = len(stub.requests)
+        judge = make_judge(stub, cache_path=tmp_path / "cache.jsonl")  # a new process, the same cache file
+        got = judge.judge(PROMPTS, LONG, SHORT)
+        assert first == 4 and len(stub.requests) == 6  # only the new pair was asked
+        assert judge.stats.cache_hits == 4
+    assert got == pytest.approx([0.8, 0.2, 0.5])
+
+
+def test_unanswerable_rows_abstain(api_key):
+    with OpenAIStub(api_key=KEY) as stub:
+        judge = make_judge(stub, max_retries=1)
+        got = judge.judge(["Q? [[stub:500*inf]]", "Q2?"], ["long answer", "long answer"], ["short", "short"])
+    assert math.isnan(got[0]) and got[1] == pytest.approx(0.8)
+    assert judge.stats.failed == 2
+
+
+def test_reward_model_judge_is_bradley_terry_on_a_tiny_classifier(tiny_tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tiny_tokenizer.save_pretrained(tmp_path / "rm")
+    judge = RewardModelJudge(str(tmp_path / "rm"), device="cpu", batch_size=2)
+    prompts = ["What is 2+2?", "Name a colour."]
+    a, b = ["It is 4.", "Blue."], ["Five, I think, or maybe more.", "Red is a colour."]
+    ra, rb = judge.scores(prompts, a), judge.scores(prompts, b)
+    assert len(set(ra + rb)) == 4  # a random model still gives distinct rewards
+    got = judge.judge(prompts, a, b)
+    assert got == pytest.approx([1 / (1 + math.exp(-(x - y))) for x, y in zip(ra, rb)])
+    # Batched like one by one (padding must not change a reward).
+    assert judge.scores(prompts[:1], a[:1]) == pytest.approx(ra[:1], abs=1e-5)
+    reward = judge.as_reward_func()
+    completions = [[{"role": "assistant", "content": t}] for t in a]
+    assert reward(prompts, completions) == pytest.approx(ra, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def similarity_judge():
+    return ReferenceSimilarityJudge()
+
+
+def test_similarity_judge_prefers_the_answer_closer_to_the_reference(similarity_judge):
+    refs = ["Paris is the capital of France.", "Water boils at 100 degrees Celsius at sea level."]
+    close = ["The capital of France is Paris.", "At sea level water boils at 100 °C."]
+    far = ["I like turtles and long walks.", "Bananas are yellow."]
+    got = similarity_judge.judge(["Capital of France?", "Boiling point?"], close, far, refs)
+    assert all(p > 0.9 for p in got)
+    assert similarity_judge.judge(["Q"], close[:1], close[:1], refs[:1]) == [0.5]
+    s_close, s_far = similarity_judge.scores(["Q"] * 2, [close[0], far[0]], [refs[0]] * 2)
+    assert got[0] == pytest.approx(1 / (1 + math.exp(-(s_close - s_far) / 0.05)))
+    assert similarity_judge.scores(["Q"], [""], refs[:1]) == [-1.0]  # an empty answer is the farthest possible
+
+
+def test_similarity_reward_func_reads_the_reference_column(similarity_judge):
+    reward = similarity_judge.as_reward_func()
+    got = reward(
+        ["Q", "Q"], ["Paris is the capital of France.", "Bananas."], reference=["Paris is France's capital."] * 2
+    )
+    assert got[0] > got[1]
+    with pytest.raises(ValueError, match="needs a non-empty `reference`"):
+        reward(["Q"], ["Paris."])
+
+
+def test_pointwise_judge_scores_each_answer_once():
+    calls = []
+
+    class Counting(PointwiseJudge):
+        name = "counting"
+
+        def scores(self, prompts, answers, references=None):
+            calls.append(len(answers))
+            return [float(len(a)) for a in answers]
+
+    got = Counting().judge(["q", "q"], ["aaa", "a"], ["a", "a"])
+    assert calls == [4]  # one batched call for both sides
+    assert got == pytest.approx([1 / (1 + math.exp(-2)), 0.5])

@@ -1,0 +1,198 @@
+"""The recipe's evaluation stage: win rates on held-out prompts of the start model, the improver-SFT model and each
+SGPO round, against the start model, and of each as improver of its own answers.
+
+Held-out rows are the dataset's rows whose prompt is in neither the improver-data rows nor the SGPO rows, so training
+never saw them (at least ``num_eval_prompts`` of them, 64 by default; with fewer the stage is skipped and says why).
+The judge is the OpenAI-compatible one with ``--judge_model`` (at ``--base_url``, or api.openai.com), else the offline
+reference-similarity judge. Everything goes to ``stages/06_evaluation/`` (resumable, see
+:func:`~trl_sgpo.evaluation.evaluate_models`); the report and figures are copied to ``<output_dir>/evaluation/``, the
+final model card gains an "Evaluation" section, and the run summary the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..data.jsonl import stable_hash
+from .stages import Stage
+
+
+logger = logging.getLogger(__name__)
+
+CARD_START = "<!-- trl-sgpo evaluation -->"
+CARD_END = "<!-- /trl-sgpo evaluation -->"
+EVAL_DIR = "evaluation"
+
+
+@dataclass
+class EvaluationArguments:
+    """Settings of the recipe's evaluation stage (mixed into ``SGPOScriptArguments``)."""
+
+    num_eval_prompts: int = field(
+        default=64,
+        metadata={
+            "help": "Held-out prompts (never trained on) to compare the start, improver-SFT and SGPO models on; 0 "
+            "skips the evaluation. The stage is skipped when fewer rows are left after the training splits."
+        },
+    )
+    judge_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Judge model name at `base_url` (or api.openai.com). Unset: the offline reference-similarity "
+            "judge (needs `reference`)."
+        },
+    )
+    eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Most tokens per evaluated answer (default: the SGPO `max_new_tokens`)."}
+    )
+    eval_improver: bool = field(
+        default=True,
+        metadata={"help": "Also judge each model's improvements of its own answers against those answers."},
+    )
+
+
+def held_out_rows(dataset: Dataset, used: list[Dataset], n: int, seed: int) -> Dataset:
+    """Up to ``n`` rows of ``dataset`` whose prompt is in none of ``used`` (shuffled with ``seed``)."""
+    seen = {stable_hash(p) for part in used for p in part["prompt"]}
+    keep = [i for i, p in enumerate(dataset["prompt"]) if stable_hash(p) not in seen]
+    return dataset.select(keep).shuffle(seed=seed).select(range(min(n, len(keep))))
+
+
+def _judge(script_args, out: Path):
+    from ..evaluation.judges import OpenAIPairwiseJudge, ReferenceSimilarityJudge
+
+    if script_args.judge_model:
+        return OpenAIPairwiseJudge(
+            script_args.judge_model,
+            script_args.base_url,
+            api_key_env=script_args.api_key_env,
+            max_concurrency=script_args.max_concurrency,
+            timeout=script_args.request_timeout,
+            cache_path=out / "judge_cache.jsonl",
+        )
+    return ReferenceSimilarityJudge()
+
+
+def _card_section(report: dict[str, Any]) -> str:
+    from ..evaluation.reports import markdown_table
+
+    images = "".join(f"\n![{name}]({EVAL_DIR}/{name})\n" for name in report.get("files", {}) if name.endswith(".png"))
+    return (
+        f"{CARD_START}\n## Evaluation\n\nWin rates on {report['n_prompts']} held-out prompts that training never saw "
+        f"(produced by the trl-sgpo recipe's evaluation stage).\n\n{markdown_table(report)}{images}{CARD_END}\n"
+    )
+
+
+def _update_card(card: Path, section: str) -> None:
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    pattern = re.compile(re.escape(CARD_START) + ".*?" + re.escape(CARD_END) + "\n?", re.DOTALL)
+    text = pattern.sub("", text).rstrip("\n")
+    card.write_text((text + "\n\n" if text else "") + section, encoding="utf-8")
+
+
+def run_evaluation_stage(
+    script_args,
+    training_args,
+    dataset: Dataset,
+    used: list[Dataset],
+    model_name: str,
+    stages_dir: Path,
+    summary: dict[str, Any],
+    state,
+    after: Stage | None,
+    method: str = "sgpo",
+) -> list[str]:
+    """Run the evaluation stage (main process; the others wait) and return the files it added to ``output_dir``
+    (relative paths), for the Hub push. Updates ``summary`` and the final card (``<last stage>/README.md``).
+    ``method`` names the training rounds' folders (``05_<method>_iter<k>``, see :mod:`.methods`)."""
+    from ..evaluation.compare import evaluate_models
+    from ..evaluation.reports import text_table
+
+    n = script_args.num_eval_prompts
+    if not n:
+        return []
+    rows = held_out_rows(dataset, used, n, training_args.seed)
+    if len(rows) < n:
+        message = (
+            f"skipped: {len(rows)} held-out rows, fewer than --num_eval_prompts {n}. Give more data, use fewer "
+            f"training prompts, or lower --num_eval_prompts."
+        )
+        logger.warning("Evaluation %s", message)
+        summary["evaluation"] = {"skipped": message}
+        return []
+    if not script_args.judge_model and "reference" not in rows.column_names:
+        raise ValueError(
+            "The offline evaluation judge compares answers with each row's `reference`; the dataset has none. Pass "
+            "--judge_model (and --base_url) for an LLM judge, or --num_eval_prompts 0 to skip the evaluation."
+        )
+    models = {"start": model_name}
+    states = {}
+    for name, folder in [("improver_sft", "04_improver_sft")] + [
+        (f"{method}_iter{i}", f"05_{method}_iter{i}") for i in range(1, script_args.iterations + 1)
+    ]:
+        root = stages_dir / folder
+        if (root / "model").is_dir():
+            models[name] = str(root / "model")
+            checkpoint = get_last_checkpoint(str(root))
+            if checkpoint and (Path(checkpoint) / "trainer_state.json").is_file():
+                states[name] = str(Path(checkpoint) / "trainer_state.json")
+    settings = {
+        "models": list(models),
+        "num_eval_prompts": n,
+        "judge": script_args.judge_model or "reference-similarity",
+        "judge_base_url": script_args.base_url if script_args.judge_model else None,
+        "max_new_tokens": script_args.eval_max_new_tokens or training_args.max_new_tokens,
+        "improver": script_args.eval_improver,
+        "seed": training_args.seed,
+    }
+    stage = Stage(stages_dir / "06_evaluation", "evaluation", settings, after=after)
+    out = Path(training_args.output_dir)
+    report = None
+    if state.is_main_process:
+        if not stage.check():
+            started = stage.start()
+            print(f"[6/6] evaluating {', '.join(models)} on {len(rows)} held-out prompts", flush=True)
+            report = evaluate_models(
+                models,
+                rows,
+                _judge(script_args, stage.root),
+                stage.root,
+                improver=script_args.eval_improver,
+                max_new_tokens=settings["max_new_tokens"],
+                batch_size=script_args.sample_batch_size,
+                seed=training_args.seed,
+                device=str(state.device),
+                trainer_states=states,
+            )
+            figures = {f"win_rate/{k}": v["win_rate"] for k, v in report["comparisons"].items()}
+            figures.update({f"improver_win_rate/{k}": v["win_rate"] for k, v in report.get("improver", {}).items()})
+            stage.finish(started, **figures)
+        import json
+
+        report = json.loads((stage.root / "report.json").read_text(encoding="utf-8"))
+    state.wait_for_everyone()
+    if report is None:  # other processes: the main one wrote everything
+        stage.check()
+        summary["stages"]["evaluation"] = stage.summary
+        return []
+    stage.check()
+    summary["stages"]["evaluation"] = stage.summary
+    target = out / EVAL_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    added = []
+    for name in report.get("files", {}):
+        shutil.copy2(stage.root / name, target / name)
+        added.append(f"{EVAL_DIR}/{name}")
+    last_model = next(reversed(models.values()))
+    if last_model != model_name:
+        _update_card(Path(last_model).parent / "README.md", _card_section(report))
+    summary["evaluation"] = {"report": str(target / "report.json"), "table": text_table(report)}
+    return added
