@@ -26,6 +26,9 @@ PAIR_COUNTS_NAME = "sgpo_pair_counts.json"
 PAIR_FLAGS = ("truncated_policy", "truncated_improved", "empty", "identical", "judge_rejected")
 
 
+# SGPOTrainer is an OnlineDPOTrainer (through OnPolicyTrainer). The OnlineDPO members it still relies on are listed in
+# `onpolicy.ONLINE_DPO_METHODS` / `ONLINE_DPO_ATTRIBUTES` (constructor, vLLM weight sync, reward-function scoring for
+# the judge, and the attributes they set); tests/test_onpolicy.py fails if one disappears.
 class SGPOTrainer(OnPolicyTrainer):
     r"""
     Trainer for Self-Generated Preference Optimization (SGPO, [arXiv 2507.20181](https://huggingface.co/papers/2507.20181)).
