@@ -214,3 +214,19 @@ def test_win_rate_callback_logs_against_the_start_model(tiny_model, tiny_tokeniz
     callback.on_step_end(None, state, None, model=tiny_model)
     callback.on_train_end(None, state, None, model=tiny_model)  # step 4 already evaluated: not twice
     assert [h["step"] for h in callback.history] == [2, 4] and len(logged) == 2
+
+
+def test_judgments_on_disk_are_not_judged_again(tmp_path):
+    models = {
+        "base": ScriptedGenerator("base", lambda t: "Base."),
+        "new": ScriptedGenerator("new", lambda t: "Newer!"),
+    }
+    judge = LengthJudge()
+    kwargs = dict(n_bootstrap=20, show_progress=False, plots=False)
+    first = evaluate_models(models, prompts(4), judge, tmp_path, **kwargs)
+    assert judge.calls == 1
+    evaluate_models(models, prompts(4), judge, tmp_path, **kwargs)
+    assert judge.calls == 1  # every row already judged on these very texts
+    evaluate_models(models, prompts(5), judge, tmp_path, **kwargs)
+    assert judge.calls == 2  # only the new row
+    assert first["comparisons"]["new"]["win_rate"] == pytest.approx(1 / (1 + math.exp(-0.1)))

@@ -288,8 +288,9 @@ class OpenAIPairwiseJudge(OpenAIEndpoint, PairwiseJudge):
     a judge that favours the first position then gives a tie rather than a win. Per request the judge replies with
     one letter; when the endpoint returns log-probabilities (``logprobs=True``, ``top_logprobs``), the verdict is
     ``P(A) / (P(A) + P(B))`` from the first token's alternatives (a probability, not a coin); otherwise the letter in
-    the text (1 or 0). A reply with neither is an abstention (``nan``) for that order. Identical answers are a tie
-    without asking.
+    the text (1 or 0). A reply with neither, or a request that failed for good, is an abstention for that order:
+    the other order's verdict is then used alone, and with both missing the pair is ``nan``. Identical answers are a
+    tie without asking.
 
     Requests go through :class:`~trl_sgpo.openai_client.OpenAIEndpoint` (same client as the target writer): bounded
     concurrency, retries with backoff, a request-hash cache (``cache_path``; a rerun sends no request twice), token

@@ -78,7 +78,7 @@ def _fit_lc(p: np.ndarray, x: np.ndarray, C: float) -> float:
     weights = np.concatenate([p, 1 - p])
     if weights[: len(p)].sum() == 0 or weights[len(p) :].sum() == 0:
         return float(p.mean())  # all losses or all wins: no model needed, and lbfgs cannot fit one class
-    model = LogisticRegression(C=C, fit_intercept=True)
+    model = LogisticRegression(C=C, fit_intercept=True, solver="newton-cholesky")
     model.fit(features, labels, sample_weight=weights)
     return float(model.predict_proba(np.zeros((1, 1)))[0, 1])
 
