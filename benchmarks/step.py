@@ -330,5 +330,117 @@ def main() -> None:
     tmp.cleanup()
 
 
+# ---------------------------------------------------------------------------------------------- SPPO and SSO steps
+
+TARGET_METHOD_STEP_OVER_PARTS = 1.2  # SPPO / SSO step / sum of its parts
+METHOD_PARTS = ("generation", "judge", "policy forward", "policy backward", "reference forward", "optimizer step")
+
+
+class LengthJudge:
+    """Stand-in pointwise judge for the SPPO step (scores = answer length): the judge's own cost is its business;
+    what is measured is that the step adds nothing beyond its parts."""
+
+    def scores(self, prompts, answers, references=None):
+        return [float(len(a)) for a in answers]
+
+
+def instrument_method(trainer, recorder: StepRecorder) -> None:
+    """Wrap the on-policy base's seams (instance attributes): sampling, judge, log-probs, backward, optimizer."""
+    ref = trainer.ref_model
+    trainer.generate_ids = _timed(recorder, "generation", trainer.generate_ids)
+    if getattr(trainer, "judge", None) is not None:
+        trainer.judge.scores = _timed(recorder, "judge", trainer.judge.scores)
+    trainer.sequence_logps = _timed(
+        recorder,
+        lambda model, *a, **k: "reference forward" if model is ref else "policy forward",
+        trainer.sequence_logps,
+    )
+    trainer.accelerator.backward = _timed(recorder, "policy backward", trainer.accelerator.backward)
+    trainer._clip_grad_norm = _timed(recorder, "optimizer step", trainer._clip_grad_norm)
+    trainer.training_step = _timed(recorder, "training_step", trainer.training_step)
+
+
+def methods_main(argv=None) -> None:
+    """``python benchmarks/step.py --methods [--tiny] ...``: SPPO and SSO steps against the sum of their parts."""
+    from trl_sgpo import SPPOConfig, SPPOTrainer, SSOConfig, SSOTrainer
+
+    parser = argparse.ArgumentParser(description="SPPO and SSO steps broken into their parts.")
+    parser.add_argument("--methods", action="store_true")
+    add_common_args(parser)
+    parser.add_argument("--batch-size", type=int, default=4, help="per_device_train_batch_size (default: 4)")
+    parser.add_argument("--num-samples", type=int, default=4, help="SPPO answers per prompt (default: 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    parser.add_argument("--max-length", type=int, default=768, help="(default: 768; SSO prompts carry a principle)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method (default: 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method first (default: 1)")
+    parser.add_argument(
+        "--eos-bias",
+        type=float,
+        default=0.0,
+        help="logit bias on EOS while sampling (generate's `sequence_bias`), so that answers finish and the loss "
+        "parts run; e.g. 4 with --tiny, whose random answers never end otherwise (default: 0)",
+    )
+    args = parser.parse_args(argv)
+    setup_threads(args.threads)
+    started = time.perf_counter()
+    model, tokenizer, name = load_model(args)
+    dataset = prompt_dataset(max(args.batch_size * (args.steps + args.warmup), 8))
+    clock = Clock(args.device)
+    tmp = tempfile.TemporaryDirectory(prefix="sgpo-bench-methods-")
+    # Nothing kept (answers cut at the budget) still times every part but the loss: never stop on empty steps.
+    common = {"max_initial_empty_steps": 0}
+    if args.eos_bias:
+        common["generation_kwargs"] = {"sequence_bias": {(tokenizer.eos_token_id,): args.eos_bias}}
+    trainers = {
+        "SPPO": SPPOTrainer(
+            fresh_copy(model),
+            judge=LengthJudge(),
+            args=SPPOConfig(**trainer_kwargs(args, f"{tmp.name}/sppo", num_samples=args.num_samples, **common)),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        ),
+        "SSO": SSOTrainer(
+            fresh_copy(model),
+            args=SSOConfig(**trainer_kwargs(args, f"{tmp.name}/sso", **common)),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        ),
+    }
+    del model
+    print(machine_line(args, name))
+    print(
+        f"batch {args.batch_size} prompts | SPPO K={args.num_samples} | max_new_tokens {args.max_new_tokens} | "
+        f"max_length {args.max_length} | gradient_checkpointing True | EOS bias {args.eos_bias} | {args.warmup} "
+        f"warm-up + {args.steps} timed steps"
+    )
+    print("\nratio                                      measured   target   verdict")
+    results = {}
+    for label, trainer in trainers.items():
+        recorder = StepRecorder(clock)
+        trainer.add_callback(recorder)
+        trainer.remove_callback(PrinterCallback)
+        instrument_method(trainer, recorder)
+        run_turn(trainer, args.warmup, args.seed)
+        recorder.take()
+        run_turn(trainer, args.warmup + args.steps, args.seed + 1)  # max_steps counts from the warm-up's end
+        records = recorder.take()
+        results[label] = records
+        over = median(r["step"] / sum(r.get(p, 0.0) for p in METHOD_PARTS) for r in records)
+        print(
+            f"  {label} step / sum of its parts (median)  {over:8.2f}   <= {TARGET_METHOD_STEP_OVER_PARTS:<4}  "
+            f"{verdict(over, TARGET_METHOD_STEP_OVER_PARTS)}   (kept {trainer.counts['kept']} of "
+            f"{trainer.counts['made']} {trainer._item_name}s)"
+        )
+    for label, records in results.items():
+        print_breakdown(f"{label} step", records, METHOD_PARTS)
+    print(f"\nwall time {time.perf_counter() - started:.0f}s | load average at the end: {_common.load_average()}")
+    tmp.cleanup()
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--methods" in sys.argv:
+        methods_main()
+    else:
+        main()

@@ -26,6 +26,14 @@ accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/sgpo.p
     --output_dir Qwen2.5-0.5B-SGPO --push_to_hub
 ```
 
+# Another method on the same prompts (no improver stages; see trl_sgpo/pipeline/methods.py)
+```bash
+accelerate launch recipes/sgpo.py --method sppo --judge similarity --iterations 2   # SPPO, disjoint prompt halves
+accelerate launch recipes/sgpo.py --method sso                                      # SSO, principles as system prompts
+accelerate launch recipes/sgpo.py --method online_dpo --judge similarity            # TRL's OnlineDPO
+```
+`recipes/compare.py` trains several methods from the same model and compares them on held-out prompts.
+
 # LoRA
 Add `--use_peft --lora_r 16 --lora_alpha 32`: improver SFT and each SGPO round train an adapter (kept in the stage's
 `adapter/`), merged before the next stage; the final and pushed model is a plain, merged one.
@@ -40,12 +48,12 @@ import os
 import warnings
 
 
-def main(script_args, training_args, model_args):
+def main(script_args, training_args, model_args, method_args=None):
     from accelerate import PartialState
 
     from trl_sgpo.pipeline import run_pipeline
 
-    summary = run_pipeline(script_args, training_args, model_args)
+    summary = run_pipeline(script_args, training_args, model_args, method_args)
     state = PartialState()
     if state.is_main_process:
         print(format_summary(summary), flush=True)
@@ -79,6 +87,11 @@ def format_summary(summary) -> str:
     if peaks:
         worst = max(peaks, key=peaks.get)
         lines.append(f"peak resident memory {peaks[worst]:.2f} GB ({worst}); per stage: peak_rss_gb above")
+    other = [(k, s) for k, s in summary.get("stages", {}).items() if "_iter" in k and not k.startswith("sgpo_iter")]
+    if other:
+        name, s = other[-1]
+        counts = ", ".join(f"{k}={v}" for k, v in s.items() if k.endswith(("_made", "_kept")))
+        lines.append(f"{name}: {counts or 'no counts'}; last loss {s.get('loss')}")
     evaluation = summary.get("evaluation") or {}
     if "table" in evaluation:
         lines += ["", "Win rates on held-out prompts", evaluation["table"], f"report: {evaluation['report']}"]
@@ -139,8 +152,9 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
     from trl_sgpo import SGPOConfig
     from trl_sgpo.pipeline import SGPOScriptArguments
+    from trl_sgpo.pipeline.methods import MethodArguments
 
-    dataclass_types = (SGPOScriptArguments, SGPOConfig, ModelConfig)
+    dataclass_types = (SGPOScriptArguments, SGPOConfig, ModelConfig, MethodArguments)
     if subparsers is not None:
         parser = subparsers.add_parser("sgpo", help="Run the SGPO pipeline", dataclass_types=dataclass_types)
     else:
@@ -150,7 +164,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 
 def parse_args(args: list[str] | None = None):
-    """``(script_args, training_args, model_args)`` from ``args`` (default: the command line) and any ``--config``.
+    """``(script_args, training_args, model_args, method_args)`` from ``args`` (default: the command line) and any ``--config``.
 
     A key that no argument dataclass has, in the YAML or on the command line, is an error: a typo would otherwise
     leave its setting at the default without a word.

@@ -310,7 +310,9 @@ def test_push_to_hub_uploads_the_final_model_and_its_card(
         def __init__(self, *args, **kwargs):
             raise AssertionError("a push-only rerun built a trainer")
 
-    monkeypatch.setattr(pipeline, "SGPOTrainer", NoTrainer)
+    import trl_sgpo.trainers.sgpo_trainer as sgpo_trainer  # the method registry builds SGPO rounds from here
+
+    monkeypatch.setattr(sgpo_trainer, "SGPOTrainer", NoTrainer)
     shutil.rmtree(tmp_path / "hub")
     argv[argv.index("me/tiny-sgpo")] = "tiny-sgpo"
     summary = recipe.main(*parse(recipe, *argv))

@@ -24,6 +24,10 @@ _EXPORTS = {
     "OnPolicyTrainer": "trainers.onpolicy",
     "SGPOConfig": "trainers.sgpo_config",
     "SGPOTrainer": "trainers.sgpo_trainer",
+    "SPPOConfig": "trainers.sppo_config",
+    "SPPOTrainer": "trainers.sppo_trainer",
+    "SSOConfig": "trainers.sso_config",
+    "SSOTrainer": "trainers.sso_trainer",
     "DEFAULT_INSTRUCTION": "templates",
     "ImproverTemplate": "templates",
     "improver_prompt": "templates",
@@ -50,6 +54,10 @@ if TYPE_CHECKING:
     from .trainers.onpolicy import OnPolicyConfig, OnPolicyTrainer
     from .trainers.sgpo_config import SGPOConfig
     from .trainers.sgpo_trainer import SGPOTrainer
+    from .trainers.sppo_config import SPPOConfig
+    from .trainers.sppo_trainer import SPPOTrainer
+    from .trainers.sso_config import SSOConfig
+    from .trainers.sso_trainer import SSOTrainer
 
 
 def __getattr__(name: str):

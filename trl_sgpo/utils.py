@@ -65,3 +65,30 @@ def set_cpu_threads(num_threads: int | None = None) -> int | None:
         raise ValueError(f"`num_threads` must be >= 1, got {num_threads}.")
     torch.set_num_threads(num_threads)
     return num_threads
+
+
+SPPO_PAPER = {
+    "title": "Self-Play Preference Optimization for Language Model Alignment",
+    "id": "2405.00675",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @article{wu2024sppo,
+            title        = {{Self-Play Preference Optimization for Language Model Alignment}},
+            author       = {Yue Wu and Zhiqing Sun and Huizhuo Yuan and Kaixuan Ji and Yiming Yang and Quanquan Gu},
+            year         = 2024,
+            eprint       = {arXiv:2405.00675}
+        }"""),
+}
+
+SSO_PAPER = {
+    "title": "Aligning Large Language Models via Self-Steering Optimization",
+    "id": "2410.17131",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @article{xiang2024sso,
+            title        = {{Aligning Large Language Models via Self-Steering Optimization}},
+            author       = {Hao Xiang and Bowen Yu and Hongyu Lin and Keming Lu and Yaojie Lu and Xianpei Han and Le Sun and Jingren Zhou and Junyang Lin},
+            year         = 2024,
+            eprint       = {arXiv:2410.17131}
+        }"""),
+}

@@ -108,9 +108,11 @@ def run_evaluation_stage(
     summary: dict[str, Any],
     state,
     after: Stage | None,
+    method: str = "sgpo",
 ) -> list[str]:
     """Run the evaluation stage (main process; the others wait) and return the files it added to ``output_dir``
-    (relative paths), for the Hub push. Updates ``summary`` and the final card (``<last stage>/README.md``)."""
+    (relative paths), for the Hub push. Updates ``summary`` and the final card (``<last stage>/README.md``).
+    ``method`` names the training rounds' folders (``05_<method>_iter<k>``, see :mod:`.methods`)."""
     from ..evaluation.compare import evaluate_models
     from ..evaluation.reports import text_table
 
@@ -134,7 +136,7 @@ def run_evaluation_stage(
     models = {"start": model_name}
     states = {}
     for name, folder in [("improver_sft", "04_improver_sft")] + [
-        (f"sgpo_iter{i}", f"05_sgpo_iter{i}") for i in range(1, script_args.iterations + 1)
+        (f"{method}_iter{i}", f"05_{method}_iter{i}") for i in range(1, script_args.iterations + 1)
     ]:
         root = stages_dir / folder
         if (root / "model").is_dir():

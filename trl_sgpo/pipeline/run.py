@@ -39,10 +39,10 @@ from ..templates import save_improver_template
 from ..trainers.improver_sft_config import ImproverSFTConfig
 from ..trainers.improver_sft_trainer import ImproverSFTTrainer
 from ..trainers.sgpo_config import SGPOConfig
-from ..trainers.sgpo_trainer import SGPOTrainer
 from ..utils import set_cpu_threads
 from .evaluation_stage import EvaluationArguments, run_evaluation_stage
 from .fingerprints import SAMPLING_SETTINGS, fingerprint, model_fingerprint, script_fingerprint
+from .methods import MethodArguments, get_method, method_prompts, round_figures
 from .stages import Stage
 
 
@@ -232,11 +232,27 @@ def _print(state: PartialState, message: str) -> None:
         print(message, flush=True)
 
 
-def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, model_args) -> dict[str, Any]:
-    """Run the stages in order and return the summary (also written to ``<output_dir>/sgpo_summary.json``)."""
+def run_pipeline(
+    script_args: SGPOScriptArguments,
+    training_args: SGPOConfig,
+    model_args,
+    method_args: MethodArguments | None = None,
+    judge=None,
+) -> dict[str, Any]:
+    """Run the stages in order and return the summary (also written to ``<output_dir>/sgpo_summary.json``).
+
+    ``method_args`` picks the training method of stage 5 (default SGPO), see :mod:`trl_sgpo.pipeline.methods`;
+    ``judge`` (a judge object) replaces the one ``method_args`` names.
+    """
     from trl import get_peft_config
 
     state = PartialState()
+    # Methods other than SGPO train without an improver: the improver stages are skipped, and say so.
+    method_args = method_args or MethodArguments()
+    method = get_method(method_args.method)
+    if not method.needs_improver_sft and not script_args.skip_improver_sft:
+        _print(state, f"{method.title} needs no improver: skipping stages sample, targets, filter and improver_sft")
+        script_args = dataclasses.replace(script_args, skip_improver_sft=True)
     set_cpu_threads(script_args.num_threads)
     out = Path(training_args.output_dir)
     stages_dir = out / "stages"
@@ -334,50 +350,70 @@ def run_pipeline(script_args: SGPOScriptArguments, training_args: SGPOConfig, mo
         if done("improver_sft"):
             return _finish(summary, out, state)
 
-    # Stage 5: SGPO rounds, each made from the previous round's model.
+    # Stage 5: rounds of the method, each made from the previous round's model (so the reference re-anchors).
     start_model = improver_model_path or model_name
+    judge = judge if judge is not None else method_args.build_judge(script_args)
+    extra = method_args.parsed_method_args()
+    # Recorded only when set, so that plain SGPO runs keep their stage fingerprints.
+    method_settings = {
+        k: v for k, v in {"method": method.name, "method_args": extra, "judge": method_args.judge}.items() if v
+    }
+    if method_settings == {"method": "sgpo", "judge": "none"}:
+        method_settings = {}
     for iteration in range(1, script_args.iterations + 1):
+        rows = method_prompts(method, sgpo_rows, iteration, script_args.iterations)
         stage = Stage(
-            stages_dir / f"05_sgpo_iter{iteration}",
-            f"sgpo iteration {iteration}",
-            {**settings("sgpo", training_args), "start": "improver_sft" if improver_model_path else model_name},
+            stages_dir / f"05_{method.name}_iter{iteration}",
+            f"{method.name} iteration {iteration}",
+            {
+                **settings("sgpo", training_args),
+                "start": "improver_sft" if improver_model_path else model_name,
+                **method_settings,
+            },
             after=last,
         )
         if not stage.check():
             started = stage.start() if state.is_main_process else 0.0
             state.wait_for_everyone()
-            _print(state, f"[5/5] SGPO iteration {iteration}/{script_args.iterations} on {len(sgpo_rows)} prompts")
+            _print(state, f"[5/5] {method.name} iteration {iteration}/{script_args.iterations} on {len(rows)} prompts")
             model, tokenizer = load(start_model)
-            args = dataclasses.replace(
+            args = method.make_config(
                 training_args,
+                extra,
                 output_dir=str(stage.root),
                 push_to_hub=False,
-                run_name=_run_name(training_args, f"sgpo_iter{iteration}"),
+                run_name=_run_name(training_args, f"{method.name}_iter{iteration}"),
             )
-            trainer = SGPOTrainer(
-                model,
-                args=args,
-                train_dataset=sgpo_rows.select_columns(["prompt"]),
-                processing_class=tokenizer,
-                peft_config=get_peft_config(model_args),
+            columns = ["prompt"] + (["reference"] if judge is not None and "reference" in rows.column_names else [])
+            trainer = method.build_trainer(
+                model, tokenizer, args, rows.select_columns(columns), get_peft_config(model_args), judge
             )
             _train_and_save(trainer, tokenizer, stage.root, state, load_base(start_model))
             if state.is_main_process:
                 # The card is written now, while the trainer holds the figures; `_push` uploads it as it is.
                 trainer.hub_model_id = training_args.hub_model_id or out.name
                 trainer.create_model_card(model_name=out.name, dataset_name=script_args.dataset_name)
-                stage.finish(started, **trainer.training_figures())
+                stage.finish(started, **round_figures(trainer))
             state.wait_for_everyone()
             stage.check()
             del trainer, model
             gc.collect()  # as above: free this round's model before the next round loads its own
-        summary["stages"][f"sgpo_iter{iteration}"] = stage.summary
+        summary["stages"][f"{method.name}_iter{iteration}"] = stage.summary
         start_model = str(stage.root / "model")
         last = stage
 
     # Win rates on held-out prompts; adds a section to the final card and files under output_dir/evaluation.
     eval_files = run_evaluation_stage(
-        script_args, training_args, dataset, [improver_rows, sgpo_rows], model_name, stages_dir, summary, state, last
+        script_args,
+        training_args,
+        dataset,
+        [improver_rows, sgpo_rows],
+        model_name,
+        stages_dir,
+        summary,
+        state,
+        last,
+        method=method.name,
     )
 
     # Stage 6: the final model and its card in output_dir, and on the Hub.
@@ -449,7 +485,8 @@ def _train_and_save(trainer, tokenizer, root: Path, state: PartialState, load_ba
             state_dict = None
         model.save_pretrained(root / "model", state_dict=state_dict)
         tokenizer.save_pretrained(root / "model")
-        save_improver_template(trainer, root / "model")  # the next stage and users rebuild the same improver prompt
+        if getattr(trainer, "improver_template", None) is not None:  # SGPO and improver SFT: the model is an improver
+            save_improver_template(trainer, root / "model")  # the next stage and users rebuild the same prompt
     state.wait_for_everyone()
 
 

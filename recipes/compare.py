@@ -1,0 +1,294 @@
+# Copyright 2026 The trl-sgpo developers. Licensed under the Apache License, Version 2.0.
+
+# /// script
+# dependencies = [
+#     "trl-sgpo",
+# ]
+# ///
+
+"""
+Train SGPO, SPPO, SSO and online DPO from the same model on the same prompts, then judge them all on held-out prompts.
+
+# Offline (no GPU, no network): SmolLM2-135M-Instruct and the bundled prompts, reference-similarity judge
+```bash
+accelerate launch recipes/compare.py --config recipes/configs/compare_smollm2.yaml
+```
+
+# Any model, prompts with references, an LLM judge for training (SPPO, online DPO) and evaluation
+```bash
+export OPENAI_API_KEY=...
+accelerate launch recipes/compare.py --config recipes/configs/compare_smollm2.yaml \
+    --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name my-org/prompts-with-references \
+    --judge openai --judge_model gpt-4o-mini --output_dir outputs/compare-qwen
+```
+
+The held-out prompts (`num_eval_prompts`, drawn first with `seed`) are never trained on. Every method runs the
+`recipes/sgpo.py` pipeline on the remaining rows (`<output_dir>/<method>/`, resumable): SGPO with its improver stages
+(which use `num_improver_prompts` of those rows), the others on the `num_sgpo_prompts` preference prompts only. The
+same judge estimates SPPO's win rates, picks online DPO's chosen answers and judges the comparison, so those two
+methods are trained toward the judge they are evaluated with; SGPO and SSO never see it. Writes
+`<output_dir>/comparison.md`, `comparison.json` and `comparison.png` (plus the evaluation's answers and judgments under
+`<output_dir>/eval/`).
+"""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class CompareArguments:
+    """Settings of the comparison beyond the training ones (shared by every method) and the model ones."""
+
+    methods: list[str] = field(
+        default_factory=lambda: ["sgpo", "sppo", "sso", "online_dpo"],
+        metadata={"help": "Methods to train and compare: any of sgpo, sppo, sso, online_dpo."},
+    )
+    method_args: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON object {method: {setting: value}} of method-specific settings, e.g. \'{"sppo": '
+            '{"num_samples": 4}}\'.'
+        },
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call in the evaluation."})
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the intervals."})
+    judge: str = field(
+        default="similarity",
+        metadata={
+            "help": "Judge for training (SPPO, online DPO) and evaluation: similarity (offline), reward-model "
+            "(--reward_model) or openai (--judge_model at --base_url).",
+            "choices": ["similarity", "reward-model", "openai"],
+        },
+    )
+    reward_model: str | None = field(default=None, metadata={"help": "reward-model judge: Hub id or folder."})
+    similarity_temperature: float = field(
+        default=0.05, metadata={"help": "similarity judge: P(a beats b) = sigmoid((sim_a - sim_b) / T)."}
+    )
+
+    def __post_init__(self):
+        from trl_sgpo.pipeline.methods import METHODS
+
+        if isinstance(self.methods, str):
+            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"`methods` must list some of {sorted(METHODS)}, got {self.methods}.")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"`methods` lists a method twice: {self.methods}.")
+        extra = self.per_method_args()
+        stray = sorted(set(extra) - set(self.methods))
+        if stray:
+            raise ValueError(f"`method_args` has settings for {stray}, which `methods` does not list.")
+
+    def per_method_args(self) -> dict:
+        if not self.method_args:
+            return {}
+        value = self.method_args if isinstance(self.method_args, dict) else json.loads(self.method_args)
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise ValueError(f"`method_args` must map method names to objects of settings, got {self.method_args!r}.")
+        return value
+
+    def method_arguments(self, method: str):
+        from trl_sgpo.pipeline.methods import METHODS, MethodArguments
+
+        uses_judge = METHODS[method].judge == "required"
+        return MethodArguments(
+            method=method,
+            method_args=json.dumps(self.per_method_args().get(method, {})),
+            judge=self.judge if uses_judge else "none",
+            reward_model=self.reward_model,
+            similarity_temperature=self.similarity_temperature,
+        )
+
+
+def split_rows(script_args, compare_args, seed: int):
+    """``(train_rows, eval_rows)``: the held-out rows are drawn first, so no method ever trains on them."""
+    from datasets import load_dataset
+
+    from trl_sgpo.data.checks import check_columns, load_default_dataset
+    from trl_sgpo.data.jsonl import load_rows
+
+    name = script_args.dataset_name
+    if name is None:
+        dataset = load_default_dataset()
+    elif Path(name).exists():
+        dataset = load_rows(name)
+    else:
+        dataset = load_dataset(name, script_args.dataset_config, split=script_args.dataset_split)
+    check_columns(dataset, ("prompt",), "dataset")
+    n_eval = script_args.num_eval_prompts
+    if n_eval < 1:
+        raise ValueError(f"`num_eval_prompts` must be >= 1 (the held-out prompts of the comparison), got {n_eval}.")
+    if len(dataset) <= n_eval:
+        raise ValueError(
+            f"The dataset has {len(dataset)} rows, not more than `num_eval_prompts`={n_eval}: nothing would be left "
+            "to train on. Lower `num_eval_prompts` or use more prompts."
+        )
+    dataset = dataset.shuffle(seed=seed)
+    return dataset.select(range(n_eval, len(dataset))), dataset.select(range(n_eval))
+
+
+def main(compare_args, script_args, training_args, model_args, judge=None):
+    """Train every method, evaluate them against the start model, write and return the comparison.
+
+    ``judge`` (for tests and notebooks) replaces the judge named by ``compare_args.judge``.
+    """
+    from accelerate import PartialState
+
+    from trl_sgpo.models import DEFAULT_MODEL
+    from trl_sgpo.pipeline import run_pipeline
+
+    state = PartialState()
+    out = Path(training_args.output_dir)
+    train_rows, eval_rows = split_rows(script_args, compare_args, training_args.seed)
+    data_dir = out / "data"
+    if state.is_main_process:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        train_rows.to_json(data_dir / "train.jsonl", lines=True, force_ascii=False)
+        eval_rows.to_json(data_dir / "eval.jsonl", lines=True, force_ascii=False)
+    state.wait_for_everyone()
+
+    if judge is None:
+        judge = compare_args.method_arguments("sppo").build_judge(script_args)
+    start = model_args.model_name_or_path or DEFAULT_MODEL
+    results = {}
+    for name in compare_args.methods:
+        method_args = compare_args.method_arguments(name)
+        summary = run_pipeline(
+            # The comparison evaluates every method at the end; the pipeline's own evaluation stage is not run.
+            dataclasses.replace(
+                script_args, dataset_name=str(data_dir / "train.jsonl"), dataset_config=None, num_eval_prompts=0
+            ),
+            dataclasses.replace(training_args, output_dir=str(out / name), push_to_hub=False),
+            model_args,
+            method_args,
+            judge=judge if method_args.judge != "none" else None,
+        )
+        # Stage seconds, so a resumed run reports the time each stage took when it ran.
+        seconds = sum(stage.get("seconds") or 0.0 for stage in summary["stages"].values())
+        results[name] = {"model": str(out / name), "train_seconds": seconds, "stages": summary["stages"]}
+
+    report = None
+    if state.is_main_process:
+        from trl_sgpo.evaluation import evaluate_models
+
+        models = {"start": start, **{name: results[name]["model"] for name in compare_args.methods}}
+        report = evaluate_models(
+            models,
+            eval_rows,
+            judge,
+            out / "eval",
+            max_new_tokens=script_args.eval_max_new_tokens or training_args.max_new_tokens,
+            batch_size=compare_args.eval_batch_size,
+            seed=training_args.seed,
+            n_bootstrap=compare_args.n_bootstrap,
+            show_progress=False,
+        )
+        table = comparison_rows(report, results)
+        write_comparison(table, report, out)
+        print("\n" + markdown(table, report), flush=True)
+    state.wait_for_everyone()
+    if state.use_distributed:
+        state.destroy_process_group()
+    return {"results": results, "report": report}
+
+
+def comparison_rows(report: dict, results: dict) -> list[dict]:
+    """One row per method: win rate vs the start model with its interval, LC win rate, length, wall time."""
+    rows = [
+        {
+            "method": "start",
+            "win_rate": None,
+            "avg_length": report["comparisons"][next(iter(results))]["baseline_avg_length"],
+            "train_seconds": 0.0,
+        }
+    ]
+    for name, result in results.items():
+        c = report["comparisons"][name]
+        rows.append(
+            {
+                "method": name,
+                "win_rate": c["win_rate"],
+                "ci_low": c["ci_low"],
+                "ci_high": c["ci_high"],
+                "lc_win_rate": c["lc_win_rate"],
+                "wins": c["wins"],
+                "ties": c["ties"],
+                "losses": c["losses"],
+                "avg_length": c["avg_length"],
+                "train_seconds": result["train_seconds"],
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict], report: dict) -> str:
+    level = round(100 * report.get("confidence", 0.95))
+    lines = [
+        f"Held-out prompts: {report['n_prompts']}; judge: {report['judge']}; baseline: the start model.",
+        "",
+        f"| method | win rate vs start [{level}% CI] | LC win rate | wins / ties / losses | avg length (chars) | "
+        "train wall time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["win_rate"] is None:
+            lines.append(f"| {r['method']} | - | - | - | {r['avg_length']:.0f} | - |")
+            continue
+        lines.append(
+            f"| {r['method']} | {100 * r['win_rate']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] | "
+            f"{100 * r['lc_win_rate']:.1f}% | {r['wins']} / {r['ties']} / {r['losses']} | {r['avg_length']:.0f} | "
+            f"{r['train_seconds'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
+def write_comparison(rows: list[dict], report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "comparison.md").write_text("# Comparison\n\n" + markdown(rows, report) + "\n", encoding="utf-8")
+    with open(out / "comparison.json", "w", encoding="utf-8") as f:
+        json.dump({"rows": rows, "judge": report["judge"], "n_prompts": report["n_prompts"]}, f, indent=2)
+
+    trained = [r for r in rows if r["win_rate"] is not None]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(trained), 3.6))
+    x = range(len(trained))
+    rates = [100 * r["win_rate"] for r in trained]
+    errors = [
+        [100 * (r["win_rate"] - r["ci_low"]) for r in trained],
+        [100 * (r["ci_high"] - r["win_rate"]) for r in trained],
+    ]
+    ax.bar(x, rates, yerr=errors, capsize=4, color="#4c72b0", label="win rate vs start")
+    ax.scatter(x, [100 * r["lc_win_rate"] for r in trained], color="#dd8452", zorder=3, label="length-controlled")
+    ax.axhline(50, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(list(x), [f"{r['method']}\n{r['train_seconds'] / 60:.0f} min" for r in trained])
+    ax.set_ylabel("% vs start model")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{report['n_prompts']} held-out prompts, judge: {report['judge'].split(':')[0]}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "comparison.png", dpi=120)
+    plt.close(fig)
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+
+    from trl_sgpo import SGPOConfig
+    from trl_sgpo.pipeline import SGPOScriptArguments
+
+    parser = TrlParser(
+        (CompareArguments, SGPOScriptArguments, SGPOConfig, ModelConfig), description=__doc__.split("\n\n")[1].strip()
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    main(*make_parser().parse_args_and_config())

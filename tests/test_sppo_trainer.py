@@ -1,0 +1,275 @@
+"""SPPOTrainer: which answers train, with which targets, and what a step does to the weights."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_sgpo import SPPOConfig, SPPOTrainer
+from trl_sgpo.pipeline.methods import round_prompts
+from trl_sgpo.templates import render_prompt
+
+
+def conv_dataset(n=8):
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(n)]})
+
+
+def make_args(tmp_path, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        max_new_tokens=6,
+        max_length=128,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-2,
+        num_samples=3,
+        beta=0.1,
+        seed=0,
+    )
+    defaults.update(kw)
+    return SPPOConfig(**defaults)
+
+
+class LengthScores:
+    """Pointwise stand-in judge: an answer's score is its length in characters."""
+
+    def scores(self, prompts, answers, references=None):
+        return [float(len(a)) for a in answers]
+
+
+class FixedAnswers:
+    """Stand-in sampler: answer j of every prompt is ``texts[j]`` (``None`` marks an answer cut at the budget)."""
+
+    def __init__(self, tokenizer, texts, k):
+        eos = tokenizer.eos_token_id
+        self.rows = [
+            tokenizer("cut cut cut", add_special_tokens=False)["input_ids"]
+            if t is None
+            else tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
+            for t in texts
+        ]
+        self.k = k
+        self.calls = []
+
+    def __call__(self, model, prompt_ids, **kwargs):
+        self.calls.append(prompt_ids)
+        return [list(self.rows[i % self.k]) for i in range(len(prompt_ids))]
+
+
+def sigmoid(z):
+    return 1 / (1 + math.exp(-z))
+
+
+def trainer_with(tmp_path, model, tokenizer, texts, **kw):
+    args = make_args(tmp_path, **kw)
+    trainer = SPPOTrainer(
+        model, judge=LengthScores(), args=args, train_dataset=conv_dataset(), processing_class=tokenizer
+    )
+    trainer.generate_ids = FixedAnswers(tokenizer, texts, args.num_samples)
+    return trainer
+
+
+def test_best_and_worst_train_with_their_estimated_win_rates(tmp_path, tiny_model, tiny_tokenizer):
+    trainer = trainer_with(tmp_path, tiny_model, tiny_tokenizer, ["one", "two two two", "two two"])
+    items = trainer.make_items(None, conv_dataset(2)["prompt"], {})
+    # K = 3 per prompt; every prompt sees the same 3 answers, all with one sampling call.
+    assert len(trainer.generate_ids.calls) == 1 and len(trainer.generate_ids.calls[0]) == 6
+    assert items.keep.tolist() == [True, True, False] * 2
+    assert items.flags["not_selected"].tolist() == [False, False, True] * 2
+    # Lengths 3, 11, 7: P_hat = mean over the 3 answers of sigmoid(s_i - s_k), the self term 1/2 included.
+    best = (0.5 + sigmoid(8) + sigmoid(4)) / 3
+    worst = (0.5 + sigmoid(-8) + sigmoid(-4)) / 3
+    middle = (0.5 + sigmoid(4) + sigmoid(-4)) / 3
+    assert items.values["target"][:2].tolist() == pytest.approx([worst, best])
+    assert items.values["win_rate"][:3].tolist() == pytest.approx([worst, best, middle])
+
+
+def test_hard_labels_and_all_answers(tmp_path, tiny_model, tiny_tokenizer):
+    texts = ["one", "two two two", "two two"]
+    hard = trainer_with(tmp_path, tiny_model, tiny_tokenizer, texts, loss_type="sppo_hard")
+    items = hard.make_items(None, conv_dataset(1)["prompt"], {})
+    assert items.values["target"][:2].tolist() == [0.0, 1.0]
+
+    every = trainer_with(tmp_path, tiny_model, tiny_tokenizer, texts, train_on="all")
+    items = every.make_items(None, conv_dataset(1)["prompt"], {})
+    assert items.keep.tolist() == [True, True, True]
+    assert items.values["target"].tolist() == pytest.approx(items.values["win_rate"].tolist())
+    with pytest.raises(ValueError, match="best_worst"):
+        make_args(tmp_path, loss_type="sppo_hard", train_on="all")
+
+
+def test_cut_answers_neither_train_nor_count_in_the_win_rates(tmp_path, tiny_model, tiny_tokenizer):
+    trainer = trainer_with(tmp_path, tiny_model, tiny_tokenizer, ["one", None, "two two"])
+    items = trainer.make_items(None, conv_dataset(1)["prompt"], {})
+    assert items.flags["truncated"].tolist() == [False, True, False]
+    assert items.keep.tolist() == [True, False, True]
+    # Only the two finished answers (lengths 3 and 7) are compared: P_hat = (1/2 + sigmoid(+-4)) / 2.
+    assert items.values["target"][[0, 2]].tolist() == pytest.approx([(0.5 + sigmoid(-4)) / 2, (0.5 + sigmoid(4)) / 2])
+
+
+def test_prompts_without_a_preference_train_nothing(tmp_path, tiny_model, tiny_tokenizer):
+    too_few = trainer_with(tmp_path, tiny_model, tiny_tokenizer, ["one", None, None])
+    items = too_few.make_items(None, conv_dataset(1)["prompt"], {})
+    assert not items.keep.any() and items.flags["too_few"].tolist() == [True, False, False]
+
+    tied = trainer_with(tmp_path, tiny_model, tiny_tokenizer, ["same", "same", "same"])
+    items = tied.make_items(None, conv_dataset(1)["prompt"], {})
+    assert not items.keep.any() and items.flags["tied"].all()
+
+
+def test_step_loss_and_weights(tmp_path, tiny_model, tiny_tokenizer):
+    trainer = trainer_with(tmp_path, tiny_model, tiny_tokenizer, ["one", "two two two", "two two"])
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    # First step: the policy is its own reference, so each log-ratio is 0 and the loss is the mean of the squared
+    # targets (P_hat - 1/2) / beta over the kept answers (best and worst, the same for every prompt).
+    best = (0.5 + sigmoid(8) + sigmoid(4)) / 3
+    worst = (0.5 + sigmoid(-8) + sigmoid(-4)) / 3
+    expected = (((best - 0.5) / 0.1) ** 2 + ((worst - 0.5) / 0.1) ** 2) / 2
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-4)
+    assert trainer.counts["kept"] == 4 and trainer.counts["made"] == 6
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_nothing_kept_leaves_weights_bit_identical(tmp_path, tiny_model, tiny_tokenizer):
+    trainer = trainer_with(tmp_path, tiny_model, tiny_tokenizer, [None, None, "one"], max_initial_empty_steps=0)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.counts["kept"] == 0
+    assert trainer.counts["truncated"] == 4 and trainer.counts["too_few"] == 2
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_rounds_reanchor_the_reference_on_disjoint_prompts(tmp_path, tiny_model, tiny_tokenizer):
+    prompts = conv_dataset(8)
+    splits = [round_prompts(prompts, r, 2) for r in (1, 2)]
+    texts = [set(map(str, s["prompt"])) for s in splits]
+    assert not texts[0] & texts[1] and len(texts[0] | texts[1]) == 8
+
+    start = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    first = SPPOTrainer(
+        tiny_model,
+        judge=LengthScores(),
+        args=make_args(tmp_path),
+        train_dataset=splits[0],
+        processing_class=tiny_tokenizer,
+    )
+    first.generate_ids = FixedAnswers(tiny_tokenizer, ["one", "two two two", "two two"], 3)
+    first.train()
+    trained = {n: p.detach().clone() for n, p in first.model.named_parameters()}
+    assert any(not torch.equal(start[n], trained[n]) for n in start)
+    # Round 1's reference is the start model.
+    assert all(torch.equal(start[n], p) for n, p in first.ref_model.named_parameters())
+
+    second = SPPOTrainer(
+        first.model,
+        judge=LengthScores(),
+        args=make_args(tmp_path / "r2"),
+        train_dataset=splits[1],
+        processing_class=tiny_tokenizer,
+    )
+    # Round 2's reference is the policy as round 1 left it, not the start model.
+    assert all(torch.equal(trained[n], p) for n, p in second.ref_model.named_parameters())
+
+
+def test_needs_a_judge_and_names_its_paper(tmp_path, tiny_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="judge"):
+        SPPOTrainer(
+            tiny_model, args=make_args(tmp_path), train_dataset=conv_dataset(), processing_class=tiny_tokenizer
+        )
+    trainer = trainer_with(tmp_path, tiny_model, tiny_tokenizer, ["one", "two two two", "two two"])
+    trainer.train()
+    trainer.create_model_card(model_name="tiny-sppo")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "SPPO" in card and "2405.00675" in card and "Self-Play Preference Optimization" in card
+    assert "answers_kept" in card
+
+
+def test_real_sampler_cut_answers_are_counted(tmp_path, tiny_model, tiny_tokenizer):
+    # A random tiny model never writes EOS within 4 tokens: every answer is cut and nothing trains.
+    args = make_args(tmp_path, max_new_tokens=4, max_initial_empty_steps=0)
+    trainer = SPPOTrainer(
+        tiny_model, judge=LengthScores(), args=args, train_dataset=conv_dataset(), processing_class=tiny_tokenizer
+    )
+    trainer.train()
+    assert trainer.counts["made"] == 6 and trainer.counts["truncated"] == 6 and trainer.counts["kept"] == 0
+
+
+class StandInLLM:
+    """A colocated `vllm.LLM` stand-in: records its prompts; answers "two", then EOS, then more tokens (cut at EOS)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append((prompts, params.max_tokens))
+        word = self.tokenizer("two", add_special_tokens=False)["input_ids"]
+        ids = word + [self.tokenizer.eos_token_id] + word
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(ids))]) for _ in prompts]
+
+
+class StandInClient:
+    """A server-mode `VLLMClient` stand-in."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def generate(self, prompts, max_tokens, **kwargs):
+        self.calls.append((prompts, max_tokens))
+        ids = self.tokenizer("two", add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return {"completion_ids": [list(ids) for _ in prompts]}
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_vllm_gets_token_ids_and_answers_end_at_the_first_eos(tmp_path, tiny_model, tiny_tokenizer, mode):
+    trainer = SPPOTrainer(
+        tiny_model,
+        judge=LengthScores(),
+        args=make_args(tmp_path),
+        train_dataset=conv_dataset(),
+        processing_class=tiny_tokenizer,
+    )
+    trainer.use_vllm, trainer.vllm_mode = True, mode
+    trainer._vllm_sampling_params = lambda: SimpleNamespace(
+        max_tokens=6, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0
+    )
+    engine = StandInLLM(tiny_tokenizer) if mode == "colocate" else StandInClient(tiny_tokenizer)
+    setattr(trainer, "llm" if mode == "colocate" else "vllm_client", engine)
+    prompts = conv_dataset(2)["prompt"]
+    ids = trainer.generate_ids(None, trainer.tokenize_prompts([render_prompt(p, tiny_tokenizer) for p in prompts]))
+    ((sent, max_tokens),) = engine.calls
+    sent = [row["prompt_token_ids"] for row in sent] if mode == "colocate" else sent
+    expected = tiny_tokenizer(render_prompt(prompts[0], tiny_tokenizer), add_special_tokens=False)["input_ids"]
+    assert sent[0] == expected and max_tokens == 6
+    # Answers end at the first EOS.
+    assert ids[0] == tiny_tokenizer("two", add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+
+
+class RecordingJudge(LengthScores):
+    def __init__(self):
+        self.seen = []
+
+    def scores(self, prompts, answers, references=None):
+        self.seen += list(zip(prompts, references or [None] * len(prompts)))
+        return super().scores(prompts, answers, references)
+
+
+def test_judge_reads_the_reference_column(tmp_path, tiny_model, tiny_tokenizer):
+    rows = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(4)],
+            "reference": [f"{2 * i}" for i in range(4)],
+        }
+    )
+    judge = RecordingJudge()
+    trainer = SPPOTrainer(
+        tiny_model, judge=judge, args=make_args(tmp_path), train_dataset=rows, processing_class=tiny_tokenizer
+    )
+    trainer.generate_ids = FixedAnswers(tiny_tokenizer, ["one", "two two two", "two two"], 3)
+    trainer.train()
+    assert judge.seen and all(ref == str(2 * int(q.split()[2])) for q, ref in judge.seen)
