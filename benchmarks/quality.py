@@ -201,7 +201,7 @@ def improver_data(args, cache, models, train) -> Dataset:
     """Sampled drafts of the start model on every train prompt, and offline targets toward the reference."""
     rows = []
     for k in range(args.drafts_per_prompt):
-        key = key_of("drafts", args.concise, args.draft_tokens, args.draft_temperature, k)
+        key = key_of("drafts", args.concise, args.draft_tokens, args.draft_temperature, k, args.train_rows)
         drafts = cached_generate(
             cache,
             key,
@@ -236,6 +236,8 @@ def improver_sft(args, cache, models, train) -> tuple[str, dict]:
             "sft_epochs",
             "sft_lr",
             "sft_batch",
+            "sft_lora",
+            "train_rows",
         )
     }
     root = cache / f"sft-{key_of(settings)}"
@@ -262,8 +264,17 @@ def improver_sft(args, cache, models, train) -> tuple[str, dict]:
         disable_tqdm=True,
         seed=0,
     )
-    trainer = ImproverSFTTrainer(model, args=config, train_dataset=data, processing_class=tokenizer)
+    peft_config = None
+    if args.sft_lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.sft_lora, lora_alpha=2 * args.sft_lora, target_modules="all-linear")
+    trainer = ImproverSFTTrainer(
+        model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=peft_config
+    )
     trainer.train()
+    if args.sft_lora:
+        trainer.model = trainer.model.merge_and_unload()
     trainer.save_model(str(root / "model"))
     tokenizer.save_pretrained(str(root / "model"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -364,31 +375,47 @@ def sgpo(args, cache, start_path, sft_key, train, judge) -> tuple[str, dict]:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def evaluate(args, cache, models, heldout, judge, path: str, name: str, improve: bool, start_answers=None) -> dict:
-    """Greedy held-out answers of the model at ``path`` (and, with ``improve``, its improvements of them)."""
+def evaluate(
+    args, cache, models, heldout, judge, path: str, name: str, improve: bool, start=None, drafts=None
+) -> dict:
+    """Greedy held-out answers of the model at ``path`` and, with ``improve``, its improvements of them.
+
+    With ``drafts`` (the figures of another model), the model does not answer: it only improves those answers.
+    """
     prompts, refs = heldout["prompt"], heldout["reference"]
     gen = dict(max_new_tokens=args.eval_tokens, temperature=0.0, batch_size=args.gen_batch)
-    answers = cached_generate(
-        cache, key_of("eval", path, args.concise, args.eval_rows, args.eval_tokens), models(path), prompts, **gen
-    )
-    texts = [a["text"] for a in answers]
-    sim = judge.scores(texts, refs)
-    rl = np.array([rouge_l(t, r) for t, r in zip(texts, refs, strict=True)])
-    figures = {
-        "model": name,
-        "similarity": round(float(sim.mean()), 3),
-        "rouge_l": round(float(rl.mean()), 3),
-        "words": round(float(np.mean([len(t.split()) for t in texts])), 1),
-        "finished": round(float(np.mean([a["finished"] for a in answers])), 3),
-        "_sim": sim,
-        "_rl": rl,
-    }
-    if start_answers is not None:
-        figures["win_vs_start"] = win_rate(sim, start_answers["_sim"])
-        figures["rouge_win_vs_start"] = win_rate(rl, start_answers["_rl"])
+    figures = {"model": name}
+    if drafts is None:
+        key = key_of("eval", path, args.concise, args.eval_rows, args.eval_tokens)
+        answers = cached_generate(cache, key, models(path), prompts, **gen)
+        texts = [a["text"] for a in answers]
+        sim = judge.scores(texts, refs)
+        rl = np.array([rouge_l(t, r) for t, r in zip(texts, refs, strict=True)])
+        figures.update(
+            similarity=round(float(sim.mean()), 3),
+            rouge_l=round(float(rl.mean()), 3),
+            words=round(float(np.mean([len(t.split()) for t in texts])), 1),
+            finished=round(float(np.mean([a["finished"] for a in answers])), 3),
+            _sim=sim,
+            _rl=rl,
+            _texts=texts,
+        )
+        if start is not None:
+            figures["win_vs_start"] = win_rate(sim, start["_sim"])
+            figures["rouge_win_vs_start"] = win_rate(rl, start["_rl"])
+    else:
+        texts, sim, rl = drafts["_texts"], drafts["_sim"], drafts["_rl"]
+        figures["improves"] = drafts["model"]
     if improve:
         requests = [improver_prompt(p, t) for p, t in zip(prompts, texts, strict=True)]
-        key = key_of("improve", path, args.concise, args.eval_rows, args.eval_tokens)
+        key = key_of(
+            "improve",
+            path,
+            args.concise,
+            args.eval_rows,
+            args.eval_tokens,
+            None if drafts is None else drafts["model"],
+        )
         improved = cached_generate(cache, key, models(path), requests, **gen)
         isim = judge.scores([i["text"] for i in improved], refs)
         irl = np.array([rouge_l(i["text"], r) for i, r in zip(improved, refs, strict=True)])
@@ -396,7 +423,36 @@ def evaluate(args, cache, models, heldout, judge, path: str, name: str, improve:
         figures["improver_rouge_win"] = win_rate(irl, rl)
         figures["improved_finished"] = round(float(np.mean([i["finished"] for i in improved])), 3)
         figures["improved_similarity"] = round(float(isim.mean()), 3)
+        figures["improved_words"] = round(float(np.mean([len(i["text"].split()) for i in improved])), 1)
+        figures["improved_identical"] = round(
+            float(np.mean([i["text"].strip() == t.strip() for i, t in zip(improved, texts, strict=True)])), 3
+        )
     return figures
+
+
+WRITER_GRID = [(0.25, 1), (0.5, 2), (0.5, 3), (0.5, None), (1.0, None)]
+
+
+def writer_grid(heldout, judge, start: dict) -> list[dict]:
+    """Do the offline targets point the right way? ``reference_step`` of the start model's held-out drafts, judged
+    against the drafts (the references are used by the writer here only to grade it, never to train)."""
+    refs, drafts = heldout["reference"], start["_texts"]
+    rows = []
+    for fraction, max_edits in WRITER_GRID:
+        targets = [reference_step(d, r, fraction, max_edits) for d, r in zip(drafts, refs, strict=True)]
+        sim = judge.scores(targets, refs)
+        rl = np.array([rouge_l(t, r) for t, r in zip(targets, refs, strict=True)])
+        rows.append(
+            {
+                "fraction": fraction,
+                "max_edits": max_edits,
+                "target_win": win_rate(sim, start["_sim"]),
+                "similarity_gain": round(float((sim - start["_sim"]).mean()), 3),
+                "rouge_win": win_rate(rl, start["_rl"]),
+                "words": round(float(np.mean([len(t.split()) for t in targets])), 1),
+            }
+        )
+    return rows
 
 
 def public(figures: dict) -> dict:
@@ -420,7 +476,15 @@ def main(argv=None):
     p.add_argument("--sft_epochs", type=float, default=2)
     p.add_argument("--sft_lr", type=float, default=1e-5)
     p.add_argument("--sft_batch", type=int, default=8)
-    p.add_argument("--skip_sgpo", action="store_true")
+    p.add_argument("--train_rows", type=int, default=None, help="Use only the first N train rows (exploration).")
+    p.add_argument("--sft_lora", type=int, default=0, help="LoRA rank for improver SFT (0: full fine-tuning).")
+    p.add_argument(
+        "--improve_start_drafts",
+        action="store_true",
+        help="Judge the improver-SFT model on the start model's drafts (one generation pass less).",
+    )
+    p.add_argument("--writer_grid", action="store_true", help="Grade reference_step targets of the start drafts.")
+    p.add_argument("--stop_after", choices=["start", "improver_sft", "sgpo"], default="sgpo")
     p.add_argument("--sgpo_gate", action="store_true", help="Judge-gated SGPO (similarity to the reference).")
     p.add_argument("--sgpo_margin", type=float, default=0.02)
     p.add_argument("--sgpo_lr", type=float, default=5e-6)
@@ -439,6 +503,8 @@ def main(argv=None):
     torch.manual_seed(0)
     started = time.perf_counter()
     train, heldout = split_default_dataset(args.concise)
+    if args.train_rows is not None:
+        train = train.select(range(min(args.train_rows, len(train))))
     heldout = heldout.select(range(min(args.eval_rows, len(heldout))))
     judge, models = SimilarityJudge(), Models()
     record = {"tag": args.tag, "settings": vars(args), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -449,20 +515,31 @@ def main(argv=None):
     start = evaluate(args, cache, models, heldout, judge, "smollm2-135m-instruct", "start", args.start_improver)
     record["start"] = public(start)
     log("start", start)
+    if args.writer_grid:
+        record["writer_grid"] = writer_grid(heldout, judge, start)
+        for row in record["writer_grid"]:
+            print(f"[{args.tag}] writer: {json.dumps(row)}", flush=True)
+    if args.stop_after == "start":
+        return finish(record, out, started)
 
     sft_path, sft_info = improver_sft(args, cache, models, train)
     record["sft_info"] = sft_info
-    sft = evaluate(args, cache, models, heldout, judge, sft_path, "improver_sft", True, start)
+    drafts = start if args.improve_start_drafts else None
+    sft = evaluate(args, cache, models, heldout, judge, sft_path, "improver_sft", True, start, drafts)
     record["improver_sft"] = public(sft)
     log("improver_sft", sft)
 
-    if not args.skip_sgpo:
+    if args.stop_after != "improver_sft":
         sgpo_path, sgpo_info = sgpo(args, cache, sft_path, Path(sft_path).parent.name, train, judge)
         record["sgpo_info"] = sgpo_info
         final = evaluate(args, cache, models, heldout, judge, sgpo_path, "sgpo", False, start)
         record["sgpo"] = public(final)
         log("sgpo", final)
 
+    return finish(record, out, started)
+
+
+def finish(record: dict, out: Path, started: float) -> None:
     record["wall_s"] = round(time.perf_counter() - started)
     record["generation_s"] = dict(TIMES)
     with open(out / "results.jsonl", "a") as f:
