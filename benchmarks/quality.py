@@ -257,7 +257,6 @@ def improver_sft(args, cache, models, train) -> tuple[str, dict]:
         per_device_train_batch_size=args.sft_batch,
         max_length=1024,
         lr_scheduler_type="cosine",
-        warmup_ratio=0.05,
         save_strategy="no",
         report_to="none",
         logging_steps=5,
