@@ -105,8 +105,8 @@ def format_summary(summary) -> str:
 
 
 def finished_lines(summary) -> list[str]:
-    """How many generations ended within their token budget: the drafts of stage 1 and any ``*finished*`` figures
-    of the SGPO rounds (an answer cut at the budget is not a finished answer; SGPO drops such pairs)."""
+    """How many generations ended within their token budget: the drafts of stage 1, and the drafts and improvements
+    the SGPO rounds generated (an answer cut at the budget is not a finished answer; SGPO drops such pairs)."""
     lines = []
     sample = summary.get("stages", {}).get("sample", {})
     if "finished" in sample:
@@ -115,9 +115,14 @@ def finished_lines(summary) -> list[str]:
             f"({sample.get('finished_frac', 0):.0%})"
         )
     for name, stage in summary.get("stages", {}).items():
-        figures = {k: v for k, v in stage.items() if "finished" in k and name.startswith("sgpo_iter")}
-        if figures:
-            lines.append(f"{name} finished: " + ", ".join(f"{k}={v:.3g}" for k, v in figures.items()))
+        made = stage.get("pairs_made") or 0
+        if name.startswith("sgpo_iter") and made:
+            drafts = made - (stage.get("pairs_truncated_policy") or 0)
+            improvements = made - (stage.get("pairs_truncated_improved") or 0)
+            lines.append(
+                f"{name} finished within budget: drafts {drafts}/{made} ({drafts / made:.0%}), "
+                f"improvements {improvements}/{made} ({improvements / made:.0%})"
+            )
     return lines
 
 

@@ -12,7 +12,7 @@ from helpers.tiny import build_tiny_model
 from trl_sgpo.evaluation import evaluate_models
 from trl_sgpo.evaluation.answers import TransformersGenerator, VLLMGenerator, generate_answers
 from trl_sgpo.evaluation.callbacks import WinRateCallback
-from trl_sgpo.evaluation.judges import OpenAIPairwiseJudge, PointwiseJudge
+from trl_sgpo.evaluation.judges import OpenAIPairwiseJudge, PairwiseJudge, PointwiseJudge
 
 
 KEY = "sk-eval-test"
@@ -144,6 +144,23 @@ def test_improver_requests_use_the_improver_template(tmp_path, tiny_model, tiny_
     assert "### Draft answer\nIt is 3." in seen[0] and "What is 1+1?" in seen[0]
 
 
+def test_a_saved_model_is_asked_to_improve_with_its_own_template(tmp_path, tiny_model, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from trl_sgpo.templates import ImproverTemplate
+
+    folder = tmp_path / "improver"
+    tiny_model.save_pretrained(folder)
+    ImproverTemplate(instruction="Polish this draft, one step.").save_pretrained(folder)
+    gen = TransformersGenerator(AutoModelForCausalLM.from_pretrained(folder), tiny_tokenizer, max_new_tokens=4)
+    seen = []
+    render = gen.render
+    gen.render = lambda p: seen.append(p) or render(p)
+    rows = Dataset.from_dict({"prompt": ["What is 1+1?"], "draft": ["It is 3."]})
+    generate_answers(gen, rows, tmp_path / "imp.jsonl", improve=True, show_progress=False)
+    assert "Polish this draft, one step." in str(seen[0])
+
+
 def test_cli_eval_end_to_end_on_tiny_models(tmp_path, tiny_model, tiny_tokenizer, tiny_model_dir, capsys):
     from trl_sgpo.cli import main
 
@@ -230,3 +247,24 @@ def test_judgments_on_disk_are_not_judged_again(tmp_path):
     evaluate_models(models, prompts(5), judge, tmp_path, **kwargs)
     assert judge.calls == 2  # only the new row
     assert first["comparisons"]["new"]["win_rate"] == pytest.approx(1 / (1 + math.exp(-0.1)))
+
+
+def test_abstentions_are_asked_again_on_a_rerun(tmp_path):
+    class FlakyJudge(PairwiseJudge):
+        """Abstains on its first call (a request that failed for good), answers afterwards."""
+
+        name = "flaky"
+
+        def __init__(self):
+            self.calls = 0
+
+        def judge(self, prompts, answers_a, answers_b, references=None):
+            self.calls += 1
+            return [math.nan if self.calls == 1 else 1.0 for _ in prompts]
+
+    models = {"base": ScriptedGenerator("base", lambda t: "Base."), "new": ScriptedGenerator("new", lambda t: "New.")}
+    judge = FlakyJudge()
+    kwargs = dict(n_bootstrap=20, show_progress=False, plots=False)
+    evaluate_models(models, prompts(3), judge, tmp_path, **kwargs)
+    report = evaluate_models(models, prompts(3), judge, tmp_path, **kwargs)
+    assert judge.calls == 2 and report["comparisons"]["new"]["win_rate"] == 1.0

@@ -84,3 +84,17 @@ def test_lora_settings_count_for_training_stages_of_lora_runs_only():
     assert "lora_r" not in model_fingerprint(plain, "m", with_lora=True)
     assert "lora_r" not in model_fingerprint(lora, "m", with_lora=False)
     assert model_fingerprint(lora, "m", with_lora=True)["lora_r"] == 4
+
+
+def test_evaluation_settings_never_make_a_training_stage_rerun():
+    # A finished run evaluated again with another judge or held-out size must not be refused at stage 1.
+    base = SGPOScriptArguments()
+    other = dataclasses.replace(
+        base,
+        num_eval_prompts=base.num_eval_prompts + 1,
+        judge_model="judge",
+        eval_max_new_tokens=7,
+        eval_improver=False,
+    )
+    for stage in STAGE_ORDER:
+        assert script_fingerprint(base, stage) == script_fingerprint(other, stage), stage

@@ -449,3 +449,21 @@ def test_evaluation_is_skipped_with_a_reason_when_too_few_rows_are_held_out(reci
     used = [data.select(range(3)), data.select(range(3, 5))]
     rows = held_out_rows(data, used, 64, seed=0)
     assert sorted(rows["prompt"]) == [f"q{i}" for i in range(5, 10)]
+
+
+def test_summary_prints_the_finished_share_of_drafts_and_improvements(recipe):
+    summary = {
+        "stages": {
+            "sample": {"rows": 8, "finished": 6, "finished_frac": 0.75},
+            "sgpo_iter1": {
+                "pairs_made": 10,
+                "pairs_kept": 4,
+                "pairs_truncated_policy": 2,
+                "pairs_truncated_improved": 5,
+            },
+        }
+    }
+    text = recipe.format_summary(summary)
+    assert "drafts finished within max_new_tokens: 6/8 (75%)" in text
+    assert "sgpo_iter1 finished within budget: drafts 8/10 (80%), improvements 5/10 (50%)" in text
+    assert "kept 4 (40% of prompts gave a trained pair)" in text

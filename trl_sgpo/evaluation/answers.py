@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..data.checks import check_rows
 from ..data.jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, rows_in_order
-from ..templates import improver_prompt, question_text, render_prompt
+from ..templates import DEFAULT_TEMPLATE, improver_prompt, improver_template_for, question_text, render_prompt
 
 
 logger = logging.getLogger(__name__)
@@ -52,10 +52,23 @@ class TransformersGenerator:
         model, tokenizer: The model (used in eval mode on its device) and its tokenizer (needs a pad token).
         max_new_tokens, temperature, top_p: Generation settings; ``temperature=0`` is greedy.
         name: Name in the outputs (default: the model's ``_name_or_path``).
+        improver_template: The improver request's template (``improve=True``). Default: the one saved with the
+            model (``improver_template.json``), else the default; so a model is asked as it was trained.
     """
 
-    def __init__(self, model, tokenizer, *, max_new_tokens=256, temperature=0.0, top_p=1.0, name: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_new_tokens=256,
+        temperature=0.0,
+        top_p=1.0,
+        name: str | None = None,
+        improver_template=None,
+    ):
         self.model = model
+        self.improver_template = improver_template or improver_template_for(model)
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -97,11 +110,22 @@ class VLLMGenerator:
         max_new_tokens, temperature, top_p: Sampling settings.
         sampling_params_cls: ``vllm.SamplingParams`` by default; a stand-in for CPU tests.
         name: Name in the outputs.
+        improver_template: The improver request's template (``improve=True``); default: the package default (pass
+            ``improver_template_for(<model folder>)`` to use the one saved with the model).
     """
 
     def __init__(
-        self, llm, *, max_new_tokens=256, temperature=0.0, top_p=1.0, sampling_params_cls=None, name: str = "vllm"
+        self,
+        llm,
+        *,
+        max_new_tokens=256,
+        temperature=0.0,
+        top_p=1.0,
+        sampling_params_cls=None,
+        name: str = "vllm",
+        improver_template=None,
     ):
+        self.improver_template = improver_template or DEFAULT_TEMPLATE
         if sampling_params_cls is None:
             from vllm import SamplingParams as sampling_params_cls
         self.llm = llm
@@ -161,8 +185,11 @@ def generate_answers(
     done = load_done(output_path, dataset, columns)
     pending = [i for i, row_id in enumerate(dataset[ROW_ID]) if row_id not in done]
 
+    # The generator's model is asked to improve with the template it was trained with (saved beside its weights).
+    template = getattr(generator, "improver_template", None) or DEFAULT_TEMPLATE
+
     def request(row):
-        return improver_prompt(row["prompt"], row["draft"] or "") if improve else row["prompt"]
+        return improver_prompt(row["prompt"], row["draft"] or "", template) if improve else row["prompt"]
 
     texts = {i: generator.render(request(dataset[i])) for i in pending}
     pending.sort(key=lambda i: -len(texts[i]))  # similar lengths share a batch: less padding

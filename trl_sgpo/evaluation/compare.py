@@ -76,12 +76,14 @@ def judge_rows(
     path: str | os.PathLike,
 ) -> list[float]:
     """``judge`` on every row, resuming from ``path``: a row judged before on the very same texts by the same judge
-    is not judged again. Each new verdict is appended to ``path`` as ``{row_id, preference, key}``."""
+    is not judged again, unless the judge abstained. Each new verdict is appended to ``path`` as ``{row_id, preference, key}``."""
     keys = [
         stable_hash([judge.name, p, a, b, r])
         for p, a, b, r in zip(prompts, answers, baseline_answers, references or [None] * len(prompts), strict=True)
     ]
-    done = {e["key"]: e["preference"] for e in read_jsonl(path, missing_ok=True) if "key" in e}
+    # Abstentions (NaN, stored as None) are asked again: a request that failed for good is retried on a rerun, and an
+    # unreadable reply comes back from the request cache without a new request.
+    done = {e["key"]: e["preference"] for e in read_jsonl(path, missing_ok=True) if e.get("preference") is not None}
     todo = [i for i, key in enumerate(keys) if key not in done]
     if todo:
         preferences = judge.judge(

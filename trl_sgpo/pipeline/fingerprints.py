@@ -126,6 +126,11 @@ OUTPUT_NEUTRAL = frozenset(
         "api_key_env",
         "max_concurrency",
         "request_timeout",
+        # the evaluation stage: it runs after training on rows training never saw, and records its own settings
+        "num_eval_prompts",
+        "judge_model",
+        "eval_max_new_tokens",
+        "eval_improver",
         # deprecated aliases, resolved into their new names before any fingerprint is taken
         "target_model",
         "offline_fraction",

@@ -1,17 +1,20 @@
-"""The whole SGPO pipeline, stage by stage: the library behind ``recipes/sgpo.py``.
+"""The whole pipeline, stage by stage: the library behind ``recipes/sgpo.py``.
 
 1. ``sample``: the policy answers the improver prompts (``prompt`` + ``reference`` rows).
-2. ``targets``: an external OpenAI-compatible LLM (``--base_url``/``--target_model``), or the offline writer, edits
+2. ``targets``: an external OpenAI-compatible LLM (``--base_url``/``--writer_model``), or the offline writer, edits
    each answer one step toward its reference.
 3. ``filter``: the perplexity filter keeps targets close to the policy's distribution.
 4. ``improver_sft``: :class:`~trl_sgpo.ImproverSFTTrainer` teaches the improver role.
-5. ``sgpo``: :class:`~trl_sgpo.SGPOTrainer`, ``iterations`` rounds, each starting from the last round's model.
-6. save the final model and its card in ``<output_dir>``, and with ``--push_to_hub`` upload them.
+5. rounds of the method (``--method``, SGPO by default; :mod:`trl_sgpo.pipeline.methods`), ``iterations`` of them,
+   each starting from the last round's model. Methods other than SGPO skip stages 1-4.
+6. evaluation on held-out prompts (:mod:`trl_sgpo.pipeline.evaluation_stage`), then the final model and its card in
+   ``<output_dir>``, and with ``--push_to_hub`` upload them.
 
 Every stage writes into ``<output_dir>/stages/<nn>_<stage>/`` and is skipped when it finished with the same settings,
-resumed when it was interrupted, and refused when the folder holds a run with other settings (:mod:`trl_sgpo.stages`).
-Each stage's settings include those of the stage it is made from, and a stage whose predecessor was redone is redone.
-Under ``accelerate launch`` the data stages run on the main process while the others wait; the trainers use all.
+resumed when it was interrupted, and refused when the folder holds a run with other settings (:mod:`.stages`,
+:mod:`.fingerprints`). Each stage's settings include those of the stage it is made from, and a stage whose predecessor
+was redone is redone. Under ``accelerate launch`` stages 1 and 3 shard their rows over every process and stage 2 runs
+on the main process (:mod:`.data_stages`); the trainers use every process.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from huggingface_hub import HfApi
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.checks import check_columns, check_non_empty, load_default_dataset
-from ..data.jsonl import load_rows
+from ..data.jsonl import load_rows, stable_hash
 from ..models import DEFAULT_MODEL, HUB_ID, load_model_and_tokenizer
 from ..templates import save_improver_template
 from ..trainers.improver_sft_config import ImproverSFTConfig
@@ -360,6 +363,10 @@ def run_pipeline(
     }
     if method_settings == {"method": "sgpo", "judge": "none"}:
         method_settings = {}
+    elif method_args.judge != "none":  # the judge's own settings change which items train
+        method_settings.update(
+            reward_model=method_args.reward_model, similarity_temperature=method_args.similarity_temperature
+        )
     for iteration in range(1, script_args.iterations + 1):
         rows = method_prompts(method, sgpo_rows, iteration, script_args.iterations)
         stage = Stage(
@@ -368,6 +375,8 @@ def run_pipeline(
             {
                 **settings("sgpo", training_args),
                 "start": "improver_sft" if improver_model_path else model_name,
+                # The round's own prompts: SPPO deals disjoint shares over `iterations`, so they depend on it.
+                "prompts": stable_hash(rows["prompt"]),
                 **method_settings,
             },
             after=last,
@@ -402,12 +411,16 @@ def run_pipeline(
         start_model = str(stage.root / "model")
         last = stage
 
-    # Win rates on held-out prompts; adds a section to the final card and files under output_dir/evaluation.
+    # Win rates on held-out prompts; adds a section to the final card and files under output_dir/evaluation. Every
+    # prompt trained on is left out: improver rows, the rounds' rows, and rows of a given --improver_data.
+    trained = [improver_rows, sgpo_rows]
+    if script_args.improver_data is not None:
+        trained.append(load_rows(script_args.improver_data))
     eval_files = run_evaluation_stage(
         script_args,
         training_args,
         dataset,
-        [improver_rows, sgpo_rows],
+        trained,
         model_name,
         stages_dir,
         summary,

@@ -23,7 +23,8 @@ class SPPOConfig(OnPolicyConfig):
     Parameters:
         num_samples (`int`, *optional*, defaults to `5`):
             Answers sampled per prompt (the paper's K). Each answer's win rate `P_hat` is its mean win probability
-            against all K, itself included (a tie, 1/2).
+            against the prompt's finished answers, itself included (a tie, 1/2); answers cut at `max_new_tokens` or
+            empty take no part in the comparisons and never train.
         beta (`float`, *optional*, defaults to `1e-3`):
             `1 / eta` in the loss `(log pi/pi_ref(y) - eta * (P_hat(y) - 1/2))^2` (sequence-summed log-probs). The
             official runs use `1e-3` (`eta = 1000`), so targets span +-500 nats and raw losses are in the thousands.
