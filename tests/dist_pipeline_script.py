@@ -2,7 +2,8 @@
 
     dist_pipeline_script.py OUT_DIR [FAIL_STAGE] -- RECIPE ARGS...
 
-With FAIL_STAGE `targets`, the main process raises in stage 2 (the target writer), the others do not. Each process
+With FAIL_STAGE `targets`, the main process raises in stage 2 (the target writer), the others do not; with
+`evaluation`, it raises in the evaluation stage (which runs on the main process alone). Each process
 writes how it ended (`{"time", "error"}`, error None when it finished) to OUT_DIR/rank<k>.exit before exiting. A
 failed main process waits (at most 60 s) for the others' files first: torchrun ends the others as soon as one process
 exits, and the test wants to see them end on their own.
@@ -40,6 +41,13 @@ def main(out_dir: str, fail_stage: str, argv: list[str]) -> None:
             raise InjectedFailure("injected failure in stage 2 on the main process")
 
         target_writers.write_targets = broken
+    if fail_stage == "evaluation" and state.is_main_process:
+        import trl_sgpo.evaluation.compare as compare
+
+        def broken(*args, **kwargs):
+            raise InjectedFailure("injected failure in the evaluation stage on the main process")
+
+        compare.evaluate_models = broken
     out = Path(out_dir)
     exit_file = out / f"rank{state.process_index}.exit"
     try:

@@ -89,6 +89,22 @@ def test_a_failure_on_the_main_process_ends_every_process_with_its_error(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_failure_in_the_evaluation_stage_ends_every_process_with_its_error(tmp_path, tiny_model_dir):
+    from test_pipeline import base_argv, write_prompts
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    argv = [*base_argv(tiny_model_dir, prompts, tmp_path / "run"), "--num_eval_prompts", "2"]
+    proc = launch("dist_pipeline_script.py", tmp_path, "evaluation", "--", *argv, port=29523, timeout=400)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    ends = [json.loads((tmp_path / f"rank{k}.exit").read_text()) for k in (0, 1)]
+    for end in ends:
+        assert "injected failure in the evaluation stage" in end["error"], output[-3000:]
+    assert ends[1]["error"].startswith("PeerFailedError: process 0 of 2 failed in the evaluation stage")
+    assert 0 <= ends[1]["time"] - ends[0]["time"] < 60
+
+
+@pytest.mark.slow
 def test_two_cpu_processes_give_the_update_of_one_process_with_the_same_pairs(tmp_path, tiny_model_dir):
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [

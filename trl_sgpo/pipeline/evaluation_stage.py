@@ -11,6 +11,7 @@ final model card gains an "Evaluation" section, and the run summary the table.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -22,6 +23,7 @@ from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.jsonl import stable_hash
+from .data_stages import Peers
 from .stages import Stage
 
 
@@ -113,7 +115,6 @@ def run_evaluation_stage(
     """Run the evaluation stage (main process; the others wait) and return the files it added to ``output_dir``
     (relative paths), for the Hub push. Updates ``summary`` and the final card (``<last stage>/README.md``).
     ``method`` names the training rounds' folders (``05_<method>_iter<k>``, see :mod:`.methods`)."""
-    from ..evaluation.compare import evaluate_models
     from ..evaluation.reports import text_table
 
     n = script_args.num_eval_prompts
@@ -156,28 +157,15 @@ def run_evaluation_stage(
     stage = Stage(stages_dir / "06_evaluation", "evaluation", settings, after=after)
     out = Path(training_args.output_dir)
     report = None
+    # Only the main process evaluates; the others wait on signal files, so an error there ends them too, at once,
+    # with its message (a collective barrier would hold them until ddp_timeout).
+    peers = Peers(stages_dir.parent / ".sync", state)
     if state.is_main_process:
-        if not stage.check():
-            started = stage.start()
-            print(f"[6/6] evaluating {', '.join(models)} on {len(rows)} held-out prompts", flush=True)
-            report = evaluate_models(
-                models,
-                rows,
-                _judge(script_args, stage.root),
-                stage.root,
-                improver=script_args.eval_improver,
-                max_new_tokens=settings["max_new_tokens"],
-                batch_size=script_args.sample_batch_size,
-                seed=training_args.seed,
-                device=str(state.device),
-                trainer_states=states,
-            )
-            figures = {f"win_rate/{k}": v["win_rate"] for k, v in report["comparisons"].items()}
-            figures.update({f"improver_win_rate/{k}": v["win_rate"] for k, v in report.get("improver", {}).items()})
-            stage.finish(started, **figures)
-        import json
-
-        report = json.loads((stage.root / "report.json").read_text(encoding="utf-8"))
+        with peers.guard("the evaluation stage"):
+            report = _evaluate_on_main(stage, models, rows, script_args, training_args, settings, states, state)
+        peers.signal("evaluated")
+    else:
+        peers.wait("evaluated", [0])
     state.wait_for_everyone()
     if report is None:  # other processes: the main one wrote everything
         stage.check()
@@ -196,3 +184,28 @@ def run_evaluation_stage(
         _update_card(Path(last_model).parent / "README.md", _card_section(report))
     summary["evaluation"] = {"report": str(target / "report.json"), "table": text_table(report)}
     return added
+
+
+def _evaluate_on_main(stage, models, rows, script_args, training_args, settings, states, state) -> dict[str, Any]:
+    """Evaluate (unless the stage already finished with these settings) and return the report."""
+    from ..evaluation.compare import evaluate_models  # heavy (sentence-transformers, scikit-learn): on use only
+
+    if not stage.check():
+        started = stage.start()
+        print(f"[6/6] evaluating {', '.join(models)} on {len(rows)} held-out prompts", flush=True)
+        report = evaluate_models(
+            models,
+            rows,
+            _judge(script_args, stage.root),
+            stage.root,
+            improver=script_args.eval_improver,
+            max_new_tokens=settings["max_new_tokens"],
+            batch_size=script_args.sample_batch_size,
+            seed=training_args.seed,
+            device=str(state.device),
+            trainer_states=states,
+        )
+        figures = {f"win_rate/{k}": v["win_rate"] for k, v in report["comparisons"].items()}
+        figures.update({f"improver_win_rate/{k}": v["win_rate"] for k, v in report.get("improver", {}).items()})
+        stage.finish(started, **figures)
+    return json.loads((stage.root / "report.json").read_text(encoding="utf-8"))

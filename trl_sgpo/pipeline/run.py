@@ -376,7 +376,7 @@ def run_pipeline(
                 **settings("sgpo", training_args),
                 "start": "improver_sft" if improver_model_path else model_name,
                 # The round's own prompts: SPPO deals disjoint shares over `iterations`, so they depend on it.
-                "prompts": stable_hash(rows["prompt"]),
+                "prompts": stable_hash(list(rows["prompt"])),
                 **method_settings,
             },
             after=last,
