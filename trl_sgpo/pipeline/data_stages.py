@@ -35,6 +35,10 @@ class PeerFailedError(RuntimeError):
     """Another process of the run failed; the message is its error."""
 
 
+SCORE_BATCH_ROWS = 4
+"""Most rows the perplexity filter scores per forward pass (each row: the response and the target)."""
+
+
 class Peers:
     """The processes of one run, meeting through signal files in ``<root>/<run>/``.
 
@@ -218,7 +222,9 @@ def _run(script_args, training_args, policy, rows, stages, summary, state, peers
                 *policy(),
                 written,
                 shards / f"scores.{shard[0]}-of-{shard[1]}.jsonl",
-                batch_size=script_args.sample_batch_size,
+                # A few rows per forward: the completions' logits over the whole vocabulary are the filter's peak
+                # memory (16 rows: about 3 GB for SmolLM2's 49k tokens), and a CPU gains little from larger batches.
+                batch_size=min(script_args.sample_batch_size, SCORE_BATCH_ROWS),
                 max_length=script_args.improver_sft_max_length,
                 show_progress=progress,
                 shard=shard,
