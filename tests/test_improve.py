@@ -160,3 +160,19 @@ def test_cli_improve_bad_input(tmp_path, tiny_model_dir, capsys):
     argv = ["improve", "--model", str(tiny_model_dir), "--input", str(bad), "--output", str(tmp_path / "o.jsonl")]
     assert main(argv) == 1
     assert "prompt" in capsys.readouterr().err
+
+
+def test_cli_improve_warns_only_when_no_template_was_saved(tmp_path, tiny_model, tiny_tokenizer, caplog):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 1 plus 1?"}) + "\n")
+    for saved in (True, False):
+        folder = tmp_path / f"model-{saved}"
+        tiny_model.save_pretrained(folder)
+        tiny_tokenizer.save_pretrained(folder)
+        if saved:  # a saved template that happens to equal the default one
+            save_improver_template(DEFAULT_TEMPLATE, folder)
+        caplog.clear()
+        argv = ["improve", "--model", str(folder), "--input", str(prompts), "--output", str(folder / "out.jsonl")]
+        assert main([*argv, "--max-new-tokens", "4"]) == 0
+        warned = any("none was saved" in r.getMessage() for r in caplog.records)
+        assert warned is not saved

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 
@@ -165,7 +166,7 @@ def run(args) -> None:
     from .data.checks import check_rows
     from .data.jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, load_rows
     from .models import DEFAULT_MODEL, resolve_model_path
-    from .templates import DEFAULT_TEMPLATE, improver_template_for
+    from .templates import DEFAULT_TEMPLATE, TEMPLATE_FILE, improver_template_for
 
     dataset = load_rows(args.input)
     # A `response` column holds drafts to improve; without one the model answers first.
@@ -176,8 +177,11 @@ def run(args) -> None:
     done = load_done(args.output, dataset, ("prompt",))
     pending = [i for i, row_id in enumerate(dataset[ROW_ID]) if row_id not in done]
     model, tokenizer = _load_model(args.model, args.device, args.dtype)
-    template = improver_template_for(resolve_model_path(args.model), args.instruction)
-    if args.instruction is None and template == DEFAULT_TEMPLATE:
+    source = resolve_model_path(args.model)
+    template = improver_template_for(source, args.instruction)
+    # A saved template may equal the default one: warn only when nothing was saved (or found on the Hub).
+    saved = Path(source).is_dir() and (Path(source) / TEMPLATE_FILE).is_file()
+    if args.instruction is None and template == DEFAULT_TEMPLATE and not saved:
         logger.warning("Using the default improver template: none was saved with %s.", args.model or DEFAULT_MODEL)
     chat = not args.raw_prompts and bool(getattr(tokenizer, "chat_template", None))
 
