@@ -7,15 +7,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, IterableDataset
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 from trl.data_utils import is_conversational
-from trl.experimental.utils import truncate_right
 
 from ..templates import improver_prompt, improver_template_for, render_prompt, save_improver_template
 from ..utils import SGPO_PAPER
-from .onpolicy import Items, OnPolicyTrainer, Sequences, pad_rows
+from .onpolicy import Items, OnPolicyTrainer, Sequences
+from .sampling import generate_ids_transformers, generate_ids_vllm
 from .sgpo_config import SGPOConfig
 
 
@@ -154,12 +153,7 @@ class SGPOTrainer(OnPolicyTrainer):
         if self.use_vllm:
             return self._sample_vllm(prompt_ids, role)
         config = self.generation_config if role == "policy" else self.improver_generation_config
-        ids, mask = pad_rows(prompt_ids, self._tokenizer.pad_token_id, "left", self.accelerator.device)
-        output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        completion_ids, completion_mask = truncate_right(
-            output[:, ids.size(1) :], self.eos_token_ids, self._tokenizer.pad_token_id
-        )
-        return [c[m.bool()].tolist() for c, m in zip(completion_ids, completion_mask, strict=True)]
+        return generate_ids_transformers(self, model, prompt_ids, config)
 
     def _max_tokens(self, role: str) -> int:
         return self.args.max_new_tokens if role == "policy" else self.args.improver_max_new_tokens
@@ -186,45 +180,12 @@ class SGPOTrainer(OnPolicyTrainer):
 
     def _sample_vllm(self, prompt_ids: list[list[int]], role: str) -> list[list[int]]:
         """vLLM counterpart of :meth:`_sample`: token ids in (never text, so no second BOS), token ids out."""
-        budget, limit = self._max_tokens(role), self.vllm_max_model_len()
-        too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + budget > limit]
-        if too_long:
-            longest = max(len(prompt_ids[i]) for i in too_long)
-            raise ValueError(
-                f"A {role} prompt of {longest} tokens plus its {budget}-token budget does not fit vLLM's "
-                f"max_model_len={limit}. Lower `max_new_tokens`/`improver_max_new_tokens`, shorten "
-                "`improver_instruction`, or raise `max_length` (the engine is sized from them)."
-            )
-        params = self._vllm_sampling_params(role)
-        if self.vllm_mode == "colocate":
-            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-            completion_ids = [list(out.outputs[0].token_ids) for out in outputs]
-        else:
-            all_prompts = gather_object([list(ids) for ids in prompt_ids])
-            if self.accelerator.is_main_process:
-                result = self.vllm_client.generate(
-                    prompts=all_prompts,
-                    n=1,
-                    repetition_penalty=params.repetition_penalty,
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    top_k=params.top_k,
-                    min_p=params.min_p,
-                    max_tokens=params.max_tokens,
-                    generation_kwargs=self.args.generation_kwargs,
-                )
-                completion_ids = result["completion_ids"]
-            else:
-                completion_ids = [None] * len(all_prompts)
-            completion_ids = broadcast_object_list(completion_ids, from_process=0)
-            start = self.accelerator.process_index * len(prompt_ids)
-            completion_ids = completion_ids[start : start + len(prompt_ids)]
-        # Cut at the first EOS, like truncate_right on the transformers path.
-        cut = []
-        for ids in completion_ids:
-            ends = [i for i, t in enumerate(ids) if t in self.eos_token_ids]
-            cut.append(list(ids[: ends[0] + 1]) if ends else list(ids))
-        return cut
+        fix = (
+            "Lower `max_new_tokens`/`improver_max_new_tokens`, shorten `improver_instruction`, or raise `max_length` "
+            "(the engine is sized from them)."
+        )
+        label = "An improver prompt" if role == "improver" else "A policy prompt"
+        return generate_ids_vllm(self, prompt_ids, self._vllm_sampling_params(role), label, fix)
 
     def _finished(self, ids: list[int]) -> bool:
         return bool(ids) and ids[-1] in self.eos_token_ids
