@@ -106,30 +106,20 @@ def test_a_failure_in_the_evaluation_stage_ends_every_process_with_its_error(tmp
 
 @pytest.mark.slow
 def test_two_cpu_processes_give_the_update_of_one_process_with_the_same_pairs(tmp_path, tiny_model_dir):
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CPU_CONFIG),
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29517",
-        str(HERE / "dist_sgpo_script.py"),
-        str(tiny_model_dir),
-        str(tmp_path / "two"),
-    ]
     (tmp_path / "two").mkdir()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    proc = launch("dist_sgpo_script.py", tiny_model_dir, tmp_path / "two", port=29517)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # The same script, in this (single) process.
     (tmp_path / "one").mkdir()
     subprocess.run(
         [sys.executable, str(HERE / "dist_sgpo_script.py"), str(tiny_model_dir), str(tmp_path / "one")],
-        env={**env, "PYTHONPATH": os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])},
+        env={
+            **os.environ,
+            "TRL_EXPERIMENTAL_SILENCE": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+        },
         check=True,
         capture_output=True,
         timeout=300,
