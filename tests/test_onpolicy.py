@@ -4,33 +4,20 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import TrainerCallback
 from trl.experimental.online_dpo import OnlineDPOTrainer
 
+from helpers.trainer_args import chat_prompts, tiny_config
 from trl_sgpo import SGPOConfig, SGPOTrainer
 from trl_sgpo.trainers.onpolicy import ONLINE_DPO_ATTRIBUTES, ONLINE_DPO_METHODS, OnPolicyTrainer
 
 
 def prompts(n):
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(n)]})
+    return chat_prompts(n)
 
 
 def make_args(tmp_path, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        max_new_tokens=6,
-        max_length=128,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-3,
-        seed=0,
-    )
-    defaults.update(kw)
-    return SGPOConfig(**defaults)
+    return tiny_config(SGPOConfig, tmp_path, **{**dict(max_steps=2, max_length=128, learning_rate=1e-3), **kw})
 
 
 class Scripted:

@@ -7,32 +7,22 @@ import pytest
 import torch
 from datasets import Dataset
 
+from helpers.trainer_args import chat_prompts, tiny_config
 from trl_sgpo import SPPOConfig, SPPOTrainer
 from trl_sgpo.pipeline.methods import round_prompts
 from trl_sgpo.templates import render_prompt
 
 
 def conv_dataset(n=8):
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(n)]})
+    return chat_prompts(n)
 
 
 def make_args(tmp_path, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        max_steps=1,
-        max_new_tokens=6,
-        max_length=128,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-2,
-        num_samples=3,
-        beta=0.1,
-        seed=0,
+    return tiny_config(
+        SPPOConfig,
+        tmp_path,
+        **{**dict(max_steps=1, max_length=128, learning_rate=1e-2, num_samples=3, beta=0.1), **kw},
     )
-    defaults.update(kw)
-    return SPPOConfig(**defaults)
 
 
 class LengthScores:

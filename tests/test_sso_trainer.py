@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
 
+from helpers.trainer_args import chat_prompts, tiny_config
 from trl_sgpo import SSOConfig, SSOTrainer
 from trl_sgpo.principles import load_principles, steer, supports_system_role
 from trl_sgpo.templates import render_prompt
@@ -28,24 +28,11 @@ DROPS_SYSTEM = (
 
 
 def conv_dataset(n=4):
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in range(n)]})
+    return chat_prompts(n)
 
 
 def make_args(tmp_path, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        max_steps=1,
-        max_new_tokens=6,
-        max_length=512,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-2,
-        seed=0,
-    )
-    defaults.update(kw)
-    return SSOConfig(**defaults)
+    return tiny_config(SSOConfig, tmp_path, **{**dict(max_steps=1, max_length=512, learning_rate=1e-2), **kw})
 
 
 class Steered:
