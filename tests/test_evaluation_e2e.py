@@ -268,3 +268,27 @@ def test_abstentions_are_asked_again_on_a_rerun(tmp_path):
     evaluate_models(models, prompts(3), judge, tmp_path, **kwargs)
     report = evaluate_models(models, prompts(3), judge, tmp_path, **kwargs)
     assert judge.calls == 2 and report["comparisons"]["new"]["win_rate"] == 1.0
+
+
+def test_an_extra_judge_scores_the_same_pairs_and_shows_in_the_tables(tmp_path):
+    from trl_sgpo.evaluation.judges import ReferenceRougeJudge
+    from trl_sgpo.evaluation.reports import markdown_table, text_table
+
+    # "new" copies the reference (ROUGE-L 1) but is shorter than "base", which shares no word with it: the two
+    # judges disagree, so each column must come from its own judge.
+    models = {
+        "base": ScriptedGenerator("base", lambda t: "Something else entirely, and at length."),
+        "new": ScriptedGenerator("new", lambda t: "Reference " + t.split()[-1].rstrip("?") + "."),
+    }
+    kwargs = dict(n_bootstrap=20, show_progress=False, plots=False, improver=True)
+    report = evaluate_models(
+        models, prompts(4), LengthJudge(), tmp_path, extra_judges={"rouge_l": ReferenceRougeJudge()}, **kwargs
+    )
+    assert report["comparisons"]["new"]["win_rate"] < 0.5
+    rouge = report["extra_judges"]["rouge_l"]
+    assert rouge["judge"] == "reference-rouge-l" and rouge["comparisons"]["new"]["win_rate"] == 1.0
+    assert set(rouge["improver"]) == {"base", "new"}
+    assert (tmp_path / "judgments" / "rouge_l" / "new.jsonl").is_file()
+    assert "| rouge_l win rate % [95% CI] |" in markdown_table(report)
+    assert "| 100.0 [100.0, 100.0] |" in markdown_table(report)
+    assert "rouge_l [CI]" in text_table(report) and "100.0 [100.0, 100.0]" in text_table(report)

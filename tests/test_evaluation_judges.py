@@ -153,3 +153,19 @@ def test_pointwise_judge_scores_each_answer_once():
     got = Counting().judge(["q", "q"], ["aaa", "a"], ["a", "a"])
     assert calls == [4]  # one batched call for both sides
     assert got == pytest.approx([1 / (1 + math.exp(-2)), 0.5])
+
+
+def test_rouge_judge_is_rouge_l_f1_with_hard_verdicts():
+    from trl_sgpo.evaluation.judges import ReferenceRougeJudge
+
+    judge = ReferenceRougeJudge()
+    # LCS("the cat sat", "The cat sat on the mat.") = 3 words: F1 = 2 * 3 / (3 + 6).
+    assert judge.rouge_l("the cat sat", "The cat sat on the mat.") == pytest.approx(2 / 3)
+    # A subsequence, not a substring: "cat ... mat" in order counts, "mat cat" counts one word.
+    assert judge.rouge_l("cat mat", "the cat sat on the mat") == pytest.approx(2 * 2 / 8)
+    assert judge.rouge_l("mat cat", "the cat sat on the mat") == pytest.approx(2 * 1 / 8)
+    assert judge.rouge_l("", "the cat") == 0.0
+    verdicts = judge.judge(["q"] * 3, ["the cat sat", "dog", "cat"], ["dog", "the cat sat", "cat"], ["the cat sat"] * 3)
+    assert verdicts == [1.0, 0.0, 0.5]
+    with pytest.raises(ValueError, match="reference"):
+        judge.judge(["q"], ["a"], ["b"], None)

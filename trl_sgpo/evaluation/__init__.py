@@ -2,7 +2,7 @@
 
 - :mod:`~trl_sgpo.evaluation.answers`: generate answers (batched, resumable, AlpacaEval ``model_outputs.json``).
 - :mod:`~trl_sgpo.evaluation.judges`: ``PairwiseJudge`` and its implementations (OpenAI-compatible LLM, reward
-  model, reference similarity).
+  model, reference similarity, ROUGE-L against the reference).
 - :mod:`~trl_sgpo.evaluation.scores`: win rate with a bootstrap interval, length-controlled win rate, per category.
 - :mod:`~trl_sgpo.evaluation.win_rate_metric`: the same as an ``evaluate`` module (``evaluate.load(WIN_RATE_METRIC_PATH)``).
 - :mod:`~trl_sgpo.evaluation.reports`: ``report.json``, ``report.md`` and figures.
@@ -29,6 +29,7 @@ _EXPORTS = {
     "OpenAIPairwiseJudge": "judges",
     "RewardModelJudge": "judges",
     "ReferenceSimilarityJudge": "judges",
+    "ReferenceRougeJudge": "judges",
     "win_rate": "scores",
     "length_controlled_win_rate": "scores",
     "compare": "scores",

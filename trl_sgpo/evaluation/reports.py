@@ -32,36 +32,56 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
-def _row(name: str, s: Mapping[str, Any]) -> str:
+def _interval(s: Mapping[str, Any]) -> str:
+    return f"{_pct(s['win_rate'])} [{_pct(s['ci_low'])}, {_pct(s['ci_high'])}]"
+
+
+def _extras(report: Mapping[str, Any], section: str, name: str) -> list[str]:
+    """The same pair's win rate by each extra judge (``report["extra_judges"]``), as table cells."""
+    return [
+        _interval(other[section][name]) if name in other.get(section, {}) else "n/a"
+        for other in (report.get("extra_judges") or {}).values()
+    ]
+
+
+def _row(name: str, s: Mapping[str, Any], extras: list[str] = ()) -> str:
     return (
-        f"| {name} | {_pct(s['win_rate'])} [{_pct(s['ci_low'])}, {_pct(s['ci_high'])}] "
+        f"| {name} | {_interval(s)} "
         f"| {_pct(s['lc_win_rate'])} [{_pct(s['lc_ci_low'])}, {_pct(s['lc_ci_high'])}] "
         f"| {s['wins']}/{s['ties']}/{s['losses']} | {s['abstained']} | {s['avg_length']:.0f} "
-        f"| {s['baseline_avg_length']:.0f} |"
+        f"| {s['baseline_avg_length']:.0f} |" + "".join(f" {cell} |" for cell in extras)
     )
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
     """The report as Markdown: win rates against the baseline, the improver's, per category."""
     level = round(100 * report.get("confidence", 0.95))
+    extra = report.get("extra_judges") or {}
     header = (
         f"| model | win rate % [{level}% CI] | length-controlled % [{level}% CI] | W/T/L | abstained "
-        f"| avg length | baseline avg length |\n|---|---|---|---|---|---|---|\n"
+        f"| avg length | baseline avg length |"
+        + "".join(f" {label} win rate % [{level}% CI] |" for label in extra)
+        + "\n|---|---|---|---|---|---|---|"
+        + "---|" * len(extra)
+        + "\n"
     )
+    also = "".join(f"; also judged by `{other['judge']}` (column {label})" for label, other in extra.items())
     lines = [
-        f"Judge: `{report['judge']}`; {report['n_prompts']} prompts; baseline: **{report['baseline']}** (win rate "
-        f"= P(model's answer beats the baseline's), ties count half; lengths in characters).",
+        f"Judge: `{report['judge']}`{also}; {report['n_prompts']} prompts; baseline: **{report['baseline']}** (win "
+        f"rate = P(model's answer beats the baseline's), ties count half; lengths in characters).",
         "",
     ]
     if report.get("comparisons"):
-        lines.append(header + "\n".join(_row(n, s) for n, s in report["comparisons"].items()))
+        rows = [_row(n, s, _extras(report, "comparisons", n)) for n, s in report["comparisons"].items()]
+        lines.append(header + "\n".join(rows))
     if report.get("improver"):
+        rows = [_row(n, s, _extras(report, "improver", n)) for n, s in report["improver"].items()]
         lines += [
             "",
             "Improver: each model's improvement of its own answer against that answer (the pairs SGPO trains on).",
             "",
             header.replace("| model |", "| improver |").replace("baseline avg length", "draft avg length")
-            + "\n".join(_row(n, s) for n, s in report["improver"].items()),
+            + "\n".join(rows),
         ]
     for name, s in (report.get("comparisons") or {}).items():
         if s.get("per_category"):
@@ -76,16 +96,18 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 def text_table(report: Mapping[str, Any]) -> str:
     """A compact plain-text table for terminals and run summaries."""
-    rows = [("model", "win rate % [CI]", "LC win rate %", "W/T/L", "avg len")]
-    for title, section in (("", report.get("comparisons") or {}), ("improver: ", report.get("improver") or {})):
-        for name, s in section.items():
+    extra = report.get("extra_judges") or {}
+    rows = [("model", "win rate % [CI]", "LC win rate %", "W/T/L", "avg len", *(f"{label} [CI]" for label in extra))]
+    for title, key in (("", "comparisons"), ("improver: ", "improver")):
+        for name, s in (report.get(key) or {}).items():
             rows.append(
                 (
                     f"{title}{name}",
-                    f"{_pct(s['win_rate'])} [{_pct(s['ci_low'])}, {_pct(s['ci_high'])}]",
+                    _interval(s),
                     _pct(s["lc_win_rate"]),
                     f"{s['wins']}/{s['ties']}/{s['losses']}",
                     f"{s['avg_length']:.0f}",
+                    *_extras(report, key, name),
                 )
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
