@@ -4,7 +4,7 @@ Runs the recipe's stages by hand on the shipped prompt/reference set with the em
 stage cached under ``--out/cache`` by a key of the settings it depends on, so that settings can be compared without
 regenerating what they share. Every finished setting appends one line to ``--out/results.jsonl``.
 
-Held-out split (the recipe uses the same rule): ``load_default_dataset().train_test_split(test_size=64, seed=0)``;
+Held-out split: the recipe's (``trl_sgpo.pipeline.evaluation_stage.split_held_out``, 64 rows, seed 42, its default seed);
 ``test`` (64 rows) is never trained on, ``train`` (164 rows) feeds improver SFT and SGPO.
 
 Judges (kept here until the evaluation package replaces them):
@@ -40,7 +40,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import sys
 import time
 import warnings
@@ -58,28 +57,23 @@ from trl_sgpo.data.checks import load_default_dataset
 from trl_sgpo.data.jsonl import read_jsonl
 from trl_sgpo.data.sampling import generate_completions
 from trl_sgpo.data.target_writers import reference_step
+from trl_sgpo.evaluation.judges import ReferenceRougeJudge
 from trl_sgpo.models import load_model_and_tokenizer
+from trl_sgpo.pipeline.evaluation_stage import split_held_out
 from trl_sgpo.templates import improver_prompt, render_prompt
 
 
 HELDOUT_ROWS = 64
-SPLIT_SEED = 0
+SPLIT_SEED = 42  # the recipe's: its `seed`, whose default is 42
 TIMES: dict[str, int] = {}  # seconds per generation stage, cached or not, to price a whole run
-CONCISE = "\n\nAnswer briefly, in at most three sentences."
 
 
 # ------------------------------------------------------------------------------------------------ data
 
 
 def split_default_dataset(concise: bool) -> tuple[Dataset, Dataset]:
-    """(train, held-out): the recipe's rule, ``train_test_split(test_size=64, seed=0)`` of the shipped set."""
-    dataset = load_default_dataset()
-    parts = dataset.train_test_split(test_size=HELDOUT_ROWS, seed=SPLIT_SEED)
-    train, heldout = parts["train"], parts["test"]
-    if concise:
-        add = lambda row: {"prompt": [{"role": "user", "content": row["prompt"][0]["content"] + CONCISE}]}  # noqa: E731
-        train, heldout = train.map(add), heldout.map(add)
-    return train, heldout
+    """(train, held-out) of the shipped set, by the recipe's rule and with its default seed and size."""
+    return split_held_out(load_default_dataset(concise=concise), HELDOUT_ROWS, SPLIT_SEED)
 
 
 def key_of(*parts) -> str:
@@ -104,26 +98,7 @@ class SimilarityJudge:
         return (a * b).sum(1)
 
 
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 as ``rouge_score`` computes it without stemming."""
-    p, r = _tokens(prediction), _tokens(reference)
-    if not p or not r:
-        return 0.0
-    prev = [0] * (len(r) + 1)
-    for a in p:
-        cur = [0]
-        for j, b in enumerate(r):
-            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+rouge_l = ReferenceRougeJudge.rouge_l  # the evaluation package's second score
 
 
 def win_rate(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -323,6 +298,7 @@ def sgpo(args, cache, start_path, sft_key, train, judge) -> tuple[str, dict]:
                 "sgpo_batch",
                 "sgpo_gate",
                 "sgpo_margin",
+                "sgpo_lora",
             )
         },
     }
@@ -360,8 +336,22 @@ def sgpo(args, cache, start_path, sft_key, train, judge) -> tuple[str, dict]:
     if args.sgpo_gate:
         reward = similarity_reward(judge)
         reward.eos_ids = stop_token_ids(model, tokenizer)
-    trainer = SGPOTrainer(model, reward_funcs=reward, args=config, train_dataset=rows, processing_class=tokenizer)
+    peft_config = None
+    if args.sgpo_lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.sgpo_lora, lora_alpha=2 * args.sgpo_lora, target_modules="all-linear")
+    trainer = SGPOTrainer(
+        model,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=rows,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.train()
+    if args.sgpo_lora:
+        trainer.model = trainer.model.merge_and_unload()
     trainer.save_model(str(root / "model"))
     tokenizer.save_pretrained(str(root / "model"))
     info = {"pairs": dict(trainer.pair_counts), "train_s": round(time.perf_counter() - started)}
@@ -493,6 +483,7 @@ def main(argv=None):
     p.add_argument("--sgpo_tokens", type=int, default=128)
     p.add_argument("--sgpo_temperature", type=float, default=0.7)
     p.add_argument("--sgpo_batch", type=int, default=8)
+    p.add_argument("--sgpo_lora", type=int, default=0, help="LoRA rank for SGPO (0: full fine-tuning).")
     p.add_argument("--start_improver", action="store_true", help="Also measure the start model as improver.")
     args = p.parse_args(argv)
 

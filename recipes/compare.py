@@ -110,6 +110,7 @@ def split_rows(script_args, compare_args, seed: int):
 
     from trl_sgpo.data.checks import check_columns, load_default_dataset
     from trl_sgpo.data.jsonl import load_rows
+    from trl_sgpo.pipeline.evaluation_stage import split_held_out
 
     name = script_args.dataset_name
     if name is None:
@@ -127,8 +128,7 @@ def split_rows(script_args, compare_args, seed: int):
             f"The dataset has {len(dataset)} rows, not more than `num_eval_prompts`={n_eval}: nothing would be left "
             "to train on. Lower `num_eval_prompts` or use more prompts."
         )
-    dataset = dataset.shuffle(seed=seed)
-    return dataset.select(range(n_eval, len(dataset))), dataset.select(range(n_eval))
+    return split_held_out(dataset, n_eval, seed)
 
 
 def main(compare_args, script_args, training_args, model_args, judge=None):

@@ -87,14 +87,21 @@ def test_lora_settings_count_for_training_stages_of_lora_runs_only():
 
 
 def test_evaluation_settings_never_make_a_training_stage_rerun():
-    # A finished run evaluated again with another judge or held-out size must not be refused at stage 1.
+    # A finished run evaluated again with another judge must not be refused at stage 1.
     base = SGPOScriptArguments()
     other = dataclasses.replace(
         base,
-        num_eval_prompts=base.num_eval_prompts + 1,
         judge_model="judge",
         eval_max_new_tokens=7,
         eval_improver=False,
     )
     for stage in STAGE_ORDER:
         assert script_fingerprint(base, stage) == script_fingerprint(other, stage), stage
+
+
+def test_the_held_out_size_changes_every_stage():
+    # The held-out rows are drawn before the training rows: another size changes which rows every stage uses.
+    base = SGPOScriptArguments()
+    other = dataclasses.replace(base, num_eval_prompts=base.num_eval_prompts + 1)
+    for stage in STAGE_ORDER:
+        assert script_fingerprint(base, stage) != script_fingerprint(other, stage), stage

@@ -424,6 +424,8 @@ def test_evaluation_stage_compares_every_model_on_held_out_prompts(recipe, tiny_
     assert report["baseline"] == "start" and list(report["comparisons"]) == ["improver_sft", "sgpo_iter1"]
     assert list(report["improver"]) == ["start", "improver_sft", "sgpo_iter1"]
     assert report["n_prompts"] == 2 and report["judge"].startswith("reference-similarity")
+    # The rows carry references: ROUGE-L judges the same pairs as a second score.
+    assert list(report["extra_judges"]["rouge_l"]["comparisons"]) == ["improver_sft", "sgpo_iter1"]
     # Held out: no evaluated prompt was sampled for improver data or trained on by SGPO.
     stage = out / "stages" / "06_evaluation"
     evaluated = {r["prompt"] for r in map(json.loads, open(stage / "answers" / "start" / "answers.jsonl"))}
@@ -440,15 +442,27 @@ def test_evaluation_stage_compares_every_model_on_held_out_prompts(recipe, tiny_
     assert "Win rates on held-out prompts" in recipe.format_summary(summary)
 
 
-def test_evaluation_is_skipped_with_a_reason_when_too_few_rows_are_held_out(recipe):
+def test_held_out_rows_are_drawn_first_and_training_rows_wrap_around(recipe):
     from datasets import Dataset
 
     from trl_sgpo.pipeline.evaluation_stage import held_out_rows
+    from trl_sgpo.pipeline.run import SGPOScriptArguments, _hold_out, _split
 
-    data = Dataset.from_dict({"prompt": [f"q{i}" for i in range(10)], "reference": ["r"] * 10})
-    used = [data.select(range(3)), data.select(range(3, 5))]
-    rows = held_out_rows(data, used, 64, seed=0)
-    assert sorted(rows["prompt"]) == [f"q{i}" for i in range(5, 10)]
+    data = Dataset.from_dict({"prompt": [f"q{i}" for i in range(12)], "reference": ["r"] * 12})
+    train, held_out = _hold_out(data, 4, seed=0)
+    assert len(held_out) == 4 and len(train) == 8 and not set(train["prompt"]) & set(held_out["prompt"])
+    # The same rows whatever the training sizes are: only the seed and the held-out size choose them.
+    assert _hold_out(data, 4, seed=0)[1]["prompt"] == held_out["prompt"]
+    assert _hold_out(data, 6, seed=0)[1] is not None and _hold_out(data, 7, seed=0)[1] is None  # needs 2x rows
+    # SGPO takes the rows improver SFT left, then wraps around into the improver rows.
+    args = SGPOScriptArguments(num_improver_prompts=5, num_sgpo_prompts=6, num_eval_prompts=4)
+    improver, sgpo = _split(train, args, seed=0)
+    assert len(improver) == 5 and len(sgpo) == 6 and len(set(sgpo["prompt"])) == 6
+    assert set(train["prompt"]) - set(improver["prompt"]) <= set(sgpo["prompt"])
+    improver_all, sgpo_all = _split(train, SGPOScriptArguments(num_improver_prompts=None, num_sgpo_prompts=None), 0)
+    assert sorted(improver_all["prompt"]) == sorted(sgpo_all["prompt"]) == sorted(train["prompt"])
+    # Rows of a given --improver_data are left out of the evaluation.
+    assert held_out_rows(held_out, [held_out.select([0])])["prompt"] == held_out["prompt"][1:]
 
 
 def test_summary_prints_the_finished_share_of_drafts_and_improvements(recipe):

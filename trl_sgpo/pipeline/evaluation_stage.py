@@ -1,10 +1,11 @@
 """The recipe's evaluation stage: win rates on held-out prompts of the start model, the improver-SFT model and each
 SGPO round, against the start model, and of each as improver of its own answers.
 
-Held-out rows are the dataset's rows whose prompt is in neither the improver-data rows nor the SGPO rows, so training
-never saw them (at least ``num_eval_prompts`` of them, 64 by default; with fewer the stage is skipped and says why).
+Held-out rows (``num_eval_prompts``, 64 by default) are drawn from the dataset before any stage takes its rows
+(:func:`split_held_out`), so training never sees them; with a dataset under twice that size none are held out and
+the stage is skipped, saying why.
 The judge is the OpenAI-compatible one with ``--judge_model`` (at ``--base_url``, or api.openai.com), else the offline
-reference-similarity judge. Everything goes to ``stages/06_evaluation/`` (resumable, see
+reference-similarity judge; rows with a ``reference`` are also judged by ROUGE-L against it, a second score. Everything goes to ``stages/06_evaluation/`` (resumable, see
 :func:`~trl_sgpo.evaluation.evaluate_models`); the report and figures are copied to ``<output_dir>/evaluation/``, the
 final model card gains an "Evaluation" section, and the run summary the table.
 """
@@ -41,8 +42,9 @@ class EvaluationArguments:
     num_eval_prompts: int = field(
         default=64,
         metadata={
-            "help": "Held-out prompts (never trained on) to compare the start, improver-SFT and SGPO models on; 0 "
-            "skips the evaluation. The stage is skipped when fewer rows are left after the training splits."
+            "help": "Held-out prompts, drawn before any stage takes its rows (never trained on), to compare the start, "
+            "improver-SFT and SGPO models on; 0 skips the evaluation. None are held out (and the evaluation is "
+            "skipped) when the dataset has fewer than twice as many rows."
         },
     )
     judge_model: str | None = field(
@@ -61,11 +63,22 @@ class EvaluationArguments:
     )
 
 
-def held_out_rows(dataset: Dataset, used: list[Dataset], n: int, seed: int) -> Dataset:
-    """Up to ``n`` rows of ``dataset`` whose prompt is in none of ``used`` (shuffled with ``seed``)."""
+def split_held_out(dataset: Dataset, n: int, seed: int) -> tuple[Dataset, Dataset]:
+    """``(train, held_out)``: ``n`` rows drawn at random (``seed``) before anything trains, and the rest.
+
+    The one rule for the recipe, ``recipes/compare.py`` and ``benchmarks/quality.py``, so that their held-out figures
+    are taken on the same prompts. ``n`` of 0 holds nothing out.
+    """
+    if not n:
+        return dataset, dataset.select([])
+    parts = dataset.train_test_split(test_size=n, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def held_out_rows(dataset: Dataset, used: list[Dataset]) -> Dataset:
+    """The rows of ``dataset`` whose prompt is in none of ``used``."""
     seen = {stable_hash(p) for part in used for p in part["prompt"]}
-    keep = [i for i, p in enumerate(dataset["prompt"]) if stable_hash(p) not in seen]
-    return dataset.select(keep).shuffle(seed=seed).select(range(min(n, len(keep))))
+    return dataset.select([i for i, p in enumerate(dataset["prompt"]) if stable_hash(p) not in seen])
 
 
 def _judge(script_args, out: Path):
@@ -103,8 +116,9 @@ def _update_card(card: Path, section: str) -> None:
 def run_evaluation_stage(
     script_args,
     training_args,
-    dataset: Dataset,
+    held_out: Dataset | None,
     used: list[Dataset],
+    dataset_rows: int,
     model_name: str,
     stages_dir: Path,
     summary: dict[str, Any],
@@ -112,23 +126,31 @@ def run_evaluation_stage(
     after: Stage | None,
     method: str = "sgpo",
 ) -> list[str]:
-    """Run the evaluation stage (main process; the others wait) and return the files it added to ``output_dir``
-    (relative paths), for the Hub push. Updates ``summary`` and the final card (``<last stage>/README.md``).
-    ``method`` names the training rounds' folders (``05_<method>_iter<k>``, see :mod:`.methods`)."""
+    """Run the evaluation stage on the ``held_out`` rows (main process; the others wait) and return the files it
+    added to ``output_dir`` (relative paths), for the Hub push. Rows whose prompt is in ``used`` (data trained on
+    that did not come from the split) are left out. ``held_out`` is None when the dataset (``dataset_rows``) was too
+    small to hold any out. Updates ``summary`` and the final card (``<last stage>/README.md``). ``method`` names the
+    training rounds' folders (``05_<method>_iter<k>``, see :mod:`.methods`)."""
     from ..evaluation.reports import text_table
 
     n = script_args.num_eval_prompts
     if not n:
         return []
-    rows = held_out_rows(dataset, used, n, training_args.seed)
-    if len(rows) < n:
+    rows = held_out_rows(held_out, used) if held_out is not None else None
+    if not rows:
         message = (
-            f"skipped: {len(rows)} held-out rows, fewer than --num_eval_prompts {n}. Give more data, use fewer "
-            f"training prompts, or lower --num_eval_prompts."
+            f"skipped: the dataset has {dataset_rows} rows; holding out --num_eval_prompts {n} needs at least "
+            f"{2 * n} (as many left to train on). Give more data or lower --num_eval_prompts (0: no evaluation)."
+            if held_out is None
+            else "skipped: every held-out prompt is in --improver_data, which was trained on."
         )
         logger.warning("Evaluation %s", message)
         summary["evaluation"] = {"skipped": message}
         return []
+    if len(rows) < len(held_out):
+        logger.warning(
+            "Evaluation: %d held-out prompts are in --improver_data and are left out.", len(held_out) - len(rows)
+        )
     if not script_args.judge_model and "reference" not in rows.column_names:
         raise ValueError(
             "The offline evaluation judge compares answers with each row's `reference`; the dataset has none. Pass "
@@ -152,6 +174,8 @@ def run_evaluation_stage(
         "judge_base_url": script_args.base_url if script_args.judge_model else None,
         "max_new_tokens": script_args.eval_max_new_tokens or training_args.max_new_tokens,
         "improver": script_args.eval_improver,
+        # A second, independent score where rows carry references, so a gain is not an artifact of one judge.
+        "extra_judges": ["rouge_l"] if "reference" in rows.column_names else [],
         "seed": training_args.seed,
     }
     stage = Stage(stages_dir / "06_evaluation", "evaluation", settings, after=after)
@@ -189,6 +213,7 @@ def run_evaluation_stage(
 def _evaluate_on_main(stage, models, rows, script_args, training_args, settings, states, state) -> dict[str, Any]:
     """Evaluate (unless the stage already finished with these settings) and return the report."""
     from ..evaluation.compare import evaluate_models  # heavy (sentence-transformers, scikit-learn): on use only
+    from ..evaluation.judges import ReferenceRougeJudge
 
     if not stage.check():
         started = stage.start()
@@ -199,6 +224,7 @@ def _evaluate_on_main(stage, models, rows, script_args, training_args, settings,
             _judge(script_args, stage.root),
             stage.root,
             improver=script_args.eval_improver,
+            extra_judges={"rouge_l": ReferenceRougeJudge()} if "rouge_l" in settings["extra_judges"] else None,
             max_new_tokens=settings["max_new_tokens"],
             batch_size=script_args.sample_batch_size,
             seed=training_args.seed,
@@ -207,5 +233,7 @@ def _evaluate_on_main(stage, models, rows, script_args, training_args, settings,
         )
         figures = {f"win_rate/{k}": v["win_rate"] for k, v in report["comparisons"].items()}
         figures.update({f"improver_win_rate/{k}": v["win_rate"] for k, v in report.get("improver", {}).items()})
+        for label, other in report.get("extra_judges", {}).items():
+            figures.update({f"{label}/win_rate/{k}": v["win_rate"] for k, v in other["comparisons"].items()})
         stage.finish(started, **figures)
     return json.loads((stage.root / "report.json").read_text(encoding="utf-8"))

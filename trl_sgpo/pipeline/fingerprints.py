@@ -127,7 +127,6 @@ OUTPUT_NEUTRAL = frozenset(
         "max_concurrency",
         "request_timeout",
         # the evaluation stage: it runs after training on rows training never saw, and records its own settings
-        "num_eval_prompts",
         "judge_model",
         "eval_max_new_tokens",
         "eval_improver",
@@ -143,6 +142,7 @@ SCRIPT_SETTINGS = {
     "dataset_name": "sample",
     "dataset_config": "sample",
     "dataset_split": "sample",
+    "num_eval_prompts": "sample",  # the held-out rows are drawn first: their number changes every split
     "num_improver_prompts": "sample",
     "sample_batch_size": "sample",  # which rows share a batch, hence its sampling seed
     "base_url": "targets",

@@ -43,7 +43,7 @@ from ..trainers.improver_sft_config import ImproverSFTConfig
 from ..trainers.improver_sft_trainer import ImproverSFTTrainer
 from ..trainers.sgpo_config import SGPOConfig
 from ..utils import set_cpu_threads
-from .evaluation_stage import EvaluationArguments, run_evaluation_stage
+from .evaluation_stage import EvaluationArguments, run_evaluation_stage, split_held_out
 from .fingerprints import SAMPLING_SETTINGS, fingerprint, model_fingerprint, script_fingerprint
 from .methods import MethodArguments, get_method, method_prompts, round_figures
 from .stages import Stage
@@ -71,10 +71,18 @@ class SGPOScriptArguments(EvaluationArguments):
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to read."})
     num_improver_prompts: int | None = field(
-        default=64, metadata={"help": "Rows used to build improver-SFT data (stages 1-3); None: half of the data."}
+        default=64,
+        metadata={
+            "help": "Rows used to build improver-SFT data (stages 1-3), from the rows not held out for evaluation; "
+            "None: all of them."
+        },
     )
     num_sgpo_prompts: int | None = field(
-        default=32, metadata={"help": "Prompts for SGPO (stage 5), taken after the improver rows; None: the rest."}
+        default=32,
+        metadata={
+            "help": "Prompts for SGPO (stage 5), taken after the improver rows and wrapping around into them when "
+            "too few are left; None: every row not held out."
+        },
     )
     improver_data: str | None = field(
         default=None,
@@ -176,19 +184,30 @@ def _load_rows(name: str | None, config: str | None, split: str) -> Dataset:
     return load_dataset(name, config, split=split)
 
 
+def _hold_out(dataset: Dataset, n: int, seed: int) -> tuple[Dataset, Dataset | None]:
+    """``(rows to train on, held-out rows or None)``: the evaluation's ``n`` rows are drawn before anything trains.
+    None (evaluation skipped) when that would leave fewer rows to train on than it holds out."""
+    if n and len(dataset) >= 2 * n:
+        return split_held_out(dataset, n, seed)
+    return dataset, None
+
+
 def _split(dataset: Dataset, script_args: SGPOScriptArguments, seed: int) -> tuple[Dataset, Dataset]:
+    """``(improver_rows, sgpo_rows)`` of the rows to train on.
+
+    The improver rows are the first ``num_improver_prompts``; SGPO's prompts come after them and wrap around into the
+    improver rows when too few are left: SGPO writes fresh answers, so a prompt shared with improver SFT shares no
+    training text.
+    """
     # Shuffled first, so both parts mix the categories of a dataset stored in order.
     dataset = dataset.shuffle(seed=seed)
     n = len(dataset)
-    n_improver = script_args.num_improver_prompts if script_args.num_improver_prompts is not None else n // 2
-    n_improver = min(n_improver, n)
-    rest = n - n_improver
-    n_sgpo = rest if script_args.num_sgpo_prompts is None else min(script_args.num_sgpo_prompts, rest)
-    if n_sgpo == 0:
-        # Small datasets: reuse the prompts rather than fail. SGPO generates fresh answers anyway.
-        logger.warning("No rows left for SGPO after the improver rows; SGPO uses the improver prompts too.")
-        return dataset.select(range(n_improver)), dataset.select(range(min(n, script_args.num_sgpo_prompts or n)))
-    return dataset.select(range(n_improver)), dataset.select(range(n_improver, n_improver + n_sgpo))
+    n_improver = n if script_args.num_improver_prompts is None else min(script_args.num_improver_prompts, n)
+    n_sgpo = n if script_args.num_sgpo_prompts is None else min(script_args.num_sgpo_prompts, n)
+    if n_sgpo > n - n_improver:
+        logger.info("SGPO reuses %d improver-SFT prompts (%d rows left after them).", n_sgpo - (n - n_improver), n)
+    order = [*range(n_improver, n), *range(n_improver)]  # rows no improver prompt used first
+    return dataset.select(range(n_improver)), dataset.select(order[:n_sgpo])
 
 
 def _improver_sft_args(training_args: SGPOConfig, script_args: SGPOScriptArguments, output_dir: Path):
@@ -283,7 +302,8 @@ def run_pipeline(
     dataset = _load_rows(script_args.dataset_name, script_args.dataset_config, script_args.dataset_split)
     hint = " (rename yours with `dataset.rename_column`)"
     check_columns(dataset, ("prompt",), "dataset", hint)
-    improver_rows, sgpo_rows = _split(dataset, script_args, training_args.seed)
+    train_rows, eval_rows = _hold_out(dataset, script_args.num_eval_prompts, training_args.seed)
+    improver_rows, sgpo_rows = _split(train_rows, script_args, training_args.seed)
     check_non_empty(sgpo_rows, ("prompt",), "dataset")
 
     def settings(stage: str, config=None, prefix: str = "") -> dict[str, Any]:
@@ -411,16 +431,15 @@ def run_pipeline(
         start_model = str(stage.root / "model")
         last = stage
 
-    # Win rates on held-out prompts; adds a section to the final card and files under output_dir/evaluation. Every
-    # prompt trained on is left out: improver rows, the rounds' rows, and rows of a given --improver_data.
-    trained = [improver_rows, sgpo_rows]
-    if script_args.improver_data is not None:
-        trained.append(load_rows(script_args.improver_data))
+    # Win rates on held-out prompts; adds a section to the final card and files under output_dir/evaluation.
+    # Prompts of a given --improver_data were trained on too: left out.
+    trained = [load_rows(script_args.improver_data)] if script_args.improver_data is not None else []
     eval_files = run_evaluation_stage(
         script_args,
         training_args,
-        dataset,
+        eval_rows,
         trained,
+        len(dataset),
         model_name,
         stages_dir,
         summary,
