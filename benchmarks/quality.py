@@ -190,7 +190,7 @@ def improver_data(args, cache, models, train) -> Dataset:
         for row, draft in zip(train, drafts, strict=True):
             if not draft["text"] or (args.finished_drafts_only and not draft["finished"]):
                 continue
-            target = reference_step(draft["text"], row["reference"], args.writer_fraction, args.writer_max_edits)
+            target = reference_step(draft["text"], row["reference"], args.writer_fraction, args.writer_max_edits or None)
             if target.strip() == draft["text"].strip():
                 continue
             rows.append({"prompt": row["prompt"], "response": draft["text"], "target": target})
@@ -461,7 +461,7 @@ def main(argv=None):
     p.add_argument("--drafts_per_prompt", type=int, default=1)
     p.add_argument("--finished_drafts_only", action="store_true")
     p.add_argument("--writer_fraction", type=float, default=0.5)
-    p.add_argument("--writer_max_edits", type=int, default=3)
+    p.add_argument("--writer_max_edits", type=int, default=3, help="Most sentence edits per target (0: no limit).")
     p.add_argument("--sft_epochs", type=float, default=2)
     p.add_argument("--sft_lr", type=float, default=1e-5)
     p.add_argument("--sft_batch", type=int, default=8)

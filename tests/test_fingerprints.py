@@ -93,7 +93,7 @@ def test_evaluation_settings_never_make_a_training_stage_rerun():
         base,
         judge_model="judge",
         eval_max_new_tokens=7,
-        eval_improver=False,
+        eval_improver="all",
     )
     for stage in STAGE_ORDER:
         assert script_fingerprint(base, stage) == script_fingerprint(other, stage), stage

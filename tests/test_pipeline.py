@@ -422,7 +422,7 @@ def test_evaluation_stage_compares_every_model_on_held_out_prompts(recipe, tiny_
     assert list(summary["stages"])[-1] == "evaluation"
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert report["baseline"] == "start" and list(report["comparisons"]) == ["improver_sft", "sgpo_iter1"]
-    assert list(report["improver"]) == ["start", "improver_sft", "sgpo_iter1"]
+    assert list(report["improver"]) == ["improver_sft"]  # the default: the improver that writes SGPO's pairs
     assert report["n_prompts"] == 2 and report["judge"].startswith("reference-similarity")
     # The rows carry references: ROUGE-L judges the same pairs as a second score.
     assert list(report["extra_judges"]["rouge_l"]["comparisons"]) == ["improver_sft", "sgpo_iter1"]
@@ -440,6 +440,18 @@ def test_evaluation_stage_compares_every_model_on_held_out_prompts(recipe, tiny_
     summary = recipe.main(*parse(recipe, *argv))
     assert (out / "README.md").read_text().count("## Evaluation") == 1
     assert "Win rates on held-out prompts" in recipe.format_summary(summary)
+
+
+def test_eval_improver_names_the_models_judged_as_improvers():
+    from trl_sgpo.pipeline.evaluation_stage import EvaluationArguments, improvers_to_judge
+
+    models = ["start", "improver_sft", "sgpo_iter1", "sgpo_iter2"]
+    assert improvers_to_judge("improver_sft", models) == ["improver_sft"]
+    assert improvers_to_judge("final, start", models) == ["start", "sgpo_iter2"]
+    assert improvers_to_judge("all", models) == models and improvers_to_judge("none", models) == []
+    assert improvers_to_judge("improver_sft", ["start", "sppo_iter1"]) == []  # not trained: skipped
+    with pytest.raises(ValueError, match=r"`eval_improver` 'True' names \['True'\]"):
+        EvaluationArguments(eval_improver="True")
 
 
 def test_held_out_rows_are_drawn_first_and_training_rows_wrap_around(recipe):

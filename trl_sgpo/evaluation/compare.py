@@ -19,7 +19,7 @@ import gc
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ def evaluate_models(
     judge: PairwiseJudge,
     output_dir: str | os.PathLike,
     *,
-    improver: bool = False,
+    improver: bool | Collection[str] = False,
     extra_judges: Mapping[str, PairwiseJudge] | None = None,
     reference_column: str = "reference",
     category_column: str = "category",
@@ -135,8 +135,9 @@ def evaluate_models(
         judge: Any :class:`~trl_sgpo.evaluation.judges.PairwiseJudge`. An :class:`OpenAIPairwiseJudge` without a
             ``cache_path`` gets ``<output_dir>/judge_cache.jsonl``.
         output_dir: Where everything is written (see the module doc). A rerun resumes.
-        improver: Also evaluate each model as improver: its improvements of its own answers against those answers
-            (the signal SGPO trains on), reported under ``improver``.
+        improver: Also evaluate each model (``True``) or the named ones (a collection of names) as improver: its
+            improvements of its own answers against those answers (the signal SGPO trains on), reported under
+            ``improver``.
         extra_judges: ``{label: judge}`` that judge the same pairs again, as a check that a gain is not an artifact
             of one judge (e.g. ``{"rouge_l": ReferenceRougeJudge()}``); reported under ``extra_judges[label]``.
         reference_column, category_column: Column names (used when present).
@@ -193,7 +194,7 @@ def evaluate_models(
             "avg_length": sum(len(a) for a in answers[name]) / max(1, len(answers[name])),
             "cut_at_budget": sum(1 for f in answered["answer_finished"] if not f),
         }
-        if improver:
+        if improver is True or (improver and name in improver):
             drafts = answered.rename_column("answer", "draft").select_columns([ROW_ID, "prompt", "draft"])
             improved = generate_answers(
                 generator,

@@ -35,6 +35,23 @@ CARD_END = "<!-- /trl-sgpo evaluation -->"
 EVAL_DIR = "evaluation"
 
 
+IMPROVER_CHOICES = ("start", "improver_sft", "final")
+
+
+def _improver_names(value: str) -> list[str]:
+    return [name.strip() for name in str(value).split(",") if name.strip()]
+
+
+def improvers_to_judge(value: str, models: list[str]) -> list[str]:
+    """The models of ``models`` (start, improver_sft, rounds) that ``eval_improver`` names, in their order."""
+    names = set(_improver_names(value))
+    if "all" in names:
+        return list(models)
+    if "final" in names and len(models) > 1:
+        names.add(models[-1])
+    return [m for m in models if m in names]
+
+
 @dataclass
 class EvaluationArguments:
     """Settings of the recipe's evaluation stage (mixed into ``SGPOScriptArguments``)."""
@@ -57,10 +74,22 @@ class EvaluationArguments:
     eval_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Most tokens per evaluated answer (default: the SGPO `max_new_tokens`)."}
     )
-    eval_improver: bool = field(
-        default=True,
-        metadata={"help": "Also judge each model's improvements of its own answers against those answers."},
+    eval_improver: str = field(
+        default="improver_sft",
+        metadata={
+            "help": "Models also judged as improvers (their improvements of their own answers against those "
+            f"answers): comma-separated among {IMPROVER_CHOICES} (`final`: the last round), or `all`, or `none`. "
+            "Each costs a generation pass; names the run has not trained are skipped."
+        },
     )
+
+    def __post_init__(self):
+        unknown = set(_improver_names(self.eval_improver)) - {*IMPROVER_CHOICES, "all", "none"}
+        if unknown:
+            raise ValueError(
+                f"`eval_improver` {self.eval_improver!r} names {sorted(unknown)}; use names among "
+                f"{IMPROVER_CHOICES}, separated by commas, or `all` or `none`."
+            )
 
 
 def split_held_out(dataset: Dataset, n: int, seed: int) -> tuple[Dataset, Dataset]:
@@ -173,7 +202,7 @@ def run_evaluation_stage(
         "judge": script_args.judge_model or "reference-similarity",
         "judge_base_url": script_args.base_url if script_args.judge_model else None,
         "max_new_tokens": script_args.eval_max_new_tokens or training_args.max_new_tokens,
-        "improver": script_args.eval_improver,
+        "improver": improvers_to_judge(script_args.eval_improver, list(models)),
         # A second, independent score where rows carry references, so a gain is not an artifact of one judge.
         "extra_judges": ["rouge_l"] if "reference" in rows.column_names else [],
         "seed": training_args.seed,
@@ -223,7 +252,7 @@ def _evaluate_on_main(stage, models, rows, script_args, training_args, settings,
             rows,
             _judge(script_args, stage.root),
             stage.root,
-            improver=script_args.eval_improver,
+            improver=settings["improver"],
             extra_judges={"rouge_l": ReferenceRougeJudge()} if "rouge_l" in settings["extra_judges"] else None,
             max_new_tokens=settings["max_new_tokens"],
             batch_size=script_args.sample_batch_size,

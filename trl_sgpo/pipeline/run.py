@@ -152,6 +152,7 @@ class SGPOScriptArguments(EvaluationArguments):
     improver_sft_max_length: int = field(default=768, metadata={"help": "Max tokens per improver-SFT row."})
 
     def __post_init__(self):
+        super().__post_init__()
         for old, new in (("target_model", "writer_model"), ("offline_fraction", "step_fraction")):
             if getattr(self, old) is not None:
                 warnings.warn(f"`{old}` is deprecated; use `{new}`.", FutureWarning, stacklevel=2)
