@@ -213,6 +213,11 @@ def test_bad_arguments_give_clear_errors(recipe, tiny_model_dir, prompt_file, tm
     no_ref.write_text('{"prompt": "q"}\n' * 4)
     with pytest.raises(ValueError, match=r"missing the column\(s\) \['reference'\]"):
         recipe.main(*parse(recipe, *base_argv(tiny_model_dir, no_ref, tmp_path / "c")))
+    # Without improver stages, the similarity judge still needs references: said before anything trains.
+    argv = [*base_argv(tiny_model_dir, no_ref, tmp_path / "c2"), "--skip_improver_sft", "--judge", "similarity"]
+    with pytest.raises(ValueError, match=r"--judge similarity .* no `reference` column.*--judge none"):
+        recipe.main(*parse(recipe, *argv))
+    assert not (tmp_path / "c2" / "stages").exists()
     with pytest.raises(ValueError, match="--writer_model"):
         recipe.main(
             *parse(

@@ -129,7 +129,8 @@ class SGPOScriptArguments(EvaluationArguments):
         default=0.5,
         metadata={
             "help": "Without `writer_model`, targets are the policy's answers moved this share of the sentence edits "
-            "toward the reference (the offline writer)."
+            "toward the reference (the offline writer, at most 3 edits); 1 makes the reference itself the target "
+            "(the filter then keeps reference copies)."
         },
     )
     offline_fraction: float | None = field(default=None, metadata={"help": "Deprecated alias of `step_fraction`."})
@@ -306,6 +307,14 @@ def run_pipeline(
     train_rows, eval_rows = _hold_out(dataset, script_args.num_eval_prompts, training_args.seed)
     improver_rows, sgpo_rows = _split(train_rows, script_args, training_args.seed)
     check_non_empty(sgpo_rows, ("prompt",), "dataset")
+    if not script_args.skip_improver_sft and script_args.improver_data is None:
+        check_columns(improver_rows, ("prompt", "reference"), "dataset", hint)  # the target writer edits toward it
+    if judge is None and method_args.judge == "similarity" and "reference" not in dataset.column_names:
+        # Found now rather than at the first training step, after the improver stages.
+        raise ValueError(
+            "--judge similarity scores answers against each row's `reference`, and the dataset has no `reference` "
+            "column. Add references, pick another judge (--judge reward-model / openai), or pass --judge none."
+        )
 
     def settings(stage: str, config=None, prefix: str = "") -> dict[str, Any]:
         # What the stage's output depends on (see fingerprints.py): recorded in its stage.json, compared on rerun.
@@ -328,7 +337,6 @@ def run_pipeline(
             improver_data = load_rows(script_args.improver_data)
             summary["stages"]["improver_data"] = {"rows": len(improver_data), "source": script_args.improver_data}
         else:
-            check_columns(improver_rows, ("prompt", "reference"), "dataset", hint)
             last = _data_stages(
                 script_args, training_args, settings, load, model_name, improver_rows, stages_dir, summary
             )
