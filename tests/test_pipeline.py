@@ -86,6 +86,21 @@ def test_full_run_writes_every_stage_and_the_final_model(recipe, tiny_model_dir,
     assert json.loads((out / "sgpo_summary.json").read_text())["saved_to"] == str(out)
 
 
+def test_step_fraction_1_trains_on_the_references(recipe, tiny_model_dir, tmp_path):
+    # Long references (5 sentences, more edits than the writer's usual cap of 3): the target is the whole reference,
+    # and the filter keeps it instead of dropping it as a copy of the reference.
+    data = tmp_path / "long.jsonl"
+    reference = "One fact. Two facts. Three facts. Four facts. Five facts."
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "reference": reference}) + "\n" for i in range(10)))
+    out = tmp_path / "run"
+    argv = [*base_argv(tiny_model_dir, data, out), "--step_fraction", "1.0", "--stop_after", "filter"]
+    summary = recipe.main(*parse(recipe, *argv))
+    targets = [json.loads(line)["target"] for line in open(out / "stages" / "02_targets" / "targets.jsonl")]
+    assert targets and all(t == reference for t in targets)
+    assert "copies_reference" not in summary["stages"]["filter"]["dropped_by_reason"]
+    assert summary["stages"]["filter"]["kept"] > 0
+
+
 def test_rerun_skips_finished_stages_and_resumes_the_rest(recipe, tiny_model_dir, prompt_file, tmp_path, monkeypatch):
     import trl_sgpo.data.sampling as sampling
     import trl_sgpo.pipeline.run as pipeline
