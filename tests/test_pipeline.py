@@ -67,6 +67,8 @@ def base_argv(model_dir, data, out):
         "1",
         "--sample_batch_size",
         "4",
+        "--use_peft",  # full fine-tuning unless a test asks for LoRA (the demo default)
+        "false",
     ]
 
 
@@ -416,7 +418,8 @@ def test_yaml_config_spells_out_the_defaults_and_the_command_line_wins(recipe):
         differ = {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
         assert differ <= {"iterations", "model_name_or_path"}
     assert from_yaml[0].iterations == 3 and from_yaml[2].model_name_or_path == "smollm2-135m-instruct"
-    assert bare[1].learning_rate == 1e-6 and bare[1].activation_checkpointing is True
+    assert bare[1].learning_rate == 1e-4 and bare[1].activation_checkpointing is True
+    assert bare[2].use_peft is True and bare[2].lora_target_modules == "all-linear" and bare[1].num_train_epochs == 1
 
 
 def test_lora_run_merges_each_stage_into_a_plain_model(recipe, tiny_model_dir, prompt_file, tmp_path):
