@@ -77,6 +77,8 @@ def split_default_dataset(concise: bool) -> tuple[Dataset, Dataset]:
 
 
 def key_of(*parts) -> str:
+    # The split is part of every key: another split pairs other rows with the cached texts.
+    parts = (HELDOUT_ROWS, SPLIT_SEED, *parts)
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -190,7 +192,9 @@ def improver_data(args, cache, models, train) -> Dataset:
         for row, draft in zip(train, drafts, strict=True):
             if not draft["text"] or (args.finished_drafts_only and not draft["finished"]):
                 continue
-            target = reference_step(draft["text"], row["reference"], args.writer_fraction, args.writer_max_edits or None)
+            target = reference_step(
+                draft["text"], row["reference"], args.writer_fraction, args.writer_max_edits or None
+            )
             if target.strip() == draft["text"].strip():
                 continue
             rows.append({"prompt": row["prompt"], "response": draft["text"], "target": target})
@@ -242,6 +246,7 @@ def improver_sft(args, cache, models, train) -> tuple[str, dict]:
     if args.sft_lora:
         from peft import LoraConfig
 
+        # Dropout 0 (PEFT's default); the recipe's LoRA takes TRL's ModelConfig default, 0.05.
         peft_config = LoraConfig(r=args.sft_lora, lora_alpha=2 * args.sft_lora, target_modules="all-linear")
     trainer = ImproverSFTTrainer(
         model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=peft_config

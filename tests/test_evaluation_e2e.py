@@ -289,6 +289,17 @@ def test_an_extra_judge_scores_the_same_pairs_and_shows_in_the_tables(tmp_path):
     assert rouge["judge"] == "reference-rouge-l" and rouge["comparisons"]["new"]["win_rate"] == 1.0
     assert set(rouge["improver"]) == {"base", "new"}
     assert (tmp_path / "judgments" / "rouge_l" / "new.jsonl").is_file()
-    assert "| rouge_l win rate % [95% CI] |" in markdown_table(report)
-    assert "| 100.0 [100.0, 100.0] |" in markdown_table(report)
-    assert "rouge_l [CI]" in text_table(report) and "100.0 [100.0, 100.0]" in text_table(report)
+    table = markdown_table(report)
+    assert "| rouge_l win rate % [95% CI] |" in table
+    new_row = next(line for line in table.splitlines() if line.startswith("| new |"))
+    assert new_row.endswith("| 100.0 [100.0, 100.0] |") and new_row.count("|") == 9  # 7 columns + the extra one
+    text_row = next(line for line in text_table(report).splitlines() if line.startswith("new "))
+    assert "rouge_l [CI]" in text_table(report) and text_row.rstrip().endswith("100.0 [100.0, 100.0]")
+    # A model the extra judge did not judge gets n/a in its column, keeping the columns aligned.
+    del report["extra_judges"]["rouge_l"]["comparisons"]["new"]
+    new_row = next(line for line in markdown_table(report).splitlines() if line.startswith("| new |"))
+    assert new_row.endswith("| n/a |") and new_row.count("|") == 9
+    with pytest.raises(TypeError, match="not a string"):
+        evaluate_models(models, prompts(4), LengthJudge(), tmp_path, **{**kwargs, "improver": "new"})
+    with pytest.raises(ValueError, match=r"`improver` names \['old'\]"):
+        evaluate_models(models, prompts(4), LengthJudge(), tmp_path, **{**kwargs, "improver": ["old"]})

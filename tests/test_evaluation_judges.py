@@ -165,7 +165,9 @@ def test_rouge_judge_is_rouge_l_f1_with_hard_verdicts():
     assert judge.rouge_l("cat mat", "the cat sat on the mat") == pytest.approx(2 * 2 / 8)
     assert judge.rouge_l("mat cat", "the cat sat on the mat") == pytest.approx(2 * 1 / 8)
     assert judge.rouge_l("", "the cat") == 0.0
-    verdicts = judge.judge(["q"] * 3, ["the cat sat", "dog", "cat"], ["dog", "the cat sat", "cat"], ["the cat sat"] * 3)
+    verdicts = judge.judge(
+        ["q"] * 3, ["the cat sat", "dog", "cat"], ["dog", "the cat sat", "cat"], ["the cat sat"] * 3
+    )
     assert verdicts == [1.0, 0.0, 0.5]
     with pytest.raises(ValueError, match="reference"):
         judge.judge(["q"], ["a"], ["b"], None)

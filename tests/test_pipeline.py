@@ -93,7 +93,9 @@ def test_step_fraction_1_trains_on_the_references(recipe, tiny_model_dir, tmp_pa
     # and the filter keeps it instead of dropping it as a copy of the reference.
     data = tmp_path / "long.jsonl"
     reference = "One fact. Two facts. Three facts. Four facts. Five facts."
-    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "reference": reference}) + "\n" for i in range(10)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Question {i}?", "reference": reference}) + "\n" for i in range(10))
+    )
     out = tmp_path / "run"
     argv = [*base_argv(tiny_model_dir, data, out), "--step_fraction", "1.0", "--stop_after", "filter"]
     summary = recipe.main(*parse(recipe, *argv))
@@ -455,6 +457,12 @@ def test_evaluation_stage_compares_every_model_on_held_out_prompts(recipe, tiny_
     sampled = {r["prompt"] for r in map(json.loads, open(out / "stages" / "01_sample" / "responses.jsonl"))}
     all_prompts = {json.loads(line)["prompt"] for line in open(prompt_file)}
     assert len(evaluated) == 2 and not evaluated & sampled
+    rows = [json.loads(line) for line in open(prompt_file)]
+    from datasets import Dataset
+
+    from trl_sgpo.pipeline.evaluation_stage import split_held_out
+
+    assert evaluated == set(split_held_out(Dataset.from_list(rows), 2, seed=42)[1]["prompt"])  # the recipe's seed
     assert len(all_prompts - sampled - evaluated) == 4  # the SGPO prompts, also not evaluated
     card = (out / "README.md").read_text()
     assert card.count("## Evaluation") == 1 and "evaluation/win_rates.png" in card
@@ -463,6 +471,28 @@ def test_evaluation_stage_compares_every_model_on_held_out_prompts(recipe, tiny_
     summary = recipe.main(*parse(recipe, *argv))
     assert (out / "README.md").read_text().count("## Evaluation") == 1
     assert "Win rates on held-out prompts" in recipe.format_summary(summary)
+
+
+def test_a_prompt_repeated_in_a_training_row_is_not_evaluated(recipe, tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    from trl_sgpo.pipeline.evaluation_stage import split_held_out
+
+    base = [{"prompt": f"What is {i} plus {i}?", "reference": f"It is {2 * i}."} for i in range(12)]
+    # Repeat one prompt (another reference) so that one copy is held out and the other trains.
+    for i in range(12):
+        rows = [*base, {"prompt": base[i]["prompt"], "reference": "Another reference."}]
+        train, held = split_held_out(Dataset.from_list(rows), 2, seed=42)
+        if base[i]["prompt"] in held["prompt"] and base[i]["prompt"] in train["prompt"]:
+            break
+    data = tmp_path / "repeated.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    argv = [*base_argv(tiny_model_dir, data, out), "--num_eval_prompts", "2", "--num_improver_prompts", "11"]
+    recipe.main(*parse(recipe, *argv, "--eval_max_new_tokens", "4", "--eval_improver", "none"))
+    answers = out / "stages" / "06_evaluation" / "answers" / "start" / "answers.jsonl"
+    evaluated = [json.loads(line)["prompt"] for line in open(answers)]
+    assert evaluated == [p for p in held["prompt"] if p != base[i]["prompt"]]
 
 
 def test_eval_improver_names_the_models_judged_as_improvers():
@@ -480,14 +510,15 @@ def test_eval_improver_names_the_models_judged_as_improvers():
 def test_held_out_rows_are_drawn_first_and_training_rows_wrap_around(recipe):
     from datasets import Dataset
 
-    from trl_sgpo.pipeline.evaluation_stage import held_out_rows
+    from trl_sgpo.pipeline.evaluation_stage import held_out_rows, split_held_out
     from trl_sgpo.pipeline.run import SGPOScriptArguments, _hold_out, _split
 
     data = Dataset.from_dict({"prompt": [f"q{i}" for i in range(12)], "reference": ["r"] * 12})
     train, held_out = _hold_out(data, 4, seed=0)
     assert len(held_out) == 4 and len(train) == 8 and not set(train["prompt"]) & set(held_out["prompt"])
-    # The same rows whatever the training sizes are: only the seed and the held-out size choose them.
-    assert _hold_out(data, 4, seed=0)[1]["prompt"] == held_out["prompt"]
+    assert (
+        held_out["prompt"] == split_held_out(data, 4, seed=0)[1]["prompt"] != split_held_out(data, 4, 1)[1]["prompt"]
+    )
     assert _hold_out(data, 6, seed=0)[1] is not None and _hold_out(data, 7, seed=0)[1] is None  # needs 2x rows
     # SGPO takes the rows improver SFT left, then wraps around into the improver rows.
     args = SGPOScriptArguments(num_improver_prompts=5, num_sgpo_prompts=6, num_eval_prompts=4)
@@ -498,6 +529,10 @@ def test_held_out_rows_are_drawn_first_and_training_rows_wrap_around(recipe):
     assert sorted(improver_all["prompt"]) == sorted(sgpo_all["prompt"]) == sorted(train["prompt"])
     # Rows of a given --improver_data are left out of the evaluation.
     assert held_out_rows(held_out, [held_out.select([0])])["prompt"] == held_out["prompt"][1:]
+    with pytest.raises(ValueError, match="`num_sgpo_prompts` must be >= 1"):
+        SGPOScriptArguments(num_sgpo_prompts=0)
+    with pytest.raises(ValueError, match="`num_eval_prompts` must be >= 0"):
+        SGPOScriptArguments(num_eval_prompts=-1)
 
 
 def test_summary_prints_the_finished_share_of_drafts_and_improvements(recipe):

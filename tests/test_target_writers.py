@@ -382,3 +382,12 @@ def test_cache_key_is_the_exact_request(stub):
     assert request["messages"] == build_target_messages(row["prompt"], row["response"], row["reference"])
     other = make_writer(stub, prompt_config=TargetPromptConfig(max_edits=1)).build_request(row)
     assert stable_hash(request) != stable_hash(other)
+
+
+def test_fraction_1_gives_the_reference_whatever_the_edit_cap():
+    from trl_sgpo.data.target_writers import ReferenceStepWriter, reference_step
+
+    draft, reference = "A one. A two.", "B one. B two. B three. B four."
+    assert reference_step(draft, reference, 1.0, max_edits=1) == reference
+    assert reference_step(draft, reference, 0.5, max_edits=1) != reference  # the cap applies below 1
+    assert ReferenceStepWriter(1.0).writes_references and not ReferenceStepWriter(0.5).writes_references

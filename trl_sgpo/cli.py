@@ -100,7 +100,8 @@ def _add_targets(p: argparse.ArgumentParser) -> None:
         "--step-fraction",
         type=float,
         default=0.5,
-        help="reference-step: share of the sentence edits toward the reference to apply.",
+        help="reference-step: share of the sentence edits toward the reference to apply; 1: the reference itself "
+        "(kept by the filter).",
     )
     g = p.add_argument_group("target prompt constraints (see trl_sgpo.target_prompts)")
     g.add_argument("--min-length-ratio", type=float, default=0.8, help="Target at least this x the answer's words.")
@@ -320,15 +321,17 @@ def _targets(args, dataset, output, choice, policy=None):
     return result, writer
 
 
-def _filter(args, model, tokenizer, dataset, output_dir):
+def _filter(args, model, tokenizer, dataset, output_dir, writer=None):
     from .data.perplexity import PerplexityFilterConfig, filter_targets
 
+    # The offline writer at --step-fraction 1 writes the references on purpose: they are kept, not dropped as copies.
+    keep_references = args.keep_reference_copies or getattr(writer, "writes_references", False)
     config = PerplexityFilterConfig(
         max_ratio=args.ppl_max_ratio or None,
         max_quantile=args.max_quantile,
         max_ppl=args.max_ppl,
         drop_same_as_response=not args.keep_same_as_response,
-        drop_reference_copies=not args.keep_reference_copies,
+        drop_reference_copies=not keep_references,
     )
     kept, report = filter_targets(
         model,
@@ -384,11 +387,11 @@ def run(args) -> None:
         start = time.perf_counter()
         responses = _sample(args, model, tokenizer, dataset, out / "responses.jsonl")
         print(f"sample: {len(responses)} responses -> {out / 'responses.jsonl'}", file=sys.stderr)
-        targets, _ = _targets(args, responses, out / "targets.jsonl", choice, policy=(model, tokenizer))
+        targets, writer = _targets(args, responses, out / "targets.jsonl", choice, policy=(model, tokenizer))
         if len(targets) == 0:
             failures = args.failures or sibling_path(out / "targets.jsonl", "failures")
             raise ValueError(f"No target was written; the reasons are in {failures}.")
-        _filter(args, model, tokenizer, targets, out)
+        _filter(args, model, tokenizer, targets, out, writer)
         print(
             f"improver-data: done in {time.perf_counter() - start:.1f}s; improver SFT set: {out / KEPT_DIR} "
             f"(datasets.load_from_disk) and {out / 'improver_sft.jsonl'}",

@@ -440,7 +440,7 @@ def reference_step(response: str, reference: str, fraction: float = 0.5, max_edi
     edits (replace one sentence by the reference's, insert one, delete one), in reading order. The first
     ``ceil(fraction * n_edits)`` of them (at most ``max_edits``) are applied and the rest of the response is kept:
     the beginning of the answer moves toward the reference, the remainder stays the policy's own text.
-    ``fraction=1`` gives the reference; identical texts are returned unchanged.
+    ``fraction=1`` gives the reference (``max_edits`` does not apply); identical texts are returned unchanged.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"`fraction` must be in (0, 1], got {fraction}.")
@@ -458,7 +458,7 @@ def reference_step(response: str, reference: str, fraction: float = 0.5, max_edi
     if not edits:
         return response.strip()
     count = math.ceil(fraction * len(edits))
-    if max_edits is not None:
+    if max_edits is not None and fraction < 1:  # fraction 1 asks for the reference itself, whatever the cap
         count = min(count, max_edits)
     replaced: dict[int, str] = {}
     deleted: set[int] = set()
@@ -489,7 +489,7 @@ class ReferenceStepWriter(TargetWriter):
 
     Args:
         fraction: Share of the sentence edits between response and reference to apply (``0 < fraction <= 1``).
-        max_edits: Most sentence edits per target, whatever ``fraction`` says.
+        max_edits: Most sentence edits per target when ``fraction < 1``; at 1 the target is the reference.
     """
 
     def __init__(self, fraction: float = 0.5, max_edits: int | None = 3):
@@ -499,6 +499,8 @@ class ReferenceStepWriter(TargetWriter):
         self.fraction = fraction
         self.max_edits = max_edits
         self.name = f"reference-step:{fraction:g}"
+        # Its targets are the references: a filter should keep them rather than drop them as reference copies.
+        self.writes_references = fraction >= 1
 
     def run(self, jobs: list[Job], on_result: OnResult) -> None:
         for row in jobs:

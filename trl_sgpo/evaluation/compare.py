@@ -161,6 +161,16 @@ def evaluate_models(
         raise ValueError("`models` is empty: give at least a baseline and one model to compare with it.")
     if len(models) < 2 and not improver:
         raise ValueError("Need at least two models (the first is the baseline), or `improver=True`.")
+    if not isinstance(improver, bool):
+        if isinstance(improver, str):
+            raise TypeError(
+                f"`improver` takes True/False or a collection of model names, not a string: [{improver!r}]."
+            )
+        improver = set(improver)
+        if improver - set(models):
+            raise ValueError(
+                f"`improver` names {sorted(improver - set(models))}, not among the models {list(models)}."
+            )
     out = Path(output_dir)
     dataset = load_rows(prompts_dataset) if not isinstance(prompts_dataset, Dataset) else prompts_dataset
     check_rows(dataset, ("prompt",), ("prompt",), "prompts_dataset", " (a string, or a list of chat messages)")
@@ -194,7 +204,7 @@ def evaluate_models(
             "avg_length": sum(len(a) for a in answers[name]) / max(1, len(answers[name])),
             "cut_at_budget": sum(1 for f in answered["answer_finished"] if not f),
         }
-        if improver is True or (improver and name in improver):
+        if improver is True or (improver and name in improver):  # every model, or the named ones
             drafts = answered.rename_column("answer", "draft").select_columns([ROW_ID, "prompt", "draft"])
             improved = generate_answers(
                 generator,

@@ -203,9 +203,7 @@ def _run(script_args, training_args, policy, rows, stages, summary, state, peers
                     timeout=script_args.request_timeout,
                 )
             else:
-                # step_fraction 1 asks for the reference itself, whatever the number of edits.
-                max_edits = None if script_args.step_fraction >= 1 else 3
-                writer = target_writers.ReferenceStepWriter(fraction=script_args.step_fraction, max_edits=max_edits)
+                writer = target_writers.ReferenceStepWriter(fraction=script_args.step_fraction)
             print(f"[2/5] writing improver targets with {writer.name}", flush=True)
             target_writers.write_targets(writer, answered, targets.root / "targets.jsonl", show_progress=progress)
             targets.finish(started, **writer.stats.as_dict())
@@ -237,9 +235,12 @@ def _run(script_args, training_args, policy, rows, stages, summary, state, peers
             scored = _merge_shards(written, filtered.root / "shards", "scores.*.jsonl")
             write_jsonl_atomic(filtered.root / "scores.jsonl", scored.to_list())
             # Offline targets at step_fraction 1 are the references by definition: asked for, so not dropped as copies.
-            reference_targets = script_args.writer_model is None and script_args.step_fraction >= 1
+            offline = script_args.writer_model is None
+            writes_references = (
+                offline and target_writers.ReferenceStepWriter(script_args.step_fraction).writes_references
+            )
             config = PerplexityFilterConfig(
-                max_ratio=script_args.ppl_max_ratio, drop_reference_copies=not reference_targets
+                max_ratio=script_args.ppl_max_ratio, drop_reference_copies=not writes_references
             )
             kept, report = apply_filter(scored, filtered.root, config)
             if len(kept) == 0:

@@ -84,6 +84,8 @@ class EvaluationArguments:
     )
 
     def __post_init__(self):
+        if self.num_eval_prompts < 0:
+            raise ValueError(f"`num_eval_prompts` must be >= 0 (0: no evaluation), got {self.num_eval_prompts}.")
         unknown = set(_improver_names(self.eval_improver)) - {*IMPROVER_CHOICES, "all", "none"}
         if unknown:
             raise ValueError(
@@ -156,8 +158,8 @@ def run_evaluation_stage(
     method: str = "sgpo",
 ) -> list[str]:
     """Run the evaluation stage on the ``held_out`` rows (main process; the others wait) and return the files it
-    added to ``output_dir`` (relative paths), for the Hub push. Rows whose prompt is in ``used`` (data trained on
-    that did not come from the split) are left out. ``held_out`` is None when the dataset (``dataset_rows``) was too
+    added to ``output_dir`` (relative paths), for the Hub push. Rows whose prompt is in ``used`` (the datasets
+    trained on: a prompt repeated in several rows can be on both sides of the split) are left out. ``held_out`` is None when the dataset (``dataset_rows``) was too
     small to hold any out. Updates ``summary`` and the final card (``<last stage>/README.md``). ``method`` names the
     training rounds' folders (``05_<method>_iter<k>``, see :mod:`.methods`)."""
     from ..evaluation.reports import text_table
@@ -171,14 +173,16 @@ def run_evaluation_stage(
             f"skipped: the dataset has {dataset_rows} rows; holding out --num_eval_prompts {n} needs at least "
             f"{2 * n} (as many left to train on). Give more data or lower --num_eval_prompts (0: no evaluation)."
             if held_out is None
-            else "skipped: every held-out prompt is in --improver_data, which was trained on."
+            else "skipped: every held-out prompt was also trained on (in another row of the dataset or in "
+            "--improver_data)."
         )
         logger.warning("Evaluation %s", message)
         summary["evaluation"] = {"skipped": message}
         return []
     if len(rows) < len(held_out):
         logger.warning(
-            "Evaluation: %d held-out prompts are in --improver_data and are left out.", len(held_out) - len(rows)
+            "Evaluation: %d held-out prompts were also trained on (in another row or --improver_data): left out.",
+            len(held_out) - len(rows),
         )
     if not script_args.judge_model and "reference" not in rows.column_names:
         raise ValueError(

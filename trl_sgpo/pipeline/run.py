@@ -154,6 +154,10 @@ class SGPOScriptArguments(EvaluationArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        for name in ("num_improver_prompts", "num_sgpo_prompts"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be >= 1, or None for every row not held out; got {value}.")
         for old, new in (("target_model", "writer_model"), ("offline_fraction", "step_fraction")):
             if getattr(self, old) is not None:
                 warnings.warn(f"`{old}` is deprecated; use `{new}`.", FutureWarning, stacklevel=2)
@@ -207,7 +211,9 @@ def _split(dataset: Dataset, script_args: SGPOScriptArguments, seed: int) -> tup
     n_improver = n if script_args.num_improver_prompts is None else min(script_args.num_improver_prompts, n)
     n_sgpo = n if script_args.num_sgpo_prompts is None else min(script_args.num_sgpo_prompts, n)
     if n_sgpo > n - n_improver:
-        logger.info("SGPO reuses %d improver-SFT prompts (%d rows left after them).", n_sgpo - (n - n_improver), n)
+        logger.info(
+            "SGPO reuses %d improver-SFT prompts (%d rows left after them).", n_sgpo - (n - n_improver), n - n_improver
+        )
     order = [*range(n_improver, n), *range(n_improver)]  # rows no improver prompt used first
     return dataset.select(range(n_improver)), dataset.select(order[:n_sgpo])
 
@@ -305,6 +311,12 @@ def run_pipeline(
     hint = " (rename yours with `dataset.rename_column`)"
     check_columns(dataset, ("prompt",), "dataset", hint)
     train_rows, eval_rows = _hold_out(dataset, script_args.num_eval_prompts, training_args.seed)
+    if script_args.num_eval_prompts and eval_rows is None:
+        logger.warning(
+            "No held-out evaluation: the dataset has %d rows, fewer than twice --num_eval_prompts %d. All rows train.",
+            len(dataset),
+            script_args.num_eval_prompts,
+        )
     improver_rows, sgpo_rows = _split(train_rows, script_args, training_args.seed)
     check_non_empty(sgpo_rows, ("prompt",), "dataset")
     if not script_args.skip_improver_sft and script_args.improver_data is None:
@@ -440,9 +452,12 @@ def run_pipeline(
         start_model = str(stage.root / "model")
         last = stage
 
-    # Win rates on held-out prompts; adds a section to the final card and files under output_dir/evaluation.
-    # Prompts of a given --improver_data were trained on too: left out.
-    trained = [load_rows(script_args.improver_data)] if script_args.improver_data is not None else []
+    # Win rates on held-out prompts; adds a section to the final card and files under output_dir/evaluation. A
+    # dataset may repeat a prompt in several rows, and a given --improver_data was trained on too: any held-out row
+    # whose prompt training used is left out.
+    trained = [improver_rows, sgpo_rows]
+    if script_args.improver_data is not None:
+        trained.append(load_rows(script_args.improver_data))
     eval_files = run_evaluation_stage(
         script_args,
         training_args,
