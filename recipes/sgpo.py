@@ -146,11 +146,11 @@ DEMO_DEFAULTS = dict(
     improver_sft_learning_rate=3e-4,
     improver_sft_batch_size=2,
     improver_sft_gradient_accumulation_steps=2,
-    # SGPO: 40 prompts (the ones improver SFT did not use first), 8 per optimizer step (4 per batch: the logits over
-    # the vocabulary and the activations of a batch bound the step's memory, with activation checkpointing).
+    # SGPO: 40 prompts (the ones improver SFT did not use first), 8 per optimizer step, generated together; batches of
+    # 2 for the loss: the logits over the vocabulary and the activations of a batch bound the step's memory.
     num_sgpo_prompts=40,
-    per_device_train_batch_size=4,
-    gradient_accumulation_steps=2,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=4,
     num_train_epochs=1,
     learning_rate=1e-4,
     # With the shipped prompts' request for a short answer, most drafts end within 128 tokens (see README).
@@ -215,9 +215,11 @@ def parse_args(args: list[str] | None = None):
 
 if __name__ == "__main__":
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    # TRL 1.16's `unwrap_model_for_generation` switches activation checkpointing off for generation under its old
-    # transformers name; nothing a user of the recipe could change.
+    # TRL 1.16's `unwrap_model_for_generation` switches activation checkpointing off for generation, and PEFT asks
+    # whether it is on, under transformers' old names; nothing a user of the recipe could change.
     warnings.filterwarnings(
-        "ignore", message="`gradient_checkpointing_(dis|en)able` is deprecated", category=FutureWarning
+        "ignore",
+        message="`(is_gradient_checkpointing|gradient_checkpointing_(dis|en)able)` is deprecated",
+        category=FutureWarning,
     )
     main(*parse_args())

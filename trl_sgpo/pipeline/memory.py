@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 
 _STATUS = Path("/proc/self/status")
@@ -42,3 +43,44 @@ def peak_figures() -> dict[str, float]:
     if torch.cuda.is_available():
         figures["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     return figures
+
+
+# glibc's malloc raises its mmap threshold each time a large block is freed, so the training step's large, short-lived
+# tensors end up in the heap, whose freed pages stay resident: on 2 CPU cores the SGPO stage's resident peak grew from
+# 2.9 GB (one step) to 3.7 GB (three steps) for a 135M model. A fixed 8 MB threshold keeps the largest tensors out of
+# the heap (smaller thresholds cost time: 1 MB made a step 40% slower), and trimming after each optimizer step gives
+# the freed heap pages back. Measured together over three steps: 2.9 GB instead of 3.7 GB, at the same speed.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 8 * 1024 * 1024
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl, ...): nothing to tune
+        return None
+
+
+def limit_heap_fragmentation() -> bool:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD_BYTES` for this process; False where there is no glibc."""
+    libc = _libc()
+    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``); nothing elsewhere."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+class TrimHeapCallback(TrainerCallback):
+    """Calls :func:`trim_heap` after every optimizer step, so the next step's peak starts from live memory."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trim_heap()

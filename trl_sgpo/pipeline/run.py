@@ -45,6 +45,7 @@ from ..trainers.sgpo_config import SGPOConfig
 from ..utils import set_cpu_threads
 from .evaluation_stage import EvaluationArguments, run_evaluation_stage, split_held_out
 from .fingerprints import SAMPLING_SETTINGS, fingerprint, model_fingerprint, script_fingerprint
+from .memory import TrimHeapCallback, limit_heap_fragmentation
 from .methods import MethodArguments, get_method, method_prompts, round_figures
 from .stages import Stage
 
@@ -284,6 +285,7 @@ def run_pipeline(
         _print(state, f"{method.title} needs no improver: skipping stages sample, targets, filter and improver_sft")
         script_args = dataclasses.replace(script_args, skip_improver_sft=True)
     set_cpu_threads(script_args.num_threads)
+    limit_heap_fragmentation()  # see memory.py: the demo's peak resident memory
     out = Path(training_args.output_dir)
     stages_dir = out / "stages"
     model_name = model_args.model_name_or_path or DEFAULT_MODEL
@@ -374,6 +376,7 @@ def run_pipeline(
                 train_dataset=improver_data,
                 processing_class=tokenizer,
                 peft_config=get_peft_config(model_args),
+                callbacks=[TrimHeapCallback()],
             )
             _train_and_save(trainer, tokenizer, stage.root, state, load_base(model_name))
             if state.is_main_process:
@@ -438,6 +441,7 @@ def run_pipeline(
             trainer = method.build_trainer(
                 model, tokenizer, args, rows.select_columns(columns), get_peft_config(model_args), judge
             )
+            trainer.add_callback(TrimHeapCallback())
             _train_and_save(trainer, tokenizer, stage.root, state, load_base(start_model))
             if state.is_main_process:
                 # The card is written now, while the trainer holds the figures; `_push` uploads it as it is.
