@@ -4,7 +4,7 @@ Runs the recipe's stages by hand on the shipped prompt/reference set with the em
 stage cached under ``--out/cache`` by a key of the settings it depends on, so that settings can be compared without
 regenerating what they share. Every finished setting appends one line to ``--out/results.jsonl``.
 
-Held-out split: the recipe's (``trl_sgpo.pipeline.evaluation_stage.split_held_out``, 64 rows, seed 42, its default seed);
+Held-out split: the recipe's (``trl_sgpo.pipeline.evaluation_stage.split_held_out``, 64 rows, seed 42, its default);
 ``test`` (64 rows) is never trained on, ``train`` (164 rows) feeds improver SFT and SGPO.
 
 Judges (kept here until the evaluation package replaces them):
@@ -54,7 +54,7 @@ warnings.filterwarnings("ignore")
 logging.basicConfig(level=logging.WARNING)
 
 from trl_sgpo.data.checks import load_default_dataset
-from trl_sgpo.data.jsonl import read_jsonl
+from trl_sgpo.data.jsonl import read_jsonl, stable_hash
 from trl_sgpo.data.sampling import generate_completions
 from trl_sgpo.data.target_writers import reference_step
 from trl_sgpo.evaluation.judges import ReferenceRougeJudge
@@ -65,6 +65,7 @@ from trl_sgpo.templates import improver_prompt, render_prompt
 
 HELDOUT_ROWS = 64
 SPLIT_SEED = 42  # the recipe's: its `seed`, whose default is 42
+SPLIT_KEY = ""  # set by split_default_dataset
 TIMES: dict[str, int] = {}  # seconds per generation stage, cached or not, to price a whole run
 
 
@@ -72,13 +73,17 @@ TIMES: dict[str, int] = {}  # seconds per generation stage, cached or not, to pr
 
 
 def split_default_dataset(concise: bool) -> tuple[Dataset, Dataset]:
-    """(train, held-out) of the shipped set, by the recipe's rule and with its default seed and size."""
-    return split_held_out(load_default_dataset(concise=concise), HELDOUT_ROWS, SPLIT_SEED)
+    """(train, held-out) of the shipped set, by the recipe's rule and with its default seed and size. Sets
+    ``SPLIT_KEY``, a hash of both parts' rows, which every cache key includes."""
+    global SPLIT_KEY
+    train, heldout = split_held_out(load_default_dataset(concise=concise), HELDOUT_ROWS, SPLIT_SEED)
+    SPLIT_KEY = stable_hash([train.to_list(), heldout.to_list()])
+    return train, heldout
 
 
 def key_of(*parts) -> str:
     # The split is part of every key: another split pairs other rows with the cached texts.
-    parts = (HELDOUT_ROWS, SPLIT_SEED, *parts)
+    parts = (SPLIT_KEY, *parts)
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

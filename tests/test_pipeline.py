@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -72,9 +73,20 @@ def base_argv(model_dir, data, out):
     ]
 
 
-def test_full_run_writes_every_stage_and_the_final_model(recipe, tiny_model_dir, prompt_file, tmp_path, capsys):
+def test_full_run_writes_every_stage_and_the_final_model(
+    recipe, tiny_model_dir, prompt_file, tmp_path, capsys, monkeypatch
+):
+    import trl_sgpo.pipeline.memory as memory
+
+    trims = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(1))
     out = tmp_path / "run"
     summary = recipe.main(*parse(recipe, *base_argv(tiny_model_dir, prompt_file, out)))
+    # Both trainers give the freed heap back after every optimizer step: improver SFT's (its rows in steps of 2 x 2,
+    # the demo's), then SGPO's 2.
+    assert summary["heap_fragmentation_limited"] is (memory._glibc() is not None)
+    if summary["heap_fragmentation_limited"]:
+        assert len(trims) == math.ceil(summary["stages"]["improver_sft"]["rows"] / 4) + 2
     assert list(summary["stages"]) == ["sample", "targets", "filter", "improver_sft", "sgpo_iter1"]
     assert summary["stages"]["sample"]["rows"] == 6
     assert summary["stages"]["sgpo_iter1"]["pairs_made"] == 8
@@ -485,6 +497,8 @@ def test_a_prompt_repeated_in_a_training_row_is_not_evaluated(recipe, tiny_model
         train, held = split_held_out(Dataset.from_list(rows), 2, seed=42)
         if base[i]["prompt"] in held["prompt"] and base[i]["prompt"] in train["prompt"]:
             break
+    else:
+        pytest.fail("no repeated prompt falls on both sides of the split")
     data = tmp_path / "repeated.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"

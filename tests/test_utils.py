@@ -40,3 +40,30 @@ def test_cpu_threads_leave_an_accelerator_run_alone(monkeypatch, restore_threads
     monkeypatch.setattr(utils, "has_accelerator", lambda: True)
     torch.set_num_threads(1)
     assert utils.set_cpu_threads() is None and torch.get_num_threads() == 1
+
+
+def test_heap_tuning_sets_the_threshold_unless_the_user_tunes_malloc(monkeypatch):
+    from trl_sgpo.pipeline import memory
+
+    calls = []
+
+    class FakeGlibc:
+        def mallopt(self, option, value):
+            calls.append(("mallopt", option, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+
+    monkeypatch.setattr(memory, "_glibc", lambda: FakeGlibc())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert memory.limit_heap_fragmentation() is True
+    memory.TrimHeapCallback().on_step_end(None, None, None)
+    assert calls == [("mallopt", -3, 8 * 1024 * 1024), ("malloc_trim", 0)]
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert memory.limit_heap_fragmentation() is False and len(calls) == 2  # the user's tuning wins
+    monkeypatch.setattr(memory, "_glibc", lambda: None)  # macOS, musl
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert memory.limit_heap_fragmentation() is False
+    memory.trim_heap()

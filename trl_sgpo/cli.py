@@ -101,7 +101,7 @@ def _add_targets(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.5,
         help="reference-step: share of the sentence edits toward the reference to apply; 1: the reference itself "
-        "(kept by the filter).",
+        "(improver-data keeps such targets; a separate `filter` run needs --keep-reference-copies).",
     )
     g = p.add_argument_group("target prompt constraints (see trl_sgpo.target_prompts)")
     g.add_argument("--min-length-ratio", type=float, default=0.8, help="Target at least this x the answer's words.")
@@ -110,7 +110,8 @@ def _add_targets(p: argparse.ArgumentParser) -> None:
         "--max-edits",
         type=int,
         default=3,
-        help="Most separate changes per target (also caps reference-step's sentence edits); 0: no limit.",
+        help="Most separate changes per target (also caps reference-step's sentence edits below --step-fraction 1); "
+        "0: no limit.",
     )
     g.add_argument("--free-style", action="store_true", help="Do not ask to keep the answer's style.")
     g.add_argument("--allow-reference-copy", action="store_true", help="Do not forbid copying the reference.")

@@ -5,8 +5,8 @@ Held-out rows (``num_eval_prompts``, 64 by default) are drawn from the dataset b
 (:func:`split_held_out`), so training never sees them; with a dataset under twice that size none are held out and
 the stage is skipped, saying why.
 The judge is the OpenAI-compatible one with ``--judge_model`` (at ``--base_url``, or api.openai.com), else the offline
-reference-similarity judge; rows with a ``reference`` are also judged by ROUGE-L against it, a second score. Everything goes to ``stages/06_evaluation/`` (resumable, see
-:func:`~trl_sgpo.evaluation.evaluate_models`); the report and figures are copied to ``<output_dir>/evaluation/``, the
+reference-similarity judge; rows with a ``reference`` are also judged by ROUGE-L against it, a second score.
+Everything goes to ``stages/06_evaluation/`` (resumable, see :func:`~trl_sgpo.evaluation.evaluate_models`); the report and figures are copied to ``<output_dir>/evaluation/``, the
 final model card gains an "Evaluation" section, and the run summary the table.
 """
 
@@ -159,8 +159,8 @@ def run_evaluation_stage(
 ) -> list[str]:
     """Run the evaluation stage on the ``held_out`` rows (main process; the others wait) and return the files it
     added to ``output_dir`` (relative paths), for the Hub push. Rows whose prompt is in ``used`` (the datasets
-    trained on: a prompt repeated in several rows can be on both sides of the split) are left out. ``held_out`` is None when the dataset (``dataset_rows``) was too
-    small to hold any out. Updates ``summary`` and the final card (``<last stage>/README.md``). ``method`` names the
+    trained on: a prompt repeated in several rows can be on both sides of the split) are left out. ``held_out`` is
+    None when the dataset (``dataset_rows``) was too small to hold any out. Updates ``summary`` and the final card (``<last stage>/README.md``). ``method`` names the
     training rounds' folders (``05_<method>_iter<k>``, see :mod:`.methods`)."""
     from ..evaluation.reports import text_table
 
@@ -176,7 +176,8 @@ def run_evaluation_stage(
             else "skipped: every held-out prompt was also trained on (in another row of the dataset or in "
             "--improver_data)."
         )
-        logger.warning("Evaluation %s", message)
+        if held_out is not None:  # a dataset too small was warned about when the run started
+            logger.warning("Evaluation %s", message)
         summary["evaluation"] = {"skipped": message}
         return []
     if len(rows) < len(held_out):

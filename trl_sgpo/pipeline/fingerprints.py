@@ -123,6 +123,7 @@ OUTPUT_NEUTRAL = frozenset(
         "stop_after",
         "iterations",
         "num_threads",
+        "limit_heap_fragmentation",
         "api_key_env",
         "max_concurrency",
         "request_timeout",

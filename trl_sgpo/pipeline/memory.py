@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import platform
 import resource
 import sys
 from pathlib import Path
@@ -54,28 +57,32 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 8 * 1024 * 1024
 
 
-def _libc():
-    if not sys.platform.startswith("linux"):
+@functools.cache
+def _glibc():
+    """glibc through ctypes, or None (macOS, musl, a preloaded jemalloc/tcmalloc would make the calls no-ops)."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (musl, ...): nothing to tune
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
 
 
 def limit_heap_fragmentation() -> bool:
-    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD_BYTES` for this process; False where there is no glibc."""
-    libc = _libc()
-    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD_BYTES` for this process. False where there is no glibc,
+    or where the user tunes malloc already (``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``): theirs wins."""
+    libc = _glibc()
+    if libc is None or os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("GLIBC_TUNABLES"):
+        return False
+    return libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
 
 
 def trim_heap() -> None:
     """Give the heap's free pages back to the OS (glibc ``malloc_trim``); nothing elsewhere."""
-    libc = _libc()
-    if libc:
+    libc = _glibc()
+    if libc is not None:
         libc.malloc_trim(0)
 
 

@@ -99,6 +99,14 @@ class SGPOScriptArguments(EvaluationArguments):
         default=None, metadata={"help": f"Stop after this stage, one of {STAGES}.", "choices": list(STAGES)}
     )
     iterations: int = field(default=1, metadata={"help": "Rounds of SGPO, each starting from the last round's model."})
+    limit_heap_fragmentation: bool = field(
+        default=True,
+        metadata={
+            "help": "Linux/glibc: fix malloc's mmap threshold at 8 MB and trim the heap after each optimizer step, "
+            "which bounds the resident peak of CPU training (see trl_sgpo/pipeline/memory.py). Skipped when "
+            "MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES is set."
+        },
+    )
     num_threads: int | None = field(
         default=None,
         metadata={
@@ -285,7 +293,7 @@ def run_pipeline(
         _print(state, f"{method.title} needs no improver: skipping stages sample, targets, filter and improver_sft")
         script_args = dataclasses.replace(script_args, skip_improver_sft=True)
     set_cpu_threads(script_args.num_threads)
-    limit_heap_fragmentation()  # see memory.py: the demo's peak resident memory
+    heap = script_args.limit_heap_fragmentation and limit_heap_fragmentation()  # see memory.py
     out = Path(training_args.output_dir)
     stages_dir = out / "stages"
     model_name = model_args.model_name_or_path or DEFAULT_MODEL
@@ -302,7 +310,12 @@ def run_pipeline(
         model.config._name_or_path = base_id
         return model, tokenizer
 
-    summary: dict[str, Any] = {"model": model_name, "output_dir": str(out), "stages": {}}
+    summary: dict[str, Any] = {
+        "model": model_name,
+        "output_dir": str(out),
+        "heap_fragmentation_limited": bool(heap),
+        "stages": {},
+    }
     data_source = script_args.dataset_name or "trl-sgpo default prompts"
 
     def done(name: str) -> bool:
@@ -376,7 +389,7 @@ def run_pipeline(
                 train_dataset=improver_data,
                 processing_class=tokenizer,
                 peft_config=get_peft_config(model_args),
-                callbacks=[TrimHeapCallback()],
+                callbacks=[TrimHeapCallback()] if heap else None,
             )
             _train_and_save(trainer, tokenizer, stage.root, state, load_base(model_name))
             if state.is_main_process:
@@ -441,7 +454,8 @@ def run_pipeline(
             trainer = method.build_trainer(
                 model, tokenizer, args, rows.select_columns(columns), get_peft_config(model_args), judge
             )
-            trainer.add_callback(TrimHeapCallback())
+            if heap:
+                trainer.add_callback(TrimHeapCallback())
             _train_and_save(trainer, tokenizer, stage.root, state, load_base(start_model))
             if state.is_main_process:
                 # The card is written now, while the trainer holds the figures; `_push` uploads it as it is.
