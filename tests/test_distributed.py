@@ -94,6 +94,7 @@ def test_a_failure_in_the_evaluation_stage_ends_every_process_with_its_error(tmp
 
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     argv = [*base_argv(tiny_model_dir, prompts, tmp_path / "run"), "--num_eval_prompts", "2"]
+    argv += ["--gradient_accumulation_steps", "1"]  # 2 processes x 2 x 1: one window of the 4 SGPO prompts
     proc = launch("dist_pipeline_script.py", tmp_path, "evaluation", "--", *argv, port=29523, timeout=400)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0

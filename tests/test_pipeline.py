@@ -70,6 +70,8 @@ def base_argv(model_dir, data, out):
         "4",
         "--use_peft",  # full fine-tuning unless a test asks for LoRA (the demo default)
         "false",
+        "--gradient_accumulation_steps",  # windows of 4 prompts: the demo's 8 would not fit 4 SGPO prompts
+        "2",
     ]
 
 

@@ -369,14 +369,16 @@ def test_prompt_room_leaves_space_for_the_longer_answer(tmp_path, tiny_model, ti
     dataset = Dataset.from_dict({"prompt": ["short", "a long prompt " * 3]})
     kept = SGPOTrainer(
         tiny_model,
-        args=make_args(tmp_path, max_length=64, max_new_tokens=16),
+        args=make_args(tmp_path, max_length=64, max_new_tokens=16, per_device_train_batch_size=1),
         train_dataset=dataset,
         processing_class=tiny_tokenizer,
     ).train_dataset
     assert len(kept) == 2
     kept = SGPOTrainer(
         tiny_model,
-        args=make_args(tmp_path, max_length=64, max_new_tokens=16, improver_max_new_tokens=48),
+        args=make_args(
+            tmp_path, max_length=64, max_new_tokens=16, improver_max_new_tokens=48, per_device_train_batch_size=1
+        ),
         train_dataset=dataset,
         processing_class=tiny_tokenizer,
     ).train_dataset
@@ -487,3 +489,11 @@ def test_sgpo_reads_the_template_saved_with_the_model_and_saves_it_again(tmp_pat
     trainer.save_model(str(tmp_path / "saved"))
     assert ImproverTemplate.from_pretrained(tmp_path / "saved") == trainer.improver_template
     assert (tmp_path / "saved" / TEMPLATE_FILE).is_file()
+
+
+def test_fewer_prompts_than_one_window_is_an_error(tmp_path, tiny_model, tiny_tokenizer):
+    # The sampler yields whole accumulation windows: 2 prompts and windows of 2 x 2 would train nothing, silently.
+    args = make_args(tmp_path)
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = 2, 2
+    with pytest.raises(ValueError, match=r"`train_dataset` has 2 prompts, fewer than one optimizer step takes .* = 4"):
+        SGPOTrainer(tiny_model, args=args, train_dataset=chat_prompts(2), processing_class=tiny_tokenizer)

@@ -318,7 +318,8 @@ def test_reference_step_moves_part_of_the_way():
         "Paris is the capital of France. It has two million people. I like it."
     )
     assert reference_step(response, reference, 1.0) == reference
-    assert reference_step(response, reference, 1.0, max_edits=1) == reference_step(response, reference, 1 / 3)
+    assert reference_step(response, reference, 1.0, max_edits=1) == reference  # 1: the reference, whatever the cap
+    assert reference_step(response, reference, 0.99, max_edits=1) == reference_step(response, reference, 1 / 3)
     assert reference_step("A. B. C.", "A. X. C. D.", 0.5) == "A. X. C."  # shared sentences stay
     assert reference_step("Same.", "Same.", 0.5) == "Same."
     text = "One. Two!\n- item\nThree? Four"

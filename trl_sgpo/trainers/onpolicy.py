@@ -363,6 +363,19 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.args = args
+        window = self._window_size() * self.accelerator.num_processes
+        if (
+            train_dataset is not None
+            and not isinstance(train_dataset, IterableDataset)
+            and len(train_dataset) < window
+        ):
+            # The sampler yields whole windows only: fewer prompts than one window would train nothing, silently.
+            raise ValueError(
+                f"`train_dataset` has {len(train_dataset)} prompts, fewer than one optimizer step takes "
+                f"(per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
+                f"{args.gradient_accumulation_steps} x {self.accelerator.num_processes} process(es) = {window}). "
+                "Give more prompts or lower those settings."
+            )
         if colocate:
             self.use_vllm, self.vllm_mode = True, "colocate"
             self._last_loaded_step = -1
