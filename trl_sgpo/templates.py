@@ -256,3 +256,18 @@ def end_of_turn_text(prompt: Prompt, tokenizer) -> str:
     )
     suffix = text.split(sentinel, 1)[1].rstrip() if sentinel in text else ""
     return suffix or eos
+
+
+class SavesImproverTemplate:
+    """Trainer mixin (put it before the trainer base): every saved model and checkpoint, and the model card, carry the
+    trainer's ``improver_template`` (:func:`save_improver_template`), so the improver travels with the weights."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            save_improver_template(self, output_dir or self.args.output_dir)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            save_improver_template(self, self.args.output_dir)

@@ -10,7 +10,7 @@ from trl import SFTTrainer
 
 from ..data.checks import check_rows
 from ..models import DEFAULT_MODEL, resolve_model_path
-from ..templates import improver_template_for, save_improver_template
+from ..templates import SavesImproverTemplate, improver_template_for
 from ..utils import SGPO_PAPER
 from .collators import DataCollatorForImproverTargets
 from .improver_sft_config import ImproverSFTConfig
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 IMPROVER_COLUMNS = ("prompt", "response", "target")
 
 
-class ImproverSFTTrainer(SFTTrainer):
+class ImproverSFTTrainer(SavesImproverTemplate, SFTTrainer):
     r"""
     Supervised fine-tuning of the model's **improver** role (the first stage of SGPO, arXiv 2507.20181).
 
@@ -123,15 +123,3 @@ class ImproverSFTTrainer(SFTTrainer):
                 max_length,
             )
         return kept
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Save the model as `Trainer` does, plus `improver_template.json` beside it (checkpoints included)."""
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            save_improver_template(self, output_dir or self.args.output_dir)
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's card (tags `trl`, `sgpo`, `improver-sft`, the SGPO citation) plus the improver template."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if self.is_world_process_zero():
-            save_improver_template(self, self.args.output_dir)

@@ -11,7 +11,7 @@ from datasets import Dataset, IterableDataset
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 from trl.data_utils import is_conversational
 
-from ..templates import improver_prompt, improver_template_for, render_prompt, save_improver_template
+from ..templates import SavesImproverTemplate, improver_prompt, improver_template_for, render_prompt
 from ..utils import SGPO_PAPER
 from .onpolicy import Items, OnPolicyTrainer, Sequences
 from .sampling import generate_ids_transformers, generate_ids_vllm
@@ -28,7 +28,7 @@ PAIR_FLAGS = ("truncated_policy", "truncated_improved", "empty", "identical", "j
 # SGPOTrainer is an OnlineDPOTrainer (through OnPolicyTrainer). The OnlineDPO members it still relies on are listed in
 # `onpolicy.ONLINE_DPO_METHODS` / `ONLINE_DPO_ATTRIBUTES` (constructor, vLLM weight sync, reward-function scoring for
 # the judge, and the attributes they set); tests/test_onpolicy.py fails if one disappears.
-class SGPOTrainer(OnPolicyTrainer):
+class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
     r"""
     Trainer for Self-Generated Preference Optimization (SGPO, [arXiv 2507.20181](https://huggingface.co/papers/2507.20181)).
 
@@ -308,16 +308,3 @@ class SGPOTrainer(OnPolicyTrainer):
             "draft finished unless `keep_truncated_drafts`. Counts are totals over the run (`truncated_*`, `empty`, "
             "`identical`, `judge_rejected` are not exclusive); loss figures are at the last logged step."
         )
-
-    # ------------------------------------------------------------------ the improver travels with the model
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Save as the base does, plus `improver_template.json` beside the weights (checkpoints included)."""
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            save_improver_template(self, output_dir or self.args.output_dir)
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if self.is_world_process_zero():
-            save_improver_template(self, self.args.output_dir)
