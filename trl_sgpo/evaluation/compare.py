@@ -223,29 +223,24 @@ def evaluate_models(
             gc.collect()
 
     def judged_by(judge: PairwiseJudge, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        # Each model against the baseline, and each improver against its own drafts.
-        pairs = [(name, answers[name], answers[baseline], f"{_safe(name)}.jsonl") for name in names[1:]]
-        pairs += [(name, improvements[name], answers[name], f"{_safe(name)}.improver.jsonl") for name in improvements]
-        results = []
-        for name, mine, theirs, file in pairs:
+        """Each model against the baseline, and each improver against its own drafts."""
+
+        def score(mine: list[str], theirs: list[str], file: str) -> dict[str, Any]:
             preferences = judge_rows(judge, prompts, mine, theirs, row_ids, references, folder / file)
-            results.append(
-                (
-                    name,
-                    compare(
-                        preferences,
-                        mine,
-                        theirs,
-                        categories,
-                        n_bootstrap=n_bootstrap,
-                        n_bootstrap_lc=n_bootstrap // 5,
-                        confidence=confidence,
-                        seed=seed,
-                    ),
-                )
+            return compare(
+                preferences,
+                mine,
+                theirs,
+                categories,
+                n_bootstrap=n_bootstrap,
+                n_bootstrap_lc=n_bootstrap // 5,
+                confidence=confidence,
+                seed=seed,
             )
-        n = len(names) - 1
-        return dict(results[:n]), dict(results[n:])
+
+        versus_baseline = {n: score(answers[n], answers[baseline], f"{_safe(n)}.jsonl") for n in names[1:]}
+        versus_drafts = {n: score(improvements[n], answers[n], f"{_safe(n)}.improver.jsonl") for n in improvements}
+        return versus_baseline, versus_drafts
 
     comparisons, improver_scores = judged_by(judge, out / "judgments")
     second = {}
