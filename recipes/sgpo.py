@@ -144,13 +144,15 @@ DEMO_DEFAULTS = dict(
     ppl_max_ratio=10.0,  # drops the few targets far more surprising than the policy's own answer
     improver_sft_epochs=1,
     improver_sft_learning_rate=3e-4,
-    improver_sft_batch_size=2,
-    improver_sft_gradient_accumulation_steps=2,
-    # SGPO: 40 prompts (the ones improver SFT did not use first), 8 per optimizer step, generated together; batches of
-    # 2 for the loss: the logits over the vocabulary and the activations of a batch bound the step's memory.
+    # Batches of one row: a step's transient memory (logits over the vocabulary, activations) grows with the batch,
+    # and on CPU a batch of one is as fast per row (benchmarks/README.md, "Peak memory").
+    improver_sft_batch_size=1,
+    improver_sft_gradient_accumulation_steps=4,
+    # SGPO: 40 prompts (the ones improver SFT did not use first), 8 per optimizer step, generated together; the loss
+    # runs one prompt's pair at a time, for the same reason.
     num_sgpo_prompts=40,
-    per_device_train_batch_size=2,
-    gradient_accumulation_steps=4,
+    per_device_train_batch_size=1,
+    gradient_accumulation_steps=8,
     num_train_epochs=1,
     learning_rate=1e-4,
     # With the shipped prompts' request for a short answer, most drafts end within 128 tokens (see README).

@@ -70,7 +70,9 @@ def base_argv(model_dir, data, out):
         "4",
         "--use_peft",  # full fine-tuning unless a test asks for LoRA (the demo default)
         "false",
-        "--gradient_accumulation_steps",  # windows of 4 prompts: the demo's 8 would not fit 4 SGPO prompts
+        "--per_device_train_batch_size",  # windows of 2 x 2 prompts: the demo's 8 would not fit 4 SGPO prompts
+        "2",
+        "--gradient_accumulation_steps",
         "2",
     ]
 
@@ -84,7 +86,7 @@ def test_full_run_writes_every_stage_and_the_final_model(
     monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(1))
     out = tmp_path / "run"
     summary = recipe.main(*parse(recipe, *base_argv(tiny_model_dir, prompt_file, out)))
-    # Both trainers give the freed heap back after every optimizer step: improver SFT's (its rows in steps of 2 x 2,
+    # Both trainers give the freed heap back after every optimizer step: improver SFT's (its rows in steps of 1 x 4,
     # the demo's), then SGPO's 2.
     assert summary["heap_fragmentation_limited"] is (memory._glibc() is not None)
     if summary["heap_fragmentation_limited"]:
