@@ -1,6 +1,7 @@
 """The step OnPolicyTrainer owns, checked through SGPOTrainer: validity, empty windows, accumulation, OnlineDPO seams."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -169,7 +170,7 @@ def test_many_skipped_steps_warn(tmp_path, tiny_model, tiny_tokenizer, caplog):
     assert "3 of 4 optimizer steps kept no pair" in caplog.text and "train the improver first" in caplog.text
 
 
-def _delta(tmp_path, tokenizer, batch_size, accumulation, drop):
+def _delta(tmp_path, tokenizer, batch_size, accumulation, drop, forwards=None, logs=None):
     from helpers.tiny import build_tiny_model
 
     model = build_tiny_model(tokenizer)
@@ -186,8 +187,13 @@ def _delta(tmp_path, tokenizer, batch_size, accumulation, drop):
     )
     trainer = SGPOTrainer(model, args=args, train_dataset=prompts(8), processing_class=tokenizer)
     trainer._sample = Scripted(tokenizer, drop=drop)
+    if forwards is not None:  # counts the log-prob passes (policy and reference) over pairs
+        logps = trainer.sequence_logps
+        trainer.sequence_logps = lambda model, seqs: forwards.append(len(seqs.lengths())) or logps(model, seqs)
     trainer.train()
     assert trainer.pair_counts["kept"] == 8 - len(drop)
+    if logs is not None:
+        logs.extend(trainer.state.log_history)
     return {n: p.detach() - start[n] for n, p in trainer.model.named_parameters()}
 
 
@@ -196,6 +202,20 @@ def test_every_kept_pair_weighs_the_same_whatever_micro_batch_it_lands_on(tmp_pa
     drop = (0, 1, 2, 7)
     full = _delta(tmp_path, tiny_tokenizer, 8, 1, drop)
     accumulated = _delta(tmp_path, tiny_tokenizer, 4, 2, drop)
+    # The demo's shape: one prompt per micro-batch, so four of the eight hold no kept pair.
+    one_each = _delta(tmp_path, tiny_tokenizer, 1, 8, drop)
     assert sum(d.norm() ** 2 for d in full.values()) > 0
     for name in full:
         torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(one_each[name], full[name], rtol=1e-4, atol=1e-7)
+
+
+def test_a_micro_batch_without_a_kept_pair_costs_no_pass_on_one_process(tmp_path, tiny_tokenizer):
+    # 1 x 8 with four prompts dropped: only the four micro-batches holding a kept pair run a reference pass and a
+    # policy pass (chosen and rejected together: 2 sequences each).
+    forwards, logs = [], []
+    _delta(tmp_path, tiny_tokenizer, 1, 8, (0, 1, 2, 7), forwards, logs)
+    assert forwards == [2] * 8
+    # The window's last micro-batch was skipped, and the window's means are logged all the same.
+    margins = [entry["rewards/margins"] for entry in logs if "rewards/margins" in entry]
+    assert len(margins) == 1 and math.isfinite(margins[0])

@@ -59,7 +59,8 @@ STAGES = ("sample", "targets", "filter", "improver_sft", "sgpo")
 class SGPOScriptArguments(EvaluationArguments):
     """Arguments of ``recipes/sgpo.py`` beyond the training ones (``SGPOConfig``) and the model ones (``ModelConfig``).
 
-    Every stage has defaults that finish on 2 CPU cores in about 15 minutes with the embedded default model.
+    The demo's settings (``recipes/sgpo.py``) finish on 2 CPU cores in 16-31 minutes, depending on the machine, with the
+    embedded default model.
     """
 
     dataset_name: str | None = field(

@@ -642,6 +642,11 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             if kept:
                 part = items.select(torch.tensor(kept))
                 part.values["weight"] = torch.ones(len(kept), device=device)
+            elif self.accelerator.distributed_type == DistributedType.NO:
+                # A single plain process has no peer to keep in step: a micro-batch without a kept item is skipped
+                # (no reference pass, no forward, no backward) rather than run at weight 0.
+                batches.append({"skip": True})
+                continue
             else:
                 # Every process runs forward and backward on every micro-batch of a window that trains (DDP
                 # all-reduces, DeepSpeed counts micro-steps): a process without an item here runs one with its
@@ -682,8 +687,11 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         batch = self._prepare_inputs(inputs)
         self._micro_step += 1
         if batch["skip"]:
-            # Nothing kept anywhere in this window: no forward, no backward. Gradients stay None, so the optimizer
-            # step changes neither weights nor state; EmptyWindowGuard holds the schedule.
+            # Nothing kept in this micro-batch (one process), or anywhere in this window: no forward, no backward. A
+            # window that kept nothing leaves gradients None, so the optimizer step changes neither weights nor state;
+            # EmptyWindowGuard holds the schedule.
+            if self._micro_step % self.args.gradient_accumulation_steps == 0:
+                self._flush_window_metrics()
             return torch.tensor(0.0, device=self.args.device)
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, batch)
@@ -711,6 +719,11 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             self._window_sums[key] = self._window_sums.get(key, 0.0) + total
         self._window_sums["_count"] = self._window_sums.get("_count", 0.0) + weight.sum()
         if self._micro_step % self.args.gradient_accumulation_steps == 0:  # last micro-batch of the window
+            self._flush_window_metrics()
+
+    def _flush_window_metrics(self) -> None:
+        """Log the window's item-weighted means (after its last micro-batch); nothing when no micro-batch ran."""
+        if self._window_sums:
             keys = sorted(self._window_sums)
             totals = self._gather_sum(torch.stack([torch.as_tensor(self._window_sums[k]) for k in keys]))
             sums = dict(zip(keys, totals.tolist(), strict=True))
