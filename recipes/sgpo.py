@@ -126,8 +126,8 @@ def finished_lines(summary) -> list[str]:
     return lines
 
 
-# Defaults for a bare `accelerate launch recipes/sgpo.py`: the embedded model on 2 CPU cores in under 20 minutes,
-# evaluation included. Chosen by held-out measurement (benchmarks/README.md, "quality.py"). A --config YAML and the
+# Defaults for a bare `accelerate launch recipes/sgpo.py`: the embedded model on 2 CPU cores, evaluation included, in
+# 16-31 minutes depending on the machine, under 3 GB resident (benchmarks/README.md, "recipe.py"). Chosen by held-out measurement (benchmarks/README.md, "quality.py"). A --config YAML and the
 # command line override them.
 DEMO_DEFAULTS = dict(
     output_dir="outputs/sgpo-smollm2-135m",
@@ -144,8 +144,8 @@ DEMO_DEFAULTS = dict(
     ppl_max_ratio=10.0,  # drops the few targets far more surprising than the policy's own answer
     improver_sft_epochs=1,
     improver_sft_learning_rate=3e-4,
-    # Batches of one row: a step's transient memory (logits over the vocabulary, activations) grows with the batch,
-    # and on CPU a batch of one is as fast per row (benchmarks/README.md, "Peak memory").
+    # Batches of one row: a step's transient memory (logits over the vocabulary, activations) grows with the batch
+    # (benchmarks/README.md, "recipe.py": the SGPO stage peaked 0.7 GB lower).
     improver_sft_batch_size=1,
     improver_sft_gradient_accumulation_steps=4,
     # SGPO: 40 prompts (the ones improver SFT did not use first), 8 per optimizer step, generated together; the loss
