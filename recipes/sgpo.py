@@ -127,8 +127,9 @@ def finished_lines(summary) -> list[str]:
 
 
 # Defaults for a bare `accelerate launch recipes/sgpo.py`: the embedded model on 2 CPU cores, evaluation included, in
-# 16-31 minutes depending on the machine (20 was the target), under 3 GB resident (benchmarks/README.md, "recipe.py"). Chosen by held-out measurement (benchmarks/README.md, "quality.py"). A --config YAML and the
-# command line override them.
+# 16-31 minutes depending on the machine (20 was the target), under 3 GB resident (benchmarks/README.md, "recipe.py").
+# Chosen by held-out measurement (benchmarks/README.md, "quality.py"). A --config YAML and the command line override
+# them.
 DEMO_DEFAULTS = dict(
     output_dir="outputs/sgpo-smollm2-135m",
     # LoRA on every linear layer: the reference is the adapter switched off (no second copy of the weights) and the

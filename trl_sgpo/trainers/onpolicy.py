@@ -18,7 +18,9 @@ in the structure of TRL's ``GRPOTrainer``:
   ``None``, so the optimizer leaves weights and state alone) and the learning-rate schedule is held
   (:class:`EmptyWindowGuard`): weights, optimizer state and schedule are bit-identical after the step. Skips are counted
   (``<prefix>/skipped_steps``), warned about past ``skipped_steps_warning_frac``, and a run whose first
-  ``max_initial_empty_steps`` steps all keep nothing stops with an error built by :meth:`empty_window_hint`.
+  ``max_initial_empty_steps`` steps all keep nothing stops with an error built by :meth:`empty_window_hint`. On a
+  single plain process a micro-batch that keeps nothing is skipped the same way, inside a window that trains; under
+  DDP, DeepSpeed and FSDP it runs at weight 0 instead, so every process runs the same passes.
 - **Log-probs** of completion tokens only (``logits_to_keep``, TRL's ``selective_log_softmax``), with position ids
   from the attention mask so left padding does not shift positions; the reference is ``ref_model`` or, under PEFT, the
   model with its adapter disabled. Under DeepSpeed ZeRO-3 without PEFT the reference is loaded again from the folder
@@ -723,6 +725,8 @@ class OnPolicyTrainer(OnlineDPOTrainer):
 
     def _flush_window_metrics(self) -> None:
         """Log the window's item-weighted means (after its last micro-batch); nothing when no micro-batch ran."""
+        # `_gather_sum` is collective: the sums are empty on every process or on none, since micro-batches are skipped
+        # mid-window on a single plain process only (several processes skip whole windows, all of them together).
         if self._window_sums:
             keys = sorted(self._window_sums)
             totals = self._gather_sum(torch.stack([torch.as_tensor(self._window_sums[k]) for k in keys]))
