@@ -200,15 +200,18 @@ def _delta(tmp_path, tokenizer, batch_size, accumulation, drop, forwards=None, l
 def test_every_kept_pair_weighs_the_same_whatever_micro_batch_it_lands_on(tmp_path, tiny_tokenizer):
     # One window of 8 prompts. Accumulated: micro-batch 1 (positions 0-3) keeps 1 pair, micro-batch 2 (4-7) keeps 3.
     drop = (0, 2, 3, 7)
-    full_logs, one_each_logs = [], []
+    full_logs, accumulated_logs, one_each_logs = [], [], []
     full = _delta(tmp_path, tiny_tokenizer, 8, 1, drop, logs=full_logs)
-    accumulated = _delta(tmp_path, tiny_tokenizer, 4, 2, drop)
+    accumulated = _delta(tmp_path, tiny_tokenizer, 4, 2, drop, logs=accumulated_logs)
     # The demo's shape: one prompt per micro-batch, so four of the eight hold no kept pair.
     one_each = _delta(tmp_path, tiny_tokenizer, 1, 8, drop, logs=one_each_logs)
-    # ... and it logs the window's loss and means as one batch of 8 does.
+    # ... and both log the window's loss and means (over its kept pairs, not over micro-batches) as one batch of 8 does.
     for key in ("loss", "rewards/margins", "logps/chosen"):
-        logged = [[entry[key] for entry in logs if key in entry] for logs in (full_logs, one_each_logs)]
-        assert len(logged[0]) == 1 and logged[1] == pytest.approx(logged[0], rel=1e-4), key
+        logged = [
+            [entry[key] for entry in logs if key in entry] for logs in (full_logs, accumulated_logs, one_each_logs)
+        ]
+        assert len(logged[0]) == 1, key
+        assert logged[1] == pytest.approx(logged[0], rel=1e-4) and logged[2] == pytest.approx(logged[0], rel=1e-4), key
     assert sum(d.norm() ** 2 for d in full.values()) > 0
     for name in full:
         torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-7)

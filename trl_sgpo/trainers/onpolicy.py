@@ -692,15 +692,16 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             # Nothing kept in this micro-batch (one process), or anywhere in this window: no forward, no backward. A
             # window that kept nothing leaves gradients None, so the optimizer step changes neither weights nor state;
             # EmptyWindowGuard holds the schedule.
-            if self._micro_step % self.args.gradient_accumulation_steps == 0:
-                self._flush_window_metrics()
-            return torch.tensor(0.0, device=self.args.device)
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, batch)
-        kwargs = {}
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            kwargs["scale_wrt_gas"] = False  # the loss is already normalized over the window
-        self.accelerator.backward(loss, **kwargs)
+            loss = torch.tensor(0.0, device=self.args.device)
+        else:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, batch)
+            kwargs = {}
+            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+                kwargs["scale_wrt_gas"] = False  # the loss is already normalized over the window
+            self.accelerator.backward(loss, **kwargs)
+        if self._micro_step % self.args.gradient_accumulation_steps == 0:  # last micro-batch of the window
+            self._flush_window_metrics()
         return loss.detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -720,8 +721,6 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             total = (value.detach().float() * weight).sum()
             self._window_sums[key] = self._window_sums.get(key, 0.0) + total
         self._window_sums["_count"] = self._window_sums.get("_count", 0.0) + weight.sum()
-        if self._micro_step % self.args.gradient_accumulation_steps == 0:  # last micro-batch of the window
-            self._flush_window_metrics()
 
     def _flush_window_metrics(self) -> None:
         """Log the window's item-weighted means (after its last micro-batch); nothing when no micro-batch ran."""
