@@ -440,6 +440,25 @@ def test_yaml_config_spells_out_the_defaults_and_the_command_line_wins(recipe):
     assert bare[2].use_peft is True and bare[2].lora_target_modules == "all-linear" and bare[1].num_train_epochs == 1
 
 
+def test_full_data_config_changes_only_the_data_sizes_and_epochs(recipe):
+    import dataclasses
+
+    config = str(RECIPE.parent / "configs" / "sgpo_smollm2_full.yaml")
+    full, bare = parse(recipe, "--config", config), parse(recipe)
+    differ = {
+        f.name for a, b in zip(full, bare) for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)
+    }
+    assert differ == {
+        "output_dir",
+        "num_improver_prompts",
+        "num_sgpo_prompts",
+        "improver_sft_epochs",
+        "sample_batch_size",
+    }
+    # Every row not held out (the shipped set has 228, 64 held out) feeds improver SFT.
+    assert (full[0].num_improver_prompts, full[0].num_sgpo_prompts, full[0].improver_sft_epochs) == (164, 64, 2)
+
+
 def test_lora_run_merges_each_stage_into_a_plain_model(recipe, tiny_model_dir, prompt_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
