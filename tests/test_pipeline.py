@@ -440,8 +440,11 @@ def test_yaml_config_spells_out_the_defaults_and_the_command_line_wins(recipe):
     assert bare[2].use_peft is True and bare[2].lora_target_modules == "all-linear" and bare[1].num_train_epochs == 1
 
 
-def test_full_data_config_changes_only_the_data_sizes_and_epochs(recipe):
+def test_full_data_config_trains_on_every_row_not_held_out(recipe):
     import dataclasses
+
+    from trl_sgpo.data.checks import load_default_dataset
+    from trl_sgpo.pipeline.evaluation_stage import split_held_out
 
     config = str(RECIPE.parent / "configs" / "sgpo_smollm2_full.yaml")
     full, bare = parse(recipe, "--config", config), parse(recipe)
@@ -455,8 +458,10 @@ def test_full_data_config_changes_only_the_data_sizes_and_epochs(recipe):
         "improver_sft_epochs",
         "sample_batch_size",
     }
-    # Every row not held out (the shipped set has 228, 64 held out) feeds improver SFT.
-    assert (full[0].num_improver_prompts, full[0].num_sgpo_prompts, full[0].improver_sft_epochs) == (164, 64, 2)
+    train, _ = split_held_out(load_default_dataset(), bare[0].num_eval_prompts, bare[1].seed)
+    assert full[0].num_improver_prompts == len(train)
+    assert (full[0].num_sgpo_prompts, full[0].improver_sft_epochs, full[0].sample_batch_size) == (64, 2, 64)
+    assert full[1].output_dir == "outputs/sgpo-smollm2-135m-full"
 
 
 def test_lora_run_merges_each_stage_into_a_plain_model(recipe, tiny_model_dir, prompt_file, tmp_path):
