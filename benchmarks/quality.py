@@ -179,22 +179,17 @@ class Models:
         return load
 
 
-def improver_data(args, cache, models, train) -> Dataset:
-    """Sampled drafts of the start model on every train prompt, and offline targets toward the reference."""
-    rows = []
+def improver_data(args, cache, models, train, judge) -> Dataset:
+    """Sampled drafts of the start model on every train prompt, and offline targets toward the reference (or, with
+    ``--writer self_best``, the prompt's own sampled draft closest to the reference)."""
+    if args.writer == "self_best":
+        return self_best_data(args, cache, models, train, judge)
+    rows, per_prompt = [], sampled_drafts(args, cache, models, train)
+    # Draft-major order (all first drafts, then all second ones): the SFT cache key does not record row order, so it
+    # must not change for a given key.
     for k in range(args.drafts_per_prompt):
-        key = key_of("drafts", args.concise, args.draft_tokens, args.draft_temperature, k, args.train_rows)
-        drafts = cached_generate(
-            cache,
-            key,
-            models("smollm2-135m-instruct"),
-            train["prompt"],
-            max_new_tokens=args.draft_tokens,
-            temperature=args.draft_temperature,
-            seed=1000 * (k + 1),
-            batch_size=args.gen_batch,
-        )
-        for row, draft in zip(train, drafts, strict=True):
+        for row, drafts in zip(train, per_prompt, strict=True):
+            draft = drafts[k]
             if not draft["text"] or (args.finished_drafts_only and not draft["finished"]):
                 continue
             target = reference_step(
@@ -206,7 +201,58 @@ def improver_data(args, cache, models, train) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def improver_sft(args, cache, models, train) -> tuple[str, dict]:
+def sampled_drafts(args, cache, models, train) -> list[list[dict]]:
+    """``drafts_per_prompt`` sampled drafts of the start model per train prompt (cached per draft index)."""
+    per_k = []
+    for k in range(args.drafts_per_prompt):
+        # Which rows share a batch sets their sampling seed, hence gen_batch in the key.
+        key = key_of(
+            "drafts", args.concise, args.draft_tokens, args.draft_temperature, k, args.train_rows, args.gen_batch
+        )
+        per_k.append(
+            cached_generate(
+                cache,
+                key,
+                models("smollm2-135m-instruct"),
+                train["prompt"],
+                max_new_tokens=args.draft_tokens,
+                temperature=args.draft_temperature,
+                seed=1000 * (k + 1),
+                batch_size=args.gen_batch,
+            )
+        )
+    return [list(drafts) for drafts in zip(*per_k, strict=True)]
+
+
+def self_best_data(args, cache, models, train, judge) -> Dataset:
+    """Self-generated targets: of a prompt's sampled drafts, the finished one closest to the reference is the target
+    of one other draft (drawn at random) that is at least ``self_best_margin`` farther from it. The targets are the
+    model's own text (in its distribution, as the perplexity filter wants) and better by the judge's measure."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for row, drafts in zip(train, sampled_drafts(args, cache, models, train), strict=True):
+        texts = [d["text"] for d in drafts]
+        sims = judge.scores(texts, [row["reference"]] * len(texts))
+        finished = [i for i, d in enumerate(drafts) if d["finished"] and d["text"]]
+        if not finished:
+            continue
+        best = max(finished, key=lambda i: sims[i])
+        worse = [
+            i
+            for i in range(len(drafts))
+            if texts[i].strip()
+            and texts[i].strip() != texts[best].strip()
+            and sims[i] <= sims[best] - args.self_best_margin
+            and (drafts[i]["finished"] or not args.finished_drafts_only)
+        ]
+        if worse:
+            i = worse[rng.integers(len(worse))]
+            rows.append({"prompt": row["prompt"], "response": texts[i], "target": texts[best]})
+    print(f"  self-best rows: {len(rows)} of {len(train)} prompts", flush=True)
+    return Dataset.from_list(rows)
+
+
+def improver_sft(args, cache, models, train, judge) -> tuple[str, dict]:
     settings = {
         k: getattr(args, k)
         for k in (
@@ -222,8 +268,11 @@ def improver_sft(args, cache, models, train) -> tuple[str, dict]:
             "sft_batch",
             "sft_lora",
             "train_rows",
+            "gen_batch",
         )
     }
+    if args.writer != "reference":  # keys of earlier settings stay valid
+        settings.update(writer=args.writer, self_best_margin=args.self_best_margin)
     root = cache / f"sft-{key_of(settings)}"
     info_path = root / "info.json"
     if info_path.exists():
@@ -231,7 +280,7 @@ def improver_sft(args, cache, models, train) -> tuple[str, dict]:
     from trl_sgpo.trainers.improver_sft_config import ImproverSFTConfig
     from trl_sgpo.trainers.improver_sft_trainer import ImproverSFTTrainer
 
-    data = improver_data(args, cache, models, train)
+    data = improver_data(args, cache, models, train, judge)
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
     config = ImproverSFTConfig(
@@ -470,6 +519,14 @@ def main(argv=None):
     p.add_argument("--draft_temperature", type=float, default=0.7)
     p.add_argument("--drafts_per_prompt", type=int, default=1)
     p.add_argument("--finished_drafts_only", action="store_true")
+    p.add_argument(
+        "--writer",
+        choices=["reference", "self_best"],
+        default="reference",
+        help="Targets: reference_step toward the reference (--writer_fraction, --writer_max_edits), or the prompt's "
+        "own finished draft closest to it (needs --drafts_per_prompt >= 2; ignores the writer_* settings).",
+    )
+    p.add_argument("--self_best_margin", type=float, default=0.02, help="self_best: least similarity gain.")
     p.add_argument("--writer_fraction", type=float, default=0.5)
     p.add_argument("--writer_max_edits", type=int, default=3, help="Most sentence edits per target (0: no limit).")
     p.add_argument("--sft_epochs", type=float, default=2)
@@ -496,6 +553,8 @@ def main(argv=None):
     p.add_argument("--sgpo_lora", type=int, default=0, help="LoRA rank for SGPO (0: full fine-tuning).")
     p.add_argument("--start_improver", action="store_true", help="Also measure the start model as improver.")
     args = p.parse_args(argv)
+    if args.writer == "self_best" and (args.drafts_per_prompt < 2 or args.self_best_margin <= 0):
+        p.error("--writer self_best needs --drafts_per_prompt >= 2 and --self_best_margin > 0")
 
     out = Path(args.out)
     cache = out / "cache"
@@ -522,7 +581,7 @@ def main(argv=None):
     if args.stop_after == "start":
         return finish(record, out, started)
 
-    sft_path, sft_info = improver_sft(args, cache, models, train)
+    sft_path, sft_info = improver_sft(args, cache, models, train, judge)
     record["sft_info"] = sft_info
     drafts = start if args.improve_start_drafts else None
     sft = evaluate(args, cache, models, heldout, judge, sft_path, "improver_sft", True, start, drafts)
