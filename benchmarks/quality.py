@@ -271,8 +271,9 @@ def improver_sft(args, cache, models, train, judge) -> tuple[str, dict]:
             "gen_batch",
         )
     }
-    if args.writer != "reference":  # keys of earlier settings stay valid
+    if args.writer != "reference":  # the default writer's keys carry no writer fields
         settings.update(writer=args.writer, self_best_margin=args.self_best_margin)
+        del settings["writer_fraction"], settings["writer_max_edits"]  # not used by self_best
     root = cache / f"sft-{key_of(settings)}"
     info_path = root / "info.json"
     if info_path.exists():
@@ -434,6 +435,7 @@ def evaluate(
     gen = dict(max_new_tokens=args.eval_tokens, temperature=0.0, batch_size=args.gen_batch)
     figures = {"model": name}
     if drafts is None:
+        # Greedy answers: gen_batch changes only padding numerics, so it stays out of the key.
         key = key_of("eval", path, args.concise, args.eval_rows, args.eval_tokens)
         answers = cached_generate(cache, key, models(path), prompts, **gen)
         texts = [a["text"] for a in answers]
@@ -518,7 +520,11 @@ def main(argv=None):
     p.add_argument("--draft_tokens", type=int, default=128)
     p.add_argument("--draft_temperature", type=float, default=0.7)
     p.add_argument("--drafts_per_prompt", type=int, default=1)
-    p.add_argument("--finished_drafts_only", action="store_true")
+    p.add_argument(
+        "--finished_drafts_only",
+        action="store_true",
+        help="Only finished drafts as responses (self_best targets are always finished drafts).",
+    )
     p.add_argument(
         "--writer",
         choices=["reference", "self_best"],
