@@ -83,6 +83,9 @@ def main(model_dir, out_dir):
     }
     with open(os.path.join(out_dir, f"rank{state.process_index}.json"), "w") as f:
         json.dump(result, f)
+    # As the recipes do: a gloo group still alive at interpreter exit can abort a rank during teardown
+    # ("terminate called without an active exception"), after its work is done.
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
