@@ -426,32 +426,35 @@ def test_saved_model_comes_from_the_gathered_state_dict(
         assert torch.all(saved["model.norm.weight"] == 0.5)
 
 
-def test_yaml_config_spells_out_the_defaults_and_the_command_line_wins(recipe):
+def differing_settings(parsed, other) -> set[str]:
+    """Names of the settings whose values differ between two parses of the recipe (every dataclass)."""
     import dataclasses
 
+    return {
+        f.name
+        for a, b in zip(parsed, other)
+        for f in dataclasses.fields(a)
+        if getattr(a, f.name) != getattr(b, f.name)
+    }
+
+
+def test_yaml_config_spells_out_the_defaults_and_the_command_line_wins(recipe):
     config = str(RECIPE.parent / "configs" / "sgpo_smollm2.yaml")
     from_yaml = parse(recipe, "--config", config, "--iterations", "3")
     bare = parse(recipe)
-    for a, b in zip(from_yaml, bare):
-        differ = {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
-        assert differ <= {"iterations", "model_name_or_path"}
+    assert differing_settings(from_yaml, bare) <= {"iterations", "model_name_or_path"}
     assert from_yaml[0].iterations == 3 and from_yaml[2].model_name_or_path == "smollm2-135m-instruct"
     assert bare[1].learning_rate == 1e-4 and bare[1].activation_checkpointing is True
     assert bare[2].use_peft is True and bare[2].lora_target_modules == "all-linear" and bare[1].num_train_epochs == 1
 
 
 def test_full_data_config_trains_on_every_row_not_held_out(recipe):
-    import dataclasses
-
     from trl_sgpo.data.checks import load_default_dataset
     from trl_sgpo.pipeline.evaluation_stage import split_held_out
 
     config = str(RECIPE.parent / "configs" / "sgpo_smollm2_full.yaml")
     full, bare = parse(recipe, "--config", config), parse(recipe)
-    differ = {
-        f.name for a, b in zip(full, bare) for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)
-    }
-    assert differ == {
+    assert differing_settings(full, bare) == {
         "output_dir",
         "num_improver_prompts",
         "num_sgpo_prompts",
