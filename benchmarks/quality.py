@@ -229,19 +229,24 @@ def self_best_data(args, cache, models, train, judge) -> Dataset:
     of one other draft (drawn at random) that is at least ``self_best_margin`` farther from it. The targets are the
     model's own text (in its distribution, as the perplexity filter wants) and better by the judge's measure."""
     rng = np.random.default_rng(0)
+    per_prompt = sampled_drafts(args, cache, models, train)
+    k = args.drafts_per_prompt
+    # Every draft scored in one call: (prompts x k) similarities, each draft against its own prompt's reference.
+    all_sims = judge.scores(
+        [d["text"] for drafts in per_prompt for d in drafts], [r for r in train["reference"] for _ in range(k)]
+    ).reshape(len(per_prompt), k)
     rows = []
-    for row, drafts in zip(train, sampled_drafts(args, cache, models, train), strict=True):
+    for row, drafts, sims in zip(train, per_prompt, all_sims, strict=True):
         texts = [d["text"] for d in drafts]
-        sims = judge.scores(texts, [row["reference"]] * len(texts))
         finished = [i for i, d in enumerate(drafts) if d["finished"] and d["text"]]
         if not finished:
             continue
         best = max(finished, key=lambda i: sims[i])
+        # The margin (> 0, checked in main) also keeps out a draft identical to the best one.
         worse = [
             i
-            for i in range(len(drafts))
+            for i in range(k)
             if texts[i].strip()
-            and texts[i].strip() != texts[best].strip()
             and sims[i] <= sims[best] - args.self_best_margin
             and (drafts[i]["finished"] or not args.finished_drafts_only)
         ]
