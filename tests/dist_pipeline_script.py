@@ -4,7 +4,8 @@
 
 With FAIL_STAGE `targets`, the main process raises in stage 2 (the target writer), the others do not; with
 `evaluation`, it raises in the evaluation stage (which runs on the main process alone). Each process
-writes how it ended (`{"time", "error"}`, error None when it finished) to OUT_DIR/rank<k>.exit before exiting. A
+writes how it ended (`{"time", "error", "raised_at"}`, error None when it finished; `raised_at`, the time the injected
+failure was raised, on the failing process) to OUT_DIR/rank<k>.exit before exiting. A
 failed main process waits (at most 60 s) for the others' files first: torchrun ends the others as soon as one process
 exits, and the test wants to see them end on their own.
 """
@@ -23,7 +24,11 @@ RECIPE = Path(__file__).parent.parent / "recipes" / "sgpo.py"
 
 
 class InjectedFailure(RuntimeError):
-    pass
+    def __init__(self, message):
+        super().__init__(message)
+        # The failure's own time: the pipeline tells the peers before this exception reaches main(), so a peer may
+        # write its exit file before the failing process does.
+        self.raised_at = time.time()
 
 
 def main(out_dir: str, fail_stage: str, argv: list[str]) -> None:
@@ -53,7 +58,8 @@ def main(out_dir: str, fail_stage: str, argv: list[str]) -> None:
     try:
         recipe.main(*args)
     except BaseException as e:
-        exit_file.write_text(json.dumps({"time": time.time(), "error": f"{type(e).__name__}: {e}"}))
+        end = {"time": time.time(), "error": f"{type(e).__name__}: {e}", "raised_at": getattr(e, "raised_at", None)}
+        exit_file.write_text(json.dumps(end))
         traceback.print_exc()
         if state.is_main_process:
             others = [out / f"rank{k}.exit" for k in range(1, state.num_processes)]
