@@ -84,8 +84,10 @@ logger = logging.getLogger(__name__)
 #   _calculate_rewards_from_functions: scores from `reward_funcs` (an optional judge);
 #   _beta, eos_token_ids, generation_config, generation_kwargs, ref_model, reward_funcs, use_vllm, vllm_mode, llm,
 #   vllm_client, _last_loaded_step, _tokenizer: attributes set by __init__.
-ONLINE_DPO_METHODS = ("__init__", "_move_model_to_vllm", "_calculate_rewards_from_functions")
-ONLINE_DPO_ATTRIBUTES = (
+ONLINE_DPO_MEMBERS_USED = (
+    "__init__",
+    "_move_model_to_vllm",
+    "_calculate_rewards_from_functions",
     "_beta",
     "eos_token_ids",
     "generation_config",
@@ -93,6 +95,10 @@ ONLINE_DPO_ATTRIBUTES = (
     "ref_model",
     "reward_funcs",
     "use_vllm",
+    "vllm_mode",
+    "llm",
+    "vllm_client",
+    "_last_loaded_step",
     "_tokenizer",
 )
 

@@ -26,8 +26,8 @@ PAIR_FLAGS = ("truncated_policy", "truncated_improved", "empty", "identical", "j
 
 
 # SGPOTrainer is an OnlineDPOTrainer (through OnPolicyTrainer). The OnlineDPO members it still relies on are listed in
-# `onpolicy.ONLINE_DPO_METHODS` / `ONLINE_DPO_ATTRIBUTES` (constructor, vLLM weight sync, reward-function scoring for
-# the judge, and the attributes they set); tests/test_onpolicy.py fails if one disappears.
+# `onpolicy.ONLINE_DPO_MEMBERS_USED` (constructor, vLLM weight sync, reward-function scoring for the judge, and the
+# attributes they set); tests/test_onpolicy.py fails if one disappears.
 class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
     r"""
     Trainer for Self-Generated Preference Optimization (SGPO, [arXiv 2507.20181](https://huggingface.co/papers/2507.20181)).
