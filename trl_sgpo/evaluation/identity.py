@@ -75,7 +75,7 @@ def weights_identity(source: Any, model: Any = None) -> dict[str, Any]:
     """The identity of a model's weights.
 
     Args:
-        source: A local folder (content hash; a PEFT adapter folder also names its base model's identity), a Hub id
+        source: A local folder (content hash; a PEFT adapter folder also names its base model's identity) or file, a Hub id
             (with the commit the loaded ``model`` came from, ``config._commit_hash``), or ``None``.
         model: The loaded model, for the Hub commit; with ``source=None``, the model whose parameters are hashed as
             they are in memory (a model being trained has no folder that holds its weights).
@@ -87,6 +87,8 @@ def weights_identity(source: Any, model: Any = None) -> dict[str, Any]:
             base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
             identity["base_model"] = weights_identity(base) if base else None
         return identity
+    if source is not None and Path(source).is_file():
+        return {"path": str(Path(source).resolve()), "sha256": file_sha256(source)}
     if source is not None:
         commit = getattr(getattr(model, "config", None), "_commit_hash", None)
         return {"hub_id": str(source), "revision": commit}
