@@ -149,7 +149,7 @@ def _log_verdict_reuse(judge, path, saved, row_ids, todo, judge_key, pairs) -> N
         "abstained": "abstained before",
         None: "written without the judge's identity",
     }
-    what = f"verdicts of {judge.name} in {Path(path).name}"
+    what = f"verdicts of {judge.name} in {Path(path).parent.name}/{Path(path).name}"
     logger.info(rerun_line(what, len(row_ids) - len(todo), stale, len(todo) - stale, changed, labels))
 
 

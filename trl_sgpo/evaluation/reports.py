@@ -47,17 +47,19 @@ def _extras(report: Mapping[str, Any], section: str, name: str) -> list[str]:
 
 def judge_settings_text(settings: Mapping[str, Any], prefix: str = "") -> str:
     """A judge's identity as ``key=value`` pairs, nested keys dotted; a long text (a prompt template) shown by its
-    length and hash, whose full text is in report.json."""
+    length and hash (its full text is in report.json), a content hash by its first 12 digits."""
     parts = []
     for key, value in settings.items():
+        if key == "name" and not prefix:  # already on the judge line
+            continue
         if isinstance(value, Mapping) and value:
             parts.append(judge_settings_text(value, f"{prefix}{key}."))
             continue
-        if isinstance(value, str) and (len(value) > 60 or "\n" in value):
+        if isinstance(value, str) and key.endswith("sha256"):
+            value = value[:12]
+        elif isinstance(value, str) and not key.endswith(("path", "url")) and (len(value) > 80 or "\n" in value):
             digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:12]
             value = f"<{len(value)} chars, sha256 {digest}>"
-        elif isinstance(value, str) and key.endswith("sha256"):
-            value = value[:12]
         parts.append(f"{prefix}{key}={value}")
     return ", ".join(parts)
 
