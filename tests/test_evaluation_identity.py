@@ -127,14 +127,15 @@ def test_another_embedder_under_the_same_parent_does_not_share_verdicts(tmp_path
     a = _embedder_copy(tmp_path / "models" / "A", perturb=False)
     b = _embedder_copy(tmp_path / "models" / "B", perturb=True)
     judge_a, judge_b = ReferenceSimilarityJudge(a), ReferenceSimilarityJudge(b)
-    assert judge_a.identity() != judge_b.identity()
-    assert judge_a.identity()["embedder"]["sha256"] == ReferenceSimilarityJudge().identity()["embedder"]["sha256"]
     first = evaluate_models(scripted_models(), prompts(), judge_a, tmp_path / "run", **KW)
     rerun = evaluate_models(scripted_models(), prompts(), judge_b, tmp_path / "run", **KW)
     fresh = evaluate_models(scripted_models(), prompts(), judge_b, tmp_path / "fresh", **KW)
+    assert verdicts(tmp_path / "fresh") != verdicts(tmp_path / "run")[:6]  # B's verdicts are not A's
     assert verdicts(tmp_path / "run")[-6:] == verdicts(tmp_path / "fresh")
     assert rerun["comparisons"] == fresh["comparisons"]
-    assert verdicts(tmp_path / "fresh") != verdicts(tmp_path / "run")[:6]  # B's verdicts are not A's
+    assert judge_a.identity() != judge_b.identity()
+    # A copy of the same files has the same content hash (its path still differs).
+    assert judge_a.identity()["embedder"]["sha256"] == ReferenceSimilarityJudge().identity()["embedder"]["sha256"]
     assert first["judge_settings"]["embedder"]["path"] == str(a)
 
 
