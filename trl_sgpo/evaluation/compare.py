@@ -1,9 +1,10 @@
 """Compare models against a baseline on a prompt set: :func:`evaluate_models`, the Python API behind ``trl-sgpo eval``,
 the recipe's evaluation stage and the training callback.
 
-Layout of ``output_dir`` (every file written as it goes; a rerun of the same call redoes nothing that is there)::
+Layout of ``output_dir`` (every file written as it goes; a rerun redoes only the answers whose model or generation
+settings changed and the verdicts whose judge or texts changed, see :mod:`~trl_sgpo.evaluation.identity`)::
 
-    answers/<model>/answers.jsonl         each model's answers (resumable)
+    answers/<model>/answers.jsonl         each model's answers, keyed by the model's identity and settings
     answers/<model>/model_outputs.json    the same, in AlpacaEval's format
     answers/<model>/improvements.jsonl    with improver=True: the model's improvements of its own answers
     judgments/<model>.jsonl               per row: P(model beats the baseline), keyed by the judge's identity and the
