@@ -284,3 +284,22 @@ def test_compare_names_one_thing_whatever_was_imported_first():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_model_object_changed_in_memory_is_answered_again(tmp_path, tiny_model, tiny_tokenizer, caplog):
+    from trl_sgpo.evaluation.answers import TransformersGenerator, generate_answers
+
+    generator = TransformersGenerator(tiny_model, tiny_tokenizer, max_new_tokens=4, name="tiny")
+    out = tmp_path / "answers.jsonl"
+    generate_answers(generator, prompts(3), out, show_progress=False)
+    calls = []
+    original = generator.generate
+    generator.generate = lambda texts, seed: calls.append(len(texts)) or original(texts, seed)
+    generate_answers(generator, prompts(3), out, show_progress=False)
+    assert calls == []  # unchanged: every answer reused
+    with torch.no_grad():  # a training step, in place
+        tiny_model.get_input_embeddings().weight.mul_(1.5)
+    with caplog.at_level(logging.INFO, logger="trl_sgpo.evaluation"):
+        generate_answers(generator, prompts(3), out, show_progress=False)
+    assert calls == [3] and "answers for tiny: 0 reused, 3 recomputed (model changed)" in caplog.text
+    assert len(out.read_text().splitlines()) == 3  # the replaced rows left the file
