@@ -303,3 +303,29 @@ def test_a_model_object_changed_in_memory_is_answered_again(tmp_path, tiny_model
         generate_answers(generator, prompts(3), out, show_progress=False)
     assert calls == [3] and "answers for tiny: 0 reused, 3 recomputed (model changed)" in caplog.text
     assert len(out.read_text().splitlines()) == 3  # the replaced rows left the file
+
+
+def test_reward_model_identity_holds_a_content_hash_of_its_weights(tiny_tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from trl_sgpo.evaluation.judges import RewardModelJudge
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    identities = []
+    for seed in (0, 1):  # retrained in place: same path, other weights
+        torch.manual_seed(seed)
+        LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+        tiny_tokenizer.save_pretrained(tmp_path / "rm")
+        identities.append(RewardModelJudge(str(tmp_path / "rm"), device="cpu").identity())
+    assert identities[0]["weights"]["path"] == identities[1]["weights"]["path"] == str((tmp_path / "rm").resolve())
+    assert identities[0]["weights"]["sha256"] != identities[1]["weights"]["sha256"]
+    assert identities[0]["max_length"] == 1024 and identities[0]["class"] == "RewardModelJudge"
