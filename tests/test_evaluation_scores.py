@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from trl_sgpo.evaluation.scores import compare, length_controlled_win_rate, scores_from_lengths, win_rate
+from trl_sgpo.evaluation.scores import compare_scores, length_controlled_win_rate, scores_from_lengths, win_rate
 
 
 def test_win_rate_counts_ties_as_half_and_leaves_out_abstentions():
@@ -61,7 +61,7 @@ def test_length_control_keeps_a_win_that_is_not_about_length():
 
 
 def test_compare_reports_lengths_and_categories():
-    s = compare(
+    s = compare_scores(
         [1.0, 0.0, 0.5, 1.0],
         ["aaaa", "b", "cc", "dddddd"],
         ["aa", "bbb", "cc", "d"],

@@ -269,6 +269,30 @@ def load_done(
     return done
 
 
+def split_stale(
+    done: Mapping[str, Mapping[str, Any]], keys: Mapping[str, Mapping[str, str]], column: str
+) -> tuple[dict[str, Mapping[str, Any]], Counter]:
+    """The rows of ``done`` still valid for ``keys``, and what changed in the others.
+
+    ``keys[row_id]`` is the key this run would write in ``column``: a dict of named parts (e.g. ``{"model": ...,
+    "generation": ..., "request": ...}``). A done row is kept when its ``column`` equals it; otherwise it is stale and
+    counts, in the returned ``Counter``, under each part that differs (``None`` for a row written without a key).
+    Rows of ids not in ``keys`` are kept as they are.
+    """
+    kept: dict[str, Mapping[str, Any]] = {}
+    changed: Counter = Counter()
+    for row_id, row in done.items():
+        if row_id not in keys or row.get(column) == keys[row_id]:
+            kept[row_id] = row
+            continue
+        old = row.get(column)
+        if not isinstance(old, Mapping):
+            changed[None] += 1
+        else:
+            changed.update(part for part, value in keys[row_id].items() if old.get(part) != value)
+    return kept, changed
+
+
 def rows_in_order(dataset: Dataset, done: Mapping[str, Mapping[str, Any]]) -> Dataset:
     """The done rows that belong to ``dataset``, in the dataset's order, as a ``Dataset`` (empty if none)."""
     rows = [done[i] for i in dataset[ROW_ID] if i in done]

@@ -6,7 +6,9 @@
 - :mod:`~trl_sgpo.evaluation.scores`: win rate with a bootstrap interval, length-controlled win rate, per category.
 - :mod:`~trl_sgpo.evaluation.win_rate_metric`: the same as an ``evaluate`` module (``evaluate.load(WIN_RATE_METRIC_PATH)``).
 - :mod:`~trl_sgpo.evaluation.reports`: ``report.json``, ``report.md`` and figures.
-- :mod:`~trl_sgpo.evaluation.compare`: :func:`evaluate_models`, the whole comparison.
+- :mod:`~trl_sgpo.evaluation.compare`: :func:`evaluate_models`, the whole comparison (the module; the scores of one
+  comparison are :func:`~trl_sgpo.evaluation.scores.compare_scores`).
+- :mod:`~trl_sgpo.evaluation.identity`: what a saved answer or verdict was made by (content hashes of weights).
 - :mod:`~trl_sgpo.evaluation.callbacks`: :class:`WinRateCallback`, the win rate during training.
 - :mod:`~trl_sgpo.evaluation.cli`: ``trl-sgpo eval``.
 """
@@ -32,7 +34,7 @@ _EXPORTS = {
     "ReferenceRougeJudge": "judges",
     "win_rate": "scores",
     "length_controlled_win_rate": "scores",
-    "compare": "scores",
+    "compare_scores": "scores",
     "write_report": "reports",
     "WinRateCallback": "callbacks",
 }

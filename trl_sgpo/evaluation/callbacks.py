@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from ..data.jsonl import ensure_row_ids, load_rows
 from .answers import TransformersGenerator
 from .judges import PairwiseJudge
-from .scores import compare
+from .scores import compare_scores
 
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class WinRateCallback(TrainerCallback):
             return
         references = self.dataset["reference"] if "reference" in self.dataset.column_names else None
         preferences = self.judge.judge(self.dataset["prompt"], answers, self.baseline_answers, references)
-        s = compare(preferences, answers, self.baseline_answers, n_bootstrap=self.n_bootstrap, n_bootstrap_lc=0)
+        s = compare_scores(preferences, answers, self.baseline_answers, n_bootstrap=self.n_bootstrap, n_bootstrap_lc=0)
         metrics = {
             "eval_win_rate": s["win_rate"],
             "eval_win_rate_ci_low": s["ci_low"],

@@ -10,7 +10,9 @@ Examples::
     trl-sgpo eval --model base=... --model sgpo=... --prompts heldout.jsonl --output-dir eval/ \\
         --judge openai --base-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct
 
-A rerun of the same command resumes: answers, judgments and judge requests already made are not made again.
+A rerun resumes: answers, judgments and judge requests already made are not made again, as long as what made them
+is the same (the model's weights, every generation setting, the judge and its settings); whatever changed is
+recomputed, and one log line per model and judge says how many were reused and why the others were not.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Compare models against a baseline on a prompt set: :func:`evaluate_models`, the Python API behind ``trl-sgpo eval``,
 the recipe's evaluation stage and the training callback.
 
-Layout of ``output_dir`` (every file written as it goes; a rerun of the same call redoes nothing that is there)::
+Layout of ``output_dir`` (every file written as it goes; a rerun redoes only the answers whose model or generation
+settings changed and the verdicts whose judge or texts changed, see :mod:`~trl_sgpo.evaluation.identity`)::
 
-    answers/<model>/answers.jsonl         each model's answers (resumable)
+    answers/<model>/answers.jsonl         each model's answers, keyed by the model's identity and settings
     answers/<model>/model_outputs.json    the same, in AlpacaEval's format
     answers/<model>/improvements.jsonl    with improver=True: the model's improvements of its own answers
-    judgments/<model>.jsonl               per row: P(model beats the baseline), keyed by the exact texts judged
+    judgments/<model>.jsonl               per row: P(model beats the baseline), keyed by the judge's identity and the
+                                          exact texts judged
     judgments/<model>.improver.jsonl      per row: P(improvement beats the draft)
     judgments/<label>/...                 the same, by each of ``extra_judges``
     judge_cache.jsonl                     the OpenAI judge's answer cache (no request is sent twice)
@@ -28,8 +30,9 @@ from datasets import Dataset
 from ..data.checks import check_rows
 from ..data.jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_rows, read_jsonl, stable_hash
 from .answers import TransformersGenerator, generate_answers
+from .identity import identity_hash, rerun_line, weights_identity
 from .judges import OpenAIPairwiseJudge, PairwiseJudge
-from .scores import compare
+from .scores import compare_scores
 
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ def _generator(spec: Any, max_new_tokens: int, temperature: float, device: str |
     if isinstance(spec, (tuple, list)) and len(spec) == 2:
         model, tokenizer = spec
         owned = False
+        identity = None  # an object that may have changed since it was loaded: its parameters are hashed
     elif isinstance(spec, (str, os.PathLike)):
         import torch
 
@@ -56,13 +60,15 @@ def _generator(spec: Any, max_new_tokens: int, temperature: float, device: str |
         model, tokenizer = load_model_and_tokenizer(str(spec), dtype=dtype)
         model.to(device)
         owned = True
+        # Just loaded: the folder's files (or the Hub commit) are the weights, no need to hash them in memory.
+        identity = weights_identity(model.sgpo_weights_path, model)
     else:
         raise TypeError(
             f"Model {name!r}: expected a Hub id or folder, a (model, tokenizer) pair or an answer generator, got "
             f"{type(spec).__name__}."
         )
     generator = TransformersGenerator(
-        model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, name=name
+        model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, name=name, model_identity=identity
     )
     return generator, owned
 
@@ -76,16 +82,22 @@ def judge_rows(
     references: list[str] | None,
     path: str | os.PathLike,
 ) -> list[float]:
-    """``judge`` on every row, resuming from ``path``: a row judged before on the very same texts by the same judge
-    is not judged again, unless the judge abstained. Each new verdict is appended to ``path`` as ``{row_id, preference, key}``."""
-    keys = [
-        stable_hash([judge.name, p, a, b, r])
+    """``judge`` on every row, resuming from ``path``: a row judged before on the very same texts by a judge of the
+    same identity (:meth:`~trl_sgpo.evaluation.judges.PairwiseJudge.identity`: class, settings, weights) is not
+    judged again, unless the judge abstained. Each new verdict is appended to ``path`` as ``{row_id, preference, key,
+    judge, pair}``; one log line says how many verdicts were reused and why the others were not."""
+    judge_key = identity_hash(judge.identity())
+    pairs = [
+        stable_hash([p, a, b, r])
         for p, a, b, r in zip(prompts, answers, baseline_answers, references or [None] * len(prompts), strict=True)
     ]
+    keys = [stable_hash([judge_key, pair]) for pair in pairs]
+    saved = read_jsonl(path, missing_ok=True)
     # Abstentions (NaN, stored as None) are asked again: a request that failed for good is retried on a rerun, and an
     # unreadable reply comes back from the request cache without a new request.
-    done = {e["key"]: e["preference"] for e in read_jsonl(path, missing_ok=True) if e.get("preference") is not None}
+    done = {e["key"]: e["preference"] for e in saved if e.get("preference") is not None}
     todo = [i for i, key in enumerate(keys) if key not in done]
+    _log_verdict_reuse(judge, path, saved, row_ids, todo, judge_key, pairs)
     if todo:
         preferences = judge.judge(
             [prompts[i] for i in todo],
@@ -98,9 +110,48 @@ def judge_rows(
             for i, p in zip(todo, preferences, strict=True):
                 p = float(p)
                 done[keys[i]] = p
-                rows.append({ROW_ID: row_ids[i], "preference": None if math.isnan(p) else p, "key": keys[i]})
+                preference = None if math.isnan(p) else p
+                rows.append(
+                    {
+                        ROW_ID: row_ids[i],
+                        "preference": preference,
+                        "key": keys[i],
+                        "judge": judge_key,
+                        "pair": pairs[i],
+                    }
+                )
             writer.write_many(rows)
     return [math.nan if done[key] is None else float(done[key]) for key in keys]
+
+
+def _log_verdict_reuse(judge, path, saved, row_ids, todo, judge_key, pairs) -> None:
+    """The one line on how many verdicts in ``path`` were reused and why the others (``todo``) are asked again."""
+    last = {e[ROW_ID]: e for e in saved if ROW_ID in e}
+    changed: dict[str | None, int] = {}
+    stale = 0
+    for i in todo:
+        old = last.get(row_ids[i])
+        if old is None:
+            continue
+        stale += 1
+        if "judge" not in old:
+            reasons = [None]
+        else:
+            reasons = [
+                r
+                for r, differs in (("judge", old["judge"] != judge_key), ("pair", old["pair"] != pairs[i]))
+                if differs
+            ]
+        for reason in reasons or ["abstained"]:
+            changed[reason] = changed.get(reason, 0) + 1
+    labels = {
+        "judge": "judge changed",
+        "pair": "answers changed",
+        "abstained": "abstained before",
+        None: "written without the judge's identity",
+    }
+    what = f"verdicts of {judge.name} in {Path(path).parent.name}/{Path(path).name}"
+    logger.info(rerun_line(what, len(row_ids) - len(todo), stale, len(todo) - stale, changed, labels))
 
 
 def evaluate_models(
@@ -227,7 +278,7 @@ def evaluate_models(
 
         def score(mine: list[str], theirs: list[str], file: str) -> dict[str, Any]:
             preferences = judge_rows(judge, prompts, mine, theirs, row_ids, references, folder / file)
-            return compare(
+            return compare_scores(
                 preferences,
                 mine,
                 theirs,
@@ -246,13 +297,14 @@ def evaluate_models(
     second = {}
     for label, other in (extra_judges or {}).items():
         other_comparisons, other_improver = judged_by(other, out / "judgments" / _safe(label))
-        second[label] = {"judge": other.name, "comparisons": other_comparisons}
+        second[label] = {"judge": other.name, "judge_settings": other.identity(), "comparisons": other_comparisons}
         if improver:
             second[label]["improver"] = other_improver
 
     report: dict[str, Any] = {
         "baseline": baseline,
         "judge": judge.name,
+        "judge_settings": judge.identity(),
         "n_prompts": len(dataset),
         "confidence": confidence,
         "models": report_models,

@@ -30,6 +30,7 @@ from typing import Any
 from ..data.jsonl import stable_hash
 from ..openai_client import ChatRun, ClientStats, OpenAIEndpoint, RowFailure
 from ..templates import question_text
+from .identity import weights_identity
 
 
 _WORDS = re.compile(r"[a-z0-9]+")  # ROUGE's tokens (rouge_score, no stemming)
@@ -58,9 +59,16 @@ def _check_lengths(prompts, answers_a, answers_b, references) -> None:
 
 
 class PairwiseJudge(ABC):
-    """A judge of answer pairs. ``name`` identifies it in reports (and in resumable judgment files)."""
+    """A judge of answer pairs. ``name`` is its short label in reports; :meth:`identity` is what a saved verdict is
+    keyed on."""
 
     name: str = "judge"
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that can change this judge's verdicts, JSON-serializable: ``class`` and every setting, with a
+        content hash of any local weights. A saved verdict is reused only by a judge of the same identity, so a
+        subclass with settings extends this dict (``{**super().identity(), ...}``)."""
+        return {"class": type(self).__name__, "name": self.name}
 
     @abstractmethod
     def judge(
@@ -134,10 +142,12 @@ class RewardModelJudge(PointwiseJudge):
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._weights: dict[str, Any] | None = None
         if isinstance(model, (str, os.PathLike)):
             name = str(model)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(name)
             model = AutoModelForSequenceClassification.from_pretrained(name)
+            self._weights = weights_identity(name, model)
         else:
             name = getattr(model.config, "_name_or_path", "") or type(model).__name__
             if tokenizer is None:
@@ -156,6 +166,18 @@ class RewardModelJudge(PointwiseJudge):
         self.max_length = max_length
         self.name = f"reward-model:{name}"
 
+    def identity(self) -> dict[str, Any]:
+        if self._weights is None:  # a model object: its parameters as they are (hashed once; the judge is frozen)
+            self._weights = weights_identity(None, self.model)
+        return {
+            **super().identity(),
+            "weights": self._weights,
+            "max_length": self.max_length,
+            "truncation_side": "left",
+            "chat_template": getattr(self.tokenizer, "chat_template", None),
+            "tokenizer": getattr(self.tokenizer, "name_or_path", None),
+        }
+
     def render(self, prompt: Any, answer: str) -> str:
         messages = [{"role": "user", "content": _text(prompt)}, {"role": "assistant", "content": answer}]
         if getattr(self.tokenizer, "chat_template", None):
@@ -167,18 +189,23 @@ class RewardModelJudge(PointwiseJudge):
 
         texts = [self.render(p, a) for p, a in zip(prompts, answers, strict=True)]
         out: list[float] = []
-        with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(
-                    texts[start : start + self.batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    truncation_side="left",
-                    add_special_tokens=False,
-                ).to(self.model.device)
-                out += self.model(**batch).logits[:, 0].float().tolist()
+        # A fast tokenizer truncates on its `truncation_side` attribute (a call argument is ignored): cut from the
+        # left, so a long answer keeps its end, and give the caller's tokenizer back as it was.
+        side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, "left"
+        try:
+            with torch.no_grad():
+                for start in range(0, len(texts), self.batch_size):
+                    batch = self.tokenizer(
+                        texts[start : start + self.batch_size],
+                        return_tensors="pt",
+                        padding=True,
+                        truncation=True,
+                        max_length=self.max_length,
+                        add_special_tokens=False,
+                    ).to(self.model.device)
+                    out += self.model(**batch).logits[:, 0].float().tolist()
+        finally:
+            self.tokenizer.truncation_side = side
         return out
 
 
@@ -225,9 +252,19 @@ class ReferenceSimilarityJudge(PointwiseJudge):
         from sentence_transformers import SentenceTransformer
 
         self.encoder = SentenceTransformer(str(model_path), device=device, local_files_only=True)
+        self.model_path = str(model_path)
         self.temperature = temperature
         self.batch_size = batch_size
         self.name = f"reference-similarity:{Path(str(model_path)).parent.name or Path(str(model_path)).name}"
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            **super().identity(),
+            "temperature": self.temperature,
+            "verdicts": "hard" if self.temperature == 0 else "soft",
+            "embedder": weights_identity(self.model_path),
+            "sees_reference": True,
+        }
 
     def scores(self, prompts, answers, references=None) -> list[float]:
         if references is None or any(not str(r or "").strip() for r in references):
@@ -271,6 +308,9 @@ class ReferenceRougeJudge(PointwiseJudge):
     """
 
     name = "reference-rouge-l"
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "score": "rouge-l f1, [a-z0-9]+ tokens, no stemming", "sees_reference": True}
 
     @staticmethod
     def rouge_l(answer: str, reference: str) -> float:
@@ -401,9 +441,30 @@ class OpenAIPairwiseJudge(OpenAIEndpoint, PairwiseJudge):
         self._memory_cache: dict[str, dict[str, Any]] = {}
         self.name = f"openai:{model}"
 
+    def identity(self) -> dict[str, Any]:
+        return {
+            **super().identity(),
+            "model": self.model,
+            "base_url": self.base_url,
+            "system_prompt": self.system_prompt,
+            "template": self.template,
+            "use_references": self.use_references,
+            "logprobs": self.logprobs,
+            "top_logprobs": self.top_logprobs if self.logprobs else None,
+            "verdict": "token probabilities" if self.logprobs else "text letter",
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "extra_params": self.extra_params,
+            "orders": "both",
+        }
+
+    def request_key(self, request: dict[str, Any]) -> str:
+        """The request cache key: the body and the endpoint (one model name can be another model elsewhere)."""
+        return stable_hash({"request": request, "base_url": self.base_url})
+
     def build_request(self, prompt: Any, first: str, second: str, reference: str | None) -> dict[str, Any]:
-        """The exact JSON body asking whether ``first`` (shown as A) beats ``second`` (B); its sha256 is the cache
-        key."""
+        """The exact JSON body asking whether ``first`` (shown as A) beats ``second`` (B); with the endpoint, the cache
+        key (:meth:`request_key`)."""
         block = REFERENCE_BLOCK.format(reference=reference) if reference and self.use_references else ""
         user = self.template.format(instruction=_text(prompt), reference_block=block, answer_a=first, answer_b=second)
         request: dict[str, Any] = {
@@ -450,7 +511,7 @@ class OpenAIPairwiseJudge(OpenAIEndpoint, PairwiseJudge):
         async def process(run: ChatRun, job) -> float:
             _, _, request = job
             try:
-                entry, _ = await run.answer(request, stable_hash(request))
+                entry, _ = await run.answer(request, self.request_key(request))
             except RowFailure:
                 return float("nan")
             return self.verdict(entry)

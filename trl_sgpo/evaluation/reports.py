@@ -11,6 +11,7 @@ Figures (PNG, written with the non-interactive Agg backend):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -44,6 +45,35 @@ def _extras(report: Mapping[str, Any], section: str, name: str) -> list[str]:
     ]
 
 
+def judge_settings_text(settings: Mapping[str, Any], prefix: str = "") -> str:
+    """A judge's identity as ``key=value`` pairs, nested keys dotted; a long text (a prompt template) shown by its
+    length and hash (its full text is in report.json), a content hash by its first 12 digits."""
+    parts = []
+    for key, value in settings.items():
+        if key == "name" and not prefix:  # already on the judge line
+            continue
+        if isinstance(value, Mapping) and value:
+            parts.append(judge_settings_text(value, f"{prefix}{key}."))
+            continue
+        if isinstance(value, str) and key.endswith("sha256"):
+            value = value[:12]
+        elif isinstance(value, str) and not key.endswith(("path", "url")) and (len(value) > 80 or "\n" in value):
+            digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:12]
+            value = f"<{len(value)} chars, sha256 {digest}>"
+        parts.append(f"{prefix}{key}={value}")
+    return ", ".join(parts)
+
+
+def _judge_lines(report: Mapping[str, Any]) -> list[str]:
+    """One line per judge with every setting (its identity), when the report has them."""
+    judges = [("Judge", report.get("judge_settings"))]
+    judges += [
+        (f"Judge of column {label}", o.get("judge_settings"))
+        for label, o in (report.get("extra_judges") or {}).items()
+    ]
+    return [f"{title} settings: {judge_settings_text(s)}." for title, s in judges if s]
+
+
 def _row(name: str, s: Mapping[str, Any], extras: list[str] = ()) -> str:
     return (
         f"| {name} | {_interval(s)} "
@@ -71,6 +101,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         f"rate = P(model's answer beats the baseline's), ties count half; lengths in characters).",
         "",
     ]
+    if _judge_lines(report):
+        lines += [*_judge_lines(report), ""]
     if report.get("comparisons"):
         rows = [_row(n, s, _extras(report, "comparisons", n)) for n, s in report["comparisons"].items()]
         lines.append(header + "\n".join(rows))

@@ -10,7 +10,7 @@ A preference is P(model's answer beats the baseline's) in [0, 1] (``0.5`` a tie,
   ``sigmoid(theta)``: what the judge would prefer if both answers had the same length. A judge that only rewards
   length gives a high raw win rate and a length-controlled one near 0.5. (AlpacaEval's full GLM also has an
   instruction-difficulty term and regularizing "gamed" baselines, which need its leaderboard data.)
-- :func:`compare`: both, plus average lengths and a per-category table.
+- :func:`compare_scores`: both, plus average lengths and a per-category table.
 
 Lengths are in characters, as AlpacaEval's ``avg_length``.
 """
@@ -119,7 +119,7 @@ def length_controlled_win_rate(
     return {"lc_win_rate": lc, "lc_ci_low": low, "lc_ci_high": high, "mean_length_difference": float(delta.mean())}
 
 
-def compare(
+def compare_scores(
     preferences: Sequence[float],
     model_answers: Sequence[str],
     baseline_answers: Sequence[str],
@@ -182,3 +182,8 @@ def scores_from_lengths(
         "avg_length": float(np.mean(model_lengths)) if len(model_lengths) else math.nan,
         "baseline_avg_length": float(np.mean(baseline_lengths)) if len(baseline_lengths) else math.nan,
     }
+
+
+compare = compare_scores
+"""Former name of :func:`compare_scores`, kept for ``from trl_sgpo.evaluation.scores import compare``. The package
+exports only ``compare_scores``: ``trl_sgpo.evaluation.compare`` is the module of :func:`evaluate_models`."""

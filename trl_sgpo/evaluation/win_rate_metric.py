@@ -8,7 +8,7 @@ metric = evaluate.load(WIN_RATE_METRIC_PATH)
 metric.compute(preferences=[1.0, 0.5, 0.0, 1.0], model_lengths=[120, 80, 60, 150], baseline_lengths=[100] * 4)
 ```
 
-The numbers are those of :func:`trl_sgpo.evaluation.scores.compare` (the same code runs).
+The numbers are those of :func:`trl_sgpo.evaluation.scores.compare_scores` (the same code runs).
 """
 
 import datasets
