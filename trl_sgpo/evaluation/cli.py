@@ -90,9 +90,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="openai: do not ask for log-probabilities (for endpoints that reject them); verdicts are then 0/1.",
     )
-    g.add_argument("--price-input", type=float, default=0.0, help="openai: USD per 1M prompt tokens (default: 0).")
     g.add_argument(
-        "--price-output", type=float, default=0.0, help="openai: USD per 1M completion tokens (default: 0)."
+        "--judge-price-in",
+        "--price-input",
+        dest="judge_price_in",
+        type=float,
+        default=None,
+        help="openai: USD per 1M prompt tokens, for the judge cost in the report (default: the list price of a known "
+        "OpenAI model at api.openai.com, else the cost is reported as unknown).",
+    )
+    g.add_argument(
+        "--judge-price-out",
+        "--price-output",
+        dest="judge_price_out",
+        type=float,
+        default=None,
+        help="openai: USD per 1M completion tokens (give both prices or neither).",
     )
     g.add_argument("--reward-model", default=None, help="reward-model: Hub id or folder of a 1-label classifier.")
     g.add_argument(
@@ -132,8 +145,8 @@ def build_judge(args):
             max_concurrency=args.max_concurrency,
             max_retries=args.max_retries,
             timeout=args.timeout,
-            price_input_per_1m=args.price_input,
-            price_output_per_1m=args.price_output,
+            price_input_per_1m=args.judge_price_in,
+            price_output_per_1m=args.judge_price_out,
         )
         judge.read_api_key()  # a missing key is an error now, not after the answers are generated
         return judge
@@ -148,7 +161,7 @@ def run(args) -> dict:
     """Run ``trl-sgpo eval`` with parsed ``args``; print the table; return the report."""
     from ..cli import _load_input
     from .compare import evaluate_models
-    from .reports import text_table
+    from .reports import cost_text, text_table
 
     names = [name for name, _ in args.model]
     if len(set(names)) != len(names):
@@ -179,5 +192,7 @@ def run(args) -> dict:
         show_progress=not getattr(args, "quiet", False),
     )
     print(text_table(report))
+    if cost_text(report):
+        print(cost_text(report), file=sys.stderr)
     print(f"report: {os.path.join(args.output_dir, 'report.md')}", file=sys.stderr)
     return report
