@@ -354,4 +354,5 @@ def test_report_counts_cut_answers_prices_the_judge_and_is_valid_json(tmp_path, 
 
     unpriced = json.loads((tmp_path / "unpriced" / "report.json").read_text(), parse_constant=_no_bare_constants)
     assert unpriced["judge_cost"]["usd"] is None and unpriced["judge_cost"]["prompt_tokens"] > 0
+    assert unpriced["judge_stats"]["cost_usd"] is None and report["judge_stats"]["cost_usd"] == cost["usd"]
     assert "Judge cost: unknown" in (tmp_path / "unpriced" / "report.md").read_text()

@@ -10,6 +10,10 @@ Examples::
     trl-sgpo eval --model base=... --model sgpo=... --prompts heldout.jsonl --output-dir eval/ \\
         --judge openai --base-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct
 
+    # The report carries the judge's cost: known OpenAI models are priced from a table of list prices; give the
+    # prices (USD per 1M prompt / completion tokens) for any other judge, else the cost reads "unknown"
+    trl-sgpo eval ... --judge openai --judge-model my-judge --base-url ... --judge-price-in 0.5 --judge-price-out 1.5
+
 A rerun of the same command resumes: answers, judgments and judge requests already made are not made again.
 """
 

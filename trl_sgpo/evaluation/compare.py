@@ -270,7 +270,8 @@ def evaluate_models(
     stats = getattr(judge, "stats", None)
     if stats is not None and hasattr(stats, "as_dict"):
         report["judge_stats"] = stats.as_dict()
-    if isinstance(judge, OpenAIEndpoint):
-        report["judge_cost"] = cost_summary(judge, judge.stats)
+    if isinstance(judge, OpenAIEndpoint) and "judge_stats" in report:
+        report["judge_cost"] = cost_summary(judge, stats)
+        report["judge_stats"]["cost_usd"] = report["judge_cost"]["usd"]  # None, not $0, when no price is known
     answer_lengths = {name: [len(a) for a in answers[name]] for name in names}
     return write_report(report, out, answer_lengths=answer_lengths, trainer_states=trainer_states, plots=plots)
