@@ -349,7 +349,7 @@ def test_report_counts_cut_answers_prices_the_judge_and_is_valid_json(tmp_path, 
     assert cells["win rate % (SE) [95% CI]"].startswith(f"{100 * s['win_rate']:.1f} ({100 * s['se']:.1f}) [")
     assert cells["length slope [95% CI]"].startswith(f"{s['lc_length_slope']:+.2f} [")
     assert "1. new: length not identified: the model's answer is longer" in md
-    assert "(0/6 answers cut at the token budget)" in md  # the baseline's
+    assert "**base**, 0/6 of its answers cut at the token budget" in md
     assert f"Judge cost: ${cost['usd']:.4f}" in md
 
     unpriced = json.loads((tmp_path / "unpriced" / "report.json").read_text(), parse_constant=_no_bare_constants)

@@ -126,10 +126,11 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     also = "".join(f"; also judged by `{other['judge']}` (column {label})" for label, other in extra.items())
     baseline = report["baseline"]
     lines = [
-        f"Judge: `{report['judge']}`{also}; {report['n_prompts']} prompts; baseline: **{baseline}** "
-        f"({_cut(report, baseline)} answers cut at the token budget) (win rate = P(model's answer beats the "
-        "baseline's), ties count half; lengths in characters; SE: standard error of the mean preference, bootstrap "
-        "SE for the length-controlled rate; n/i: not identified, see the notes).",
+        f"Judge: `{report['judge']}`{also}; {report['n_prompts']} prompts; baseline: **{baseline}**, "
+        f"{_cut(report, baseline)} of its answers cut at the token budget. Win rate = P(model's answer beats the "
+        "baseline's), ties count half; SE: standard error of the mean preference (bootstrap SE for the "
+        "length-controlled rate); length slope: log-odds of a win per unit of tanh(length difference / its std), "
+        "above 0 when the judge prefers longer answers; n/i: not identified (see the notes); lengths in characters.",
         "",
     ]
     if cost_text(report):
