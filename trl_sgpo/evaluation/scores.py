@@ -24,6 +24,7 @@ Lengths are in characters, as AlpacaEval's ``avg_length``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,6 +98,8 @@ def _fit_lc(p: np.ndarray, x: np.ndarray, C: float) -> tuple[float, float]:
     weights = np.concatenate([p, 1 - p])
     if weights[: len(p)].sum() == 0 or weights[len(p) :].sum() == 0:
         return float(p.mean()), 0.0  # all losses or all wins: no model needed, and lbfgs cannot fit one class
+    if np.ptp(x) == 0:
+        return float(p.mean()), 0.0  # one length difference: the penalized fit's answer, without a singular solve
     model = LogisticRegression(C=C, fit_intercept=True, solver="newton-cholesky")
     model.fit(features, labels, sample_weight=weights)
     return float(1 / (1 + math.exp(-model.intercept_[0]))), float(model.coef_[0, 0])
@@ -165,8 +168,14 @@ def length_controlled_win_rate(
         return _lc_result(math.nan, (math.nan,) * 3, math.nan, (math.nan,) * 3, "no judged rows", 0.0)
     scale = float(delta.std()) or 1.0
     x = np.tanh(delta / scale)
-    lc, slope = _fit_lc(p, x, C)
     reason = _unsupported_reason(delta, min_sign_share, max_mean_to_spread)
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        if reason is not None:  # x is ~constant: the solver's convergence warnings say what `reason` says
+            warnings.simplefilter("ignore", ConvergenceWarning)
+        lc, slope = _fit_lc(p, x, C)
+    fits = _resample(p, x, C, n_bootstrap, seed)
     if reason is None:
         weak_lc, weak_slope = _fit_lc(p, x, 1000 * C)
         if abs(weak_lc - lc) > pin_tolerance:
@@ -175,14 +184,24 @@ def length_controlled_win_rate(
                 f"{100 * lc:.1f}%, a nearly unpenalized fit gives {weak_slope:.2f} and {100 * weak_lc:.1f}%; the "
                 "penalty, not the data, sets the number"
             )
-    rng = np.random.default_rng(seed)
-    fits = []
-    for _ in range(n_bootstrap):
-        idx = rng.integers(0, n, size=n)
-        fits.append(_fit_lc(p[idx], x[idx], C))
     lc_spread = _bootstrap_summary([f[0] for f in fits], confidence)
     slope_spread = _bootstrap_summary([f[1] for f in fits], confidence)
     return _lc_result(lc, lc_spread, slope, slope_spread, reason, float(delta.mean()))
+
+
+def _resample(p: np.ndarray, x: np.ndarray, C: float, n_bootstrap: int, seed: int) -> list[tuple[float, float]]:
+    """One fit per bootstrap resample of the rows (prompts)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    rng = np.random.default_rng(seed)
+    fits = []
+    with warnings.catch_warnings():
+        # A resample of a few rows can hold a single length difference; the solver then falls back to lbfgs.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for _ in range(n_bootstrap):
+            idx = rng.integers(0, len(p), size=len(p))
+            fits.append(_fit_lc(p[idx], x[idx], C))
+    return fits
 
 
 def _lc_result(lc, lc_spread, slope, slope_spread, reason, mean_difference) -> dict[str, Any]:
