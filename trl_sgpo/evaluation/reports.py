@@ -81,10 +81,13 @@ def _extras(report: Mapping[str, Any], section: str, name: str) -> list[str]:
     ]
 
 
-def _row(name: str, s: Mapping[str, Any], cut: str, notes: list[str], extras: list[str] = ()) -> str:
+def _row(
+    name: str, s: Mapping[str, Any], cut: str, notes: list[str], extras: list[str] = (), label: str | None = None
+) -> str:
+    """A table row; an LC that is not identified gets ``n/i (k)`` and its reason as note ``k`` (as ``label``)."""
     lc = _lc(s)
     if lc == "n/i":
-        notes.append(f"{name}: {s.get('lc_reason') or 'not identified'}.")
+        notes.append(f"{label or name}: {s.get('lc_reason') or 'not identified'}.")
         lc = f"n/i ({len(notes)})"
     return (
         f"| {name} | {_interval(s)} | {lc} | {_slope(s)} "
@@ -144,7 +147,14 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         lines.append(header + "\n".join(rows))
     if report.get("improver"):
         rows = [
-            _row(n, s, _cut(report, n, "improvements_cut_at_budget"), notes, _extras(report, "improver", n))
+            _row(
+                n,
+                s,
+                _cut(report, n, "improvements_cut_at_budget"),
+                notes,
+                _extras(report, "improver", n),
+                f"{n} as improver",
+            )
             for n, s in report["improver"].items()
         ]
         lines += [
