@@ -214,7 +214,11 @@ def comparison_rows(report: dict, results: dict) -> list[dict]:
                 "win_rate": c["win_rate"],
                 "ci_low": c["ci_low"],
                 "ci_high": c["ci_high"],
+                "se": c.get("se"),
                 "lc_win_rate": c["lc_win_rate"],
+                "lc_identified": c.get("lc_identified", True),
+                "lc_reason": c.get("lc_reason"),
+                "lc_length_slope": c.get("lc_length_slope"),
                 "wins": c["wins"],
                 "ties": c["ties"],
                 "losses": c["losses"],
@@ -226,35 +230,48 @@ def comparison_rows(report: dict, results: dict) -> list[dict]:
 
 
 def markdown(rows: list[dict], report: dict) -> str:
+    from trl_sgpo.evaluation.reports import cost_text
+
     level = round(100 * report.get("confidence", 0.95))
     lines = [
         f"Held-out prompts: {report['n_prompts']}; judge: {report['judge']}; baseline: the start model.",
         "",
+        *([cost_text(report), ""] if cost_text(report) else []),
         f"| method | win rate vs start [{level}% CI] | LC win rate | wins / ties / losses | avg length (chars) | "
         "train wall time |",
         "|---|---|---|---|---|---|",
     ]
+    notes = []
     for r in rows:
         if r["win_rate"] is None:
             lines.append(f"| {r['method']} | - | - | - | {r['avg_length']:.0f} | - |")
             continue
+        lc = f"{100 * r['lc_win_rate']:.1f}%"
+        if not r.get("lc_identified", True):
+            notes.append(f"{r['method']}: {r['lc_reason']}.")
+            lc = f"n/i ({len(notes)})"
         lines.append(
             f"| {r['method']} | {100 * r['win_rate']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] | "
-            f"{100 * r['lc_win_rate']:.1f}% | {r['wins']} / {r['ties']} / {r['losses']} | {r['avg_length']:.0f} | "
+            f"{lc} | {r['wins']} / {r['ties']} / {r['losses']} | {r['avg_length']:.0f} | "
             f"{r['train_seconds'] / 60:.1f} min |"
         )
+    if notes:
+        lines += ["", "LC win rate not identified (n/i):", "", *(f"{i}. {note}" for i, note in enumerate(notes, 1))]
     return "\n".join(lines)
 
 
 def write_comparison(rows: list[dict], report: dict, out: Path) -> None:
     import matplotlib
 
+    from trl_sgpo.evaluation.reports import json_safe
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     (out / "comparison.md").write_text("# Comparison\n\n" + markdown(rows, report) + "\n", encoding="utf-8")
     with open(out / "comparison.json", "w", encoding="utf-8") as f:
-        json.dump({"rows": rows, "judge": report["judge"], "n_prompts": report["n_prompts"]}, f, indent=2)
+        summary = {"rows": rows, "judge": report["judge"], "n_prompts": report["n_prompts"]}
+        json.dump(json_safe(summary), f, indent=2, allow_nan=False)  # null, not NaN, for a missing figure
 
     trained = [r for r in rows if r["win_rate"] is not None]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(trained), 3.6))
@@ -265,7 +282,8 @@ def write_comparison(rows: list[dict], report: dict, out: Path) -> None:
         [100 * (r["ci_high"] - r["win_rate"]) for r in trained],
     ]
     ax.bar(x, rates, yerr=errors, capsize=4, color="#4c72b0", label="win rate vs start")
-    ax.scatter(x, [100 * r["lc_win_rate"] for r in trained], color="#dd8452", zorder=3, label="length-controlled")
+    lc = [(i, 100 * r["lc_win_rate"]) for i, r in enumerate(trained) if r.get("lc_identified", True)]
+    ax.scatter([i for i, _ in lc], [v for _, v in lc], color="#dd8452", zorder=3, label="length-controlled")
     ax.axhline(50, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks(list(x), [f"{r['method']}\n{r['train_seconds'] / 60:.0f} min" for r in trained])
     ax.set_ylabel("% vs start model")

@@ -290,16 +290,69 @@ def test_an_extra_judge_scores_the_same_pairs_and_shows_in_the_tables(tmp_path):
     assert set(rouge["improver"]) == {"base", "new"}
     assert (tmp_path / "judgments" / "rouge_l" / "new.jsonl").is_file()
     table = markdown_table(report)
-    assert "| rouge_l win rate % [95% CI] |" in table
+    assert "| rouge_l win rate % (SE) [95% CI] |" in table
     new_row = next(line for line in table.splitlines() if line.startswith("| new |"))
-    assert new_row.endswith("| 100.0 [100.0, 100.0] |") and new_row.count("|") == 9  # 7 columns + the extra one
+    assert new_row.endswith("| 100.0 (0.0) [100.0, 100.0] |") and new_row.count("|") == 11  # 9 columns + the extra
     text_row = next(line for line in text_table(report).splitlines() if line.startswith("new "))
-    assert "rouge_l [CI]" in text_table(report) and text_row.rstrip().endswith("100.0 [100.0, 100.0]")
+    assert "rouge_l [CI]" in text_table(report) and text_row.rstrip().endswith("100.0 (0.0) [100.0, 100.0]")
     # A model the extra judge did not judge gets n/a in its column, keeping the columns aligned.
     del report["extra_judges"]["rouge_l"]["comparisons"]["new"]
     new_row = next(line for line in markdown_table(report).splitlines() if line.startswith("| new |"))
-    assert new_row.endswith("| n/a |") and new_row.count("|") == 9
+    assert new_row.endswith("| n/a |") and new_row.count("|") == 11
     with pytest.raises(TypeError, match="not a string"):
         evaluate_models(models, prompts(4), LengthJudge(), tmp_path, **{**kwargs, "improver": "new"})
     with pytest.raises(ValueError, match=r"`improver` names \['old'\]"):
         evaluate_models(models, prompts(4), LengthJudge(), tmp_path, **{**kwargs, "improver": ["old"]})
+
+
+def _no_bare_constants(name):
+    raise AssertionError(f"report.json holds a bare {name}, which is not JSON")
+
+
+def test_report_counts_cut_answers_prices_the_judge_and_is_valid_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGPO_EVAL_KEY", KEY)
+
+    class Cut(ScriptedGenerator):
+        def generate(self, texts, seed):  # questions 0 and 1 hit the token budget
+            return [(self.answer(t), 5, "number 0?" not in t and "number 1?" not in t) for t in texts]
+
+    # The new model is longer on every prompt by about the same amount and the judge prefers longer answers: the
+    # length-controlled win rate is not identified (nan in memory, null in report.json, n/i in report.md).
+    models = {
+        "base": ScriptedGenerator("base", lambda t: "Draft."),
+        "new": Cut("new", lambda t: f"A longer answer to {t}"),
+    }
+    kwargs = dict(n_bootstrap=50, show_progress=False)
+    with OpenAIStub(api_key=KEY, judge_rule="longer") as stub:
+        endpoint = dict(api_key_env="SGPO_EVAL_KEY", timeout=5.0)
+        priced = OpenAIPairwiseJudge("j", stub.base_url, price_input_per_1m=2.0, price_output_per_1m=8.0, **endpoint)
+        evaluate_models(models, prompts(6), priced, tmp_path / "priced", **kwargs)
+        evaluate_models(
+            models, prompts(6), OpenAIPairwiseJudge("j", stub.base_url, **endpoint), tmp_path / "unpriced", **kwargs
+        )
+
+    report = json.loads((tmp_path / "priced" / "report.json").read_text(), parse_constant=_no_bare_constants)
+    s = report["comparisons"]["new"]
+    assert s["lc_identified"] is False and s["lc_win_rate"] is None and "longer" in s["lc_reason"]
+    assert s["win_rate"] > 0.5 and s["se"] > 0 and s["lc_length_slope"] is not None
+    assert (report["models"]["new"]["cut_at_budget"], report["models"]["base"]["cut_at_budget"]) == (2, 0)
+    cost = report["judge_cost"]
+    assert cost["prompt_tokens"] > 0 and cost["price_source"] == "prices given"
+    assert cost["usd"] == pytest.approx((2.0 * cost["prompt_tokens"] + 8.0 * cost["completion_tokens"]) / 1e6)
+
+    md = (tmp_path / "priced" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    row = next(line for line in md.splitlines() if line.startswith("| new |"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")], strict=True))
+    assert cells["cut at budget"] == "2/6"
+    assert cells["length-controlled % (SE) [95% CI]"] == "n/i (1)"
+    assert cells["win rate % (SE) [95% CI]"].startswith(f"{100 * s['win_rate']:.1f} ({100 * s['se']:.1f}) [")
+    assert cells["length slope [95% CI]"].startswith(f"{s['lc_length_slope']:+.2f} [")
+    assert "1. new: length not identified: the model's answer is longer" in md
+    assert "**base**, 0/6 of its answers cut at the token budget" in md
+    assert f"Judge cost: ${cost['usd']:.4f}" in md
+
+    unpriced = json.loads((tmp_path / "unpriced" / "report.json").read_text(), parse_constant=_no_bare_constants)
+    assert unpriced["judge_cost"]["usd"] is None and unpriced["judge_cost"]["prompt_tokens"] > 0
+    assert unpriced["judge_stats"]["cost_usd"] is None and report["judge_stats"]["cost_usd"] == cost["usd"]
+    assert "Judge cost: unknown" in (tmp_path / "unpriced" / "report.md").read_text()

@@ -171,3 +171,44 @@ def test_rouge_judge_is_rouge_l_f1_with_hard_verdicts():
     assert verdicts == [1.0, 0.0, 0.5]
     with pytest.raises(ValueError, match="reference"):
         judge.judge(["q"], ["a"], ["b"], None)
+
+
+def test_judge_prices_given_known_or_unknown(api_key):
+    from trl_sgpo.evaluation.cli import build_judge
+    from trl_sgpo.openai_client import KNOWN_PRICES_PER_1M
+
+    given = OpenAIPairwiseJudge("my-judge", "http://localhost:1/v1", price_input_per_1m=1.0, price_output_per_1m=3.0)
+    assert (given.price_input_per_1m, given.price_output_per_1m, given.price_source) == (1.0, 3.0, "prices given")
+    # A known OpenAI model at api.openai.com, dated snapshot included: its list price, from the documented table.
+    for name in ("gpt-4o-mini", "gpt-4o-mini-2024-07-18"):
+        judge = OpenAIPairwiseJudge(name)
+        assert (judge.price_input_per_1m, judge.price_output_per_1m) == KNOWN_PRICES_PER_1M["gpt-4o-mini"]
+    assert OpenAIPairwiseJudge("gpt-4-0613").price_output_per_1m == KNOWN_PRICES_PER_1M["gpt-4"][1]
+    # Unknown model, or a known name at another endpoint: the cost is unknown, not $0.
+    for judge in (OpenAIPairwiseJudge("Qwen/Qwen2.5-72B-Instruct"), OpenAIPairwiseJudge("gpt-4o", "http://x/v1")):
+        assert judge.price_input_per_1m is None and "no price known" in judge.price_source
+    with pytest.raises(ValueError, match="both `price_input_per_1m` and `price_output_per_1m`"):
+        OpenAIPairwiseJudge("j", price_input_per_1m=1.0)
+
+    from trl_sgpo.cli import build_parser
+
+    argv = ["eval", "--model", "a=x", "--model", "b=y", "--output-dir", "o", "--judge", "openai"]
+    argv += ["--judge-model", "j", "--base-url", "http://localhost:1/v1", "--api-key-env", "SGPO_JUDGE_KEY"]
+    judge = build_judge(build_parser().parse_args(argv + ["--judge-price-in", "0.5", "--judge-price-out", "2"]))
+    assert (judge.price_input_per_1m, judge.price_output_per_1m) == (0.5, 2.0)
+    assert build_judge(build_parser().parse_args(argv)).price_input_per_1m is None
+
+
+def test_the_recipe_passes_judge_prices_to_its_evaluation_judge(tmp_path):
+    from types import SimpleNamespace
+
+    from trl_sgpo.pipeline.evaluation_stage import EvaluationArguments, _judge
+
+    endpoint = dict(judge_model="my-judge", base_url="http://localhost:1/v1", api_key_env="K", max_concurrency=1)
+    script_args = SimpleNamespace(**endpoint, request_timeout=5.0, judge_price_in=0.5, judge_price_out=2.0)
+    judge = _judge(script_args, tmp_path)
+    assert (judge.price_input_per_1m, judge.price_output_per_1m) == (0.5, 2.0)
+    unpriced = SimpleNamespace(**{**vars(script_args), "judge_price_in": None, "judge_price_out": None})
+    assert _judge(unpriced, tmp_path).price_input_per_1m is None  # unknown model: cost unknown, not $0
+    with pytest.raises(ValueError, match="both `judge_price_in` and `judge_price_out`"):
+        EvaluationArguments(judge_price_in=1.0)

@@ -14,7 +14,9 @@ prices); :meth:`OpenAIEndpoint.run_requests` sends a list of jobs through one :c
 - Cache: each usable answer is appended (fsynced) to a JSONL file under the sha256 of the exact request JSON, before
   the job's result is handed on. A rerun, or an identical request in the same run, reuses it without sending anything.
   Only usable answers (those the caller's ``check`` accepts) are cached, so failures are asked again on rerun.
-- Cost: prompt and completion tokens of every answer received are summed into :class:`ClientStats`.
+- Cost: prompt and completion tokens of every answer received are summed into :class:`ClientStats`, priced at the
+  prices given, else at :data:`KNOWN_PRICES_PER_1M` for a known OpenAI model at api.openai.com; with neither the cost
+  is unknown (:func:`cost_summary` says so), not $0.
 - The key is read from the environment variable ``api_key_env`` when a run starts and written nowhere; error texts
   from the server are scrubbed of it.
 """
@@ -25,6 +27,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -68,6 +71,54 @@ class ClientStats:
         return text
 
 
+KNOWN_PRICES_PER_1M: dict[str, tuple[float, float]] = {
+    # model: (USD per 1M prompt tokens, USD per 1M completion tokens). List prices of api.openai.com, standard tier
+    # (not batch, no cached-input discount), as published in 2025; prices change: give them to be sure. A dated
+    # snapshot (gpt-4o-2024-08-06, gpt-4-0613) is priced as its model. Used only when no base_url, or
+    # api.openai.com, is set: another endpoint serving the same name has its own prices.
+    "gpt-5": (1.25, 10.00),
+    "gpt-5-mini": (0.25, 2.00),
+    "gpt-5-nano": (0.05, 0.40),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "o3-mini": (1.10, 4.40),
+    "gpt-4-turbo": (10.00, 30.00),
+    "gpt-4-1106-preview": (10.00, 30.00),  # AlpacaEval 2's and Arena-Hard v0.1's judge
+    "gpt-4": (30.00, 60.00),
+    "gpt-3.5-turbo": (0.50, 1.50),
+}
+"""Known list prices of some OpenAI models, the default when an endpoint is given none."""
+
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
+
+
+def known_prices(model: str, base_url: str | None = None) -> tuple[float, float] | None:
+    """``(input, output)`` USD per 1M tokens of ``model`` from :data:`KNOWN_PRICES_PER_1M`, or ``None`` (unknown
+    model, or an endpoint other than api.openai.com)."""
+    if base_url and "api.openai.com" not in base_url:
+        return None
+    return KNOWN_PRICES_PER_1M.get(model) or KNOWN_PRICES_PER_1M.get(_SNAPSHOT.sub("", model))
+
+
+def cost_summary(endpoint: OpenAIEndpoint, stats: ClientStats) -> dict[str, Any]:
+    """Tokens and cost of the requests sent in one run, for a report: ``usd`` is ``None`` when no price is known."""
+    known = endpoint.price_input_per_1m is not None
+    return {
+        "model": endpoint.model,
+        "requests": stats.requests,
+        "cache_hits": stats.cache_hits,
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "price_input_per_1m": endpoint.price_input_per_1m,
+        "price_output_per_1m": endpoint.price_output_per_1m,
+        "price_source": endpoint.price_source,
+        "usd": stats.cost_usd if known else None,
+    }
+
+
 class EndpointAbort(RuntimeError):
     """A failure that concerns every request (bad key, unknown model or URL, full disk): the run stops at once."""
 
@@ -107,6 +158,23 @@ def run_coroutine(coro: Coroutine) -> Any:
     return box.get("value")
 
 
+def _prices(model, base_url, price_input, price_output) -> tuple[float | None, float | None, str]:
+    """``(input, output, source)``: the prices given, else the known ones, else ``(None, None, why)``."""
+    if (price_input is None) != (price_output is None):
+        raise ValueError(
+            "Give both `price_input_per_1m` and `price_output_per_1m` (USD per 1M prompt / completion tokens; "
+            "--judge-price-in/--judge-price-out), or neither (known defaults for some OpenAI models)."
+        )
+    if price_input is not None:
+        if price_input < 0 or price_output < 0:
+            raise ValueError(f"Prices must be >= 0 USD per 1M tokens, got {price_input} and {price_output}.")
+        return float(price_input), float(price_output), "prices given"
+    known = known_prices(model, base_url)
+    if known is None:
+        return None, None, f"no price known for {model!r} at this endpoint; give the prices (USD per 1M tokens)"
+    return *known, f"list price of {model} at api.openai.com (trl_sgpo.openai_client.KNOWN_PRICES_PER_1M)"
+
+
 class OpenAIEndpoint:
     """Settings of an OpenAI-compatible ``/v1/chat/completions`` endpoint, and the runner that sends requests to it.
 
@@ -119,7 +187,9 @@ class OpenAIEndpoint:
         max_retries: Retries per request after the first attempt.
         timeout: Seconds one attempt may take before it counts as a timeout.
         backoff_base, backoff_max: Backoff schedule, in seconds.
-        price_input_per_1m, price_output_per_1m: USD per million prompt / completion tokens, for ``cost_usd``.
+        price_input_per_1m, price_output_per_1m: USD per million prompt / completion tokens, for ``cost_usd``. Both
+            or neither; neither: :func:`known_prices` of ``model``, else the cost is unknown (``price_input_per_1m``
+            stays ``None`` and ``cost_usd`` counts nothing).
     """
 
     def __init__(
@@ -133,8 +203,8 @@ class OpenAIEndpoint:
         timeout: float = 120.0,
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
-        price_input_per_1m: float = 0.0,
-        price_output_per_1m: float = 0.0,
+        price_input_per_1m: float | None = None,
+        price_output_per_1m: float | None = None,
     ):
         if max_concurrency < 1:
             raise ValueError(f"`max_concurrency` must be >= 1, got {max_concurrency}.")
@@ -148,8 +218,9 @@ class OpenAIEndpoint:
         self.timeout = timeout
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        self.price_input_per_1m = price_input_per_1m
-        self.price_output_per_1m = price_output_per_1m
+        self.price_input_per_1m, self.price_output_per_1m, self.price_source = _prices(
+            model, base_url, price_input_per_1m, price_output_per_1m
+        )
 
     def __repr__(self) -> str:
         return (
@@ -368,9 +439,10 @@ class ChatRun:
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
-        self.stats.cost_usd += (
-            prompt_tokens * self.w.price_input_per_1m + completion_tokens * self.w.price_output_per_1m
-        ) / 1e6
+        if self.w.price_input_per_1m is not None:  # unknown prices: cost_summary reports the cost as unknown
+            self.stats.cost_usd += (
+                prompt_tokens * self.w.price_input_per_1m + completion_tokens * self.w.price_output_per_1m
+            ) / 1e6
 
         choices = getattr(response, "choices", None)
         message = getattr(choices[0], "message", None) if choices else None

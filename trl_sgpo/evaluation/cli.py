@@ -10,6 +10,10 @@ Examples::
     trl-sgpo eval --model base=... --model sgpo=... --prompts heldout.jsonl --output-dir eval/ \\
         --judge openai --base-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct
 
+    # The report carries the judge's cost: known OpenAI models are priced from a table of list prices; give the
+    # prices (USD per 1M prompt / completion tokens) for any other judge, else the cost reads "unknown"
+    trl-sgpo eval ... --judge openai --judge-model my-judge --base-url ... --judge-price-in 0.5 --judge-price-out 1.5
+
 A rerun resumes: answers, judgments and judge requests already made are not made again, as long as what made them
 is the same (the model's weights, every generation setting, the judge and its settings); whatever changed is
 recomputed, and one log line per model and judge says how many were reused and why the others were not.
@@ -92,9 +96,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="openai: do not ask for log-probabilities (for endpoints that reject them); verdicts are then 0/1.",
     )
-    g.add_argument("--price-input", type=float, default=0.0, help="openai: USD per 1M prompt tokens (default: 0).")
     g.add_argument(
-        "--price-output", type=float, default=0.0, help="openai: USD per 1M completion tokens (default: 0)."
+        "--judge-price-in",
+        "--price-input",
+        dest="judge_price_in",
+        type=float,
+        default=None,
+        help="openai: USD per 1M prompt tokens, for the judge cost in the report (default: the list price of a known "
+        "OpenAI model at api.openai.com, else the cost is reported as unknown).",
+    )
+    g.add_argument(
+        "--judge-price-out",
+        "--price-output",
+        dest="judge_price_out",
+        type=float,
+        default=None,
+        help="openai: USD per 1M completion tokens (give both prices or neither).",
     )
     g.add_argument("--reward-model", default=None, help="reward-model: Hub id or folder of a 1-label classifier.")
     g.add_argument(
@@ -134,8 +151,8 @@ def build_judge(args):
             max_concurrency=args.max_concurrency,
             max_retries=args.max_retries,
             timeout=args.timeout,
-            price_input_per_1m=args.price_input,
-            price_output_per_1m=args.price_output,
+            price_input_per_1m=args.judge_price_in,
+            price_output_per_1m=args.judge_price_out,
         )
         judge.read_api_key()  # a missing key is an error now, not after the answers are generated
         return judge
@@ -150,7 +167,7 @@ def run(args) -> dict:
     """Run ``trl-sgpo eval`` with parsed ``args``; print the table; return the report."""
     from ..cli import _load_input
     from .compare import evaluate_models
-    from .reports import text_table
+    from .reports import cost_text, text_table
 
     names = [name for name, _ in args.model]
     if len(set(names)) != len(names):
@@ -181,5 +198,7 @@ def run(args) -> dict:
         show_progress=not getattr(args, "quiet", False),
     )
     print(text_table(report))
+    if cost_text(report):
+        print(cost_text(report), file=sys.stderr)
     print(f"report: {os.path.join(args.output_dir, 'report.md')}", file=sys.stderr)
     return report

@@ -29,6 +29,7 @@ from datasets import Dataset
 
 from ..data.checks import check_rows
 from ..data.jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_rows, read_jsonl, stable_hash
+from ..openai_client import OpenAIEndpoint, cost_summary
 from .answers import TransformersGenerator, generate_answers
 from .identity import identity_hash, rerun_line, weights_identity
 from .judges import OpenAIPairwiseJudge, PairwiseJudge
@@ -201,10 +202,13 @@ def evaluate_models(
         show_progress: Progress bars.
 
     Returns:
-        The report (also in ``report.json``): ``baseline``, ``judge``, ``n_prompts``, ``models`` (answer files and
-        average lengths), ``comparisons`` (per non-baseline model: win rate, interval, length-controlled win rate,
-        counts, lengths, per category), with ``improver``, ``improver`` (per model, improvement vs draft), and with
-        ``extra_judges``, ``extra_judges`` (per label: ``judge``, ``comparisons``, ``improver``).
+        The report (also in ``report.json``, where a missing figure is ``null``): ``baseline``, ``judge``,
+        ``n_prompts``, ``models`` (answer files, average lengths, answers cut at the token budget), ``comparisons``
+        (per non-baseline model: win rate, interval and standard error, length-controlled win rate or why it is not
+        identified, its length slope with interval, counts, lengths, per category), with ``improver``, ``improver``
+        (per model, improvement vs draft), with ``extra_judges``, ``extra_judges`` (per label: ``judge``,
+        ``comparisons``, ``improver``), and for an OpenAI-compatible judge ``judge_cost`` (tokens sent in this run and
+        their cost, ``usd`` null when no price is known).
     """
     from .reports import write_report
 
@@ -268,6 +272,7 @@ def evaluate_models(
             )
             improvements[name] = improved["answer"]
             entry["improvements"] = str(folder / "improvements.jsonl")
+            entry["improvements_cut_at_budget"] = sum(1 for f in improved["answer_finished"] if not f)
         report_models[name] = entry
         if owned:
             del generator
@@ -317,5 +322,8 @@ def evaluate_models(
     stats = getattr(judge, "stats", None)
     if stats is not None and hasattr(stats, "as_dict"):
         report["judge_stats"] = stats.as_dict()
+    if isinstance(judge, OpenAIEndpoint) and "judge_stats" in report:
+        report["judge_cost"] = cost_summary(judge, stats)
+        report["judge_stats"]["cost_usd"] = report["judge_cost"]["usd"]  # None, not $0, when no price is known
     answer_lengths = {name: [len(a) for a in answers[name]] for name in names}
     return write_report(report, out, answer_lengths=answer_lengths, trainer_states=trainer_states, plots=plots)

@@ -379,7 +379,8 @@ class OpenAIPairwiseJudge(OpenAIEndpoint, PairwiseJudge):
 
     Args:
         model, base_url, api_key_env, max_concurrency, max_retries, timeout, backoff_base, backoff_max,
-            price_input_per_1m, price_output_per_1m: The endpoint (see :class:`~trl_sgpo.openai_client.OpenAIEndpoint`).
+            price_input_per_1m, price_output_per_1m: The endpoint (see :class:`~trl_sgpo.openai_client.OpenAIEndpoint`;
+            no prices: the known list price of an OpenAI model, else the cost is reported as unknown).
         cache_path: JSONL answer cache. ``None``: answers are kept in memory for this object's lifetime only
             (:func:`~trl_sgpo.evaluation.evaluate_models` sets one in its output folder).
         logprobs: Ask for the verdict token's log-probabilities (``top_logprobs`` alternatives). Turn off for
@@ -413,8 +414,8 @@ class OpenAIPairwiseJudge(OpenAIEndpoint, PairwiseJudge):
         timeout: float = 60.0,
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
-        price_input_per_1m: float = 0.0,
-        price_output_per_1m: float = 0.0,
+        price_input_per_1m: float | None = None,
+        price_output_per_1m: float | None = None,
     ):
         super().__init__(
             model,

@@ -1,5 +1,11 @@
 """Reports of an evaluation: ``report.json``, ``report.md`` (a table) and matplotlib figures.
 
+``report.json`` is strict JSON: a missing figure (no judged row, a length-controlled win rate that is not
+identified) is ``null``, never a bare ``NaN``. ``report.md`` has, per model: the win rate with its standard error and
+interval, the length-controlled win rate (``n/i`` when not identified, the reason in a numbered note under the
+table), the length slope with its interval, W/T/L, abstentions, the answers cut at the token budget, the average
+lengths; and the judge's cost when it has one (unknown when no price is known).
+
 Figures (PNG, written with the non-interactive Agg backend):
 
 - ``win_rates.png``: win rate per model against the baseline with its interval (and the improver's win rate over
@@ -29,12 +35,43 @@ CURVES = (
 )
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
 def _pct(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+    return "n/a" if _missing(value) else f"{100 * value:.1f}"
 
 
-def _interval(s: Mapping[str, Any]) -> str:
-    return f"{_pct(s['win_rate'])} [{_pct(s['ci_low'])}, {_pct(s['ci_high'])}]"
+def _count(value: float | None) -> str:
+    return "n/a" if _missing(value) else f"{value:.0f}"
+
+
+def _interval(
+    s: Mapping[str, Any], key: str = "win_rate", low: str = "ci_low", high: str = "ci_high", se: str = "se"
+) -> str:
+    """``rate (SE) [low, high]`` in percent; the SE is left out where the scores have none."""
+    spread = f" ({_pct(s.get(se))})" if se in s else ""
+    return f"{_pct(s.get(key))}{spread} [{_pct(s.get(low))}, {_pct(s.get(high))}]"
+
+
+def _lc(s: Mapping[str, Any]) -> str:
+    if s.get("lc_identified") is False:
+        return "n/i"
+    return _interval(s, "lc_win_rate", "lc_ci_low", "lc_ci_high", "lc_se")
+
+
+def _slope(s: Mapping[str, Any]) -> str:
+    value, low, high = (s.get(k) for k in ("lc_length_slope", "lc_slope_ci_low", "lc_slope_ci_high"))
+    if _missing(value):
+        return "n/a"
+    bounds = "n/a" if _missing(low) or _missing(high) else f"{low:.2f}, {high:.2f}"
+    return f"{value:+.2f} [{bounds}]"
+
+
+def _cut(report: Mapping[str, Any], name: str, key: str = "cut_at_budget") -> str:
+    count = (report.get("models") or {}).get(name, {}).get(key)
+    return "n/a" if count is None else f"{count}/{report['n_prompts']}"
 
 
 def _extras(report: Mapping[str, Any], section: str, name: str) -> list[str]:
@@ -74,12 +111,36 @@ def _judge_lines(report: Mapping[str, Any]) -> list[str]:
     return [f"{title} settings: {judge_settings_text(s)}." for title, s in judges if s]
 
 
-def _row(name: str, s: Mapping[str, Any], extras: list[str] = ()) -> str:
+def _row(
+    name: str, s: Mapping[str, Any], cut: str, notes: list[str], extras: list[str] = (), label: str | None = None
+) -> str:
+    """A table row; an LC that is not identified gets ``n/i (k)`` and its reason as note ``k`` (as ``label``)."""
+    lc = _lc(s)
+    if lc == "n/i":
+        notes.append(f"{label or name}: {s.get('lc_reason') or 'not identified'}.")
+        lc = f"n/i ({len(notes)})"
     return (
-        f"| {name} | {_interval(s)} "
-        f"| {_pct(s['lc_win_rate'])} [{_pct(s['lc_ci_low'])}, {_pct(s['lc_ci_high'])}] "
-        f"| {s['wins']}/{s['ties']}/{s['losses']} | {s['abstained']} | {s['avg_length']:.0f} "
-        f"| {s['baseline_avg_length']:.0f} |" + "".join(f" {cell} |" for cell in extras)
+        f"| {name} | {_interval(s)} | {lc} | {_slope(s)} "
+        f"| {s['wins']}/{s['ties']}/{s['losses']} | {s['abstained']} | {cut} | {_count(s['avg_length'])} "
+        f"| {_count(s['baseline_avg_length'])} |" + "".join(f" {cell} |" for cell in extras)
+    )
+
+
+def cost_text(report: Mapping[str, Any]) -> str | None:
+    """One sentence on the judge's cost in this run (``report["judge_cost"]``), or ``None`` for a judge without one."""
+    cost = report.get("judge_cost")
+    if not cost:
+        return None
+    tokens = f"{cost['prompt_tokens']} prompt + {cost['completion_tokens']} completion tokens sent in this run"
+    if _missing(cost.get("usd")):
+        return (
+            f"Judge cost: unknown ({tokens}; {cost['price_source']}: --judge-price-in/--judge-price-out, or the "
+            "recipe's --judge_price_in/--judge_price_out)."
+        )
+    return (
+        f"Judge cost: ${cost['usd']:.4f} ({tokens}, at ${cost['price_input_per_1m']:g} / "
+        f"${cost['price_output_per_1m']:g} per 1M prompt / completion tokens, {cost['price_source']}; answers from "
+        "the request cache cost nothing)."
     )
 
 
@@ -88,26 +149,46 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     level = round(100 * report.get("confidence", 0.95))
     extra = report.get("extra_judges") or {}
     header = (
-        f"| model | win rate % [{level}% CI] | length-controlled % [{level}% CI] | W/T/L | abstained "
-        f"| avg length | baseline avg length |"
-        + "".join(f" {label} win rate % [{level}% CI] |" for label in extra)
-        + "\n|---|---|---|---|---|---|---|"
+        f"| model | win rate % (SE) [{level}% CI] | length-controlled % (SE) [{level}% CI] | length slope "
+        f"[{level}% CI] | W/T/L | abstained | cut at budget | avg length | baseline avg length |"
+        + "".join(f" {label} win rate % (SE) [{level}% CI] |" for label in extra)
+        + "\n|---|---|---|---|---|---|---|---|---|"
         + "---|" * len(extra)
         + "\n"
     )
     also = "".join(f"; also judged by `{other['judge']}` (column {label})" for label, other in extra.items())
+    baseline = report["baseline"]
     lines = [
-        f"Judge: `{report['judge']}`{also}; {report['n_prompts']} prompts; baseline: **{report['baseline']}** (win "
-        f"rate = P(model's answer beats the baseline's), ties count half; lengths in characters).",
+        f"Judge: `{report['judge']}`{also}; {report['n_prompts']} prompts; baseline: **{baseline}**, "
+        f"{_cut(report, baseline)} of its answers cut at the token budget. Win rate = P(model's answer beats the "
+        "baseline's), ties count half; SE: standard error of the mean preference (bootstrap SE for the "
+        "length-controlled rate); length slope: log-odds of a win per unit of tanh(length difference / its std), "
+        "above 0 when the judge prefers longer answers; n/i: not identified (see the notes); lengths in characters.",
         "",
     ]
     if _judge_lines(report):
         lines += [*_judge_lines(report), ""]
+    if cost_text(report):
+        lines += [cost_text(report), ""]
+    notes: list[str] = []
     if report.get("comparisons"):
-        rows = [_row(n, s, _extras(report, "comparisons", n)) for n, s in report["comparisons"].items()]
+        rows = [
+            _row(n, s, _cut(report, n), notes, _extras(report, "comparisons", n))
+            for n, s in report["comparisons"].items()
+        ]
         lines.append(header + "\n".join(rows))
     if report.get("improver"):
-        rows = [_row(n, s, _extras(report, "improver", n)) for n, s in report["improver"].items()]
+        rows = [
+            _row(
+                n,
+                s,
+                _cut(report, n, "improvements_cut_at_budget"),
+                notes,
+                _extras(report, "improver", n),
+                f"{n} as improver",
+            )
+            for n, s in report["improver"].items()
+        ]
         lines += [
             "",
             "Improver: each model's improvement of its own answer against that answer (the pairs SGPO trains on).",
@@ -115,30 +196,38 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             header.replace("| model |", "| improver |").replace("baseline avg length", "draft avg length")
             + "\n".join(rows),
         ]
+    if notes:
+        lines += ["", "Length-controlled win rate not identified:", ""]
+        lines += [f"{i}. {note}" for i, note in enumerate(notes, 1)]
     for name, s in (report.get("comparisons") or {}).items():
         if s.get("per_category"):
-            lines += ["", f"Per category, {name} vs {report['baseline']}:", "", "| category | win rate % | n |"]
+            lines += [
+                "",
+                f"Per category, {name} vs {baseline}:",
+                "",
+                f"| category | win rate % (SE) [{level}% CI] | n |",
+            ]
             lines.append("|---|---|---|")
             for category, c in s["per_category"].items():
-                lines.append(
-                    f"| {category} | {_pct(c['win_rate'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}] | {c['n']} |"
-                )
+                lines.append(f"| {category} | {_interval(c)} | {c['n']} |")
     return "\n".join(lines) + "\n"
 
 
 def text_table(report: Mapping[str, Any]) -> str:
     """A compact plain-text table for terminals and run summaries."""
     extra = report.get("extra_judges") or {}
-    rows = [("model", "win rate % [CI]", "LC win rate %", "W/T/L", "avg len", *(f"{label} [CI]" for label in extra))]
+    rows = [
+        ("model", "win rate % (SE) [CI]", "LC win rate %", "W/T/L", "avg len", *(f"{label} [CI]" for label in extra))
+    ]
     for title, key in (("", "comparisons"), ("improver: ", "improver")):
         for name, s in (report.get(key) or {}).items():
             rows.append(
                 (
                     f"{title}{name}",
                     _interval(s),
-                    _pct(s["lc_win_rate"]),
+                    "n/i" if s.get("lc_identified") is False else _pct(s["lc_win_rate"]),
                     f"{s['wins']}/{s['ties']}/{s['losses']}",
-                    f"{s['avg_length']:.0f}",
+                    _count(s["avg_length"]),
                     *_extras(report, key, name),
                 )
             )
@@ -153,6 +242,7 @@ def _plot_win_rates(report, path: Path) -> None:
     entries = [(n, s) for n, s in (report.get("comparisons") or {}).items()]
     entries += [(f"{n} (improver)", s) for n, s in (report.get("improver") or {}).items()]
     fig, ax = plt.subplots(figsize=(6, 0.6 * len(entries) + 1.5))
+    labelled = False
     for y, (name, s) in enumerate(entries):
         wr = 100 * s["win_rate"]
         ax.errorbar(
@@ -163,14 +253,15 @@ def _plot_win_rates(report, path: Path) -> None:
             capsize=4,
             color="C1" if name.endswith("(improver)") else "C0",
         )
-        if not math.isnan(s["lc_win_rate"]):
-            ax.plot(100 * s["lc_win_rate"], y, "x", color="C2", label="length-controlled" if y == 0 else None)
+        if not _missing(s.get("lc_win_rate")):
+            ax.plot(100 * s["lc_win_rate"], y, "x", color="C2", label=None if labelled else "length-controlled")
+            labelled = True
     ax.axvline(50, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(entries)), [n for n, _ in entries])
     ax.set_xlim(0, 100)
     ax.set_xlabel(f"win rate vs {report['baseline']} (%), {round(100 * report.get('confidence', 0.95))}% interval")
     ax.set_title(f"judge: {report['judge']}", fontsize=9)
-    if any(not math.isnan(s["lc_win_rate"]) for _, s in entries):
+    if labelled:
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -234,6 +325,22 @@ def _plot_training(states: Mapping[str, str | os.PathLike], path: Path) -> bool:
     return True
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (JSON has no NaN: ``null`` is "missing") and numpy scalars as
+    Python numbers, so that ``report.json`` is valid JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy scalar or array
+        value = value.tolist()
+        if isinstance(value, list):
+            return json_safe(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_report(
     report: dict[str, Any],
     output_dir: str | os.PathLike,
@@ -265,6 +372,6 @@ def write_report(
     (out / "report.md").write_text("# Evaluation\n\n" + markdown + images, encoding="utf-8")
     tmp = out / "report.json.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, default=float)
+        json.dump(json_safe(report), f, indent=2, allow_nan=False, default=float)
     os.replace(tmp, out / "report.json")
     return report

@@ -16,8 +16,9 @@ import evaluate
 
 
 _DESCRIPTION = """Win rate of a model against a baseline from a judge's per-row preferences P(model beats baseline),
-with ties as half a win, a percentile bootstrap interval, and a length-controlled win rate (a logistic model of the
-preference on the length difference, read at zero difference; lengths in characters, as AlpacaEval)."""
+with ties as half a win, a percentile bootstrap interval and standard error, and a length-controlled win rate (a logistic model of the
+preference on the length difference, read at zero difference, with its length slope; lengths in characters, as
+AlpacaEval)."""
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -29,8 +30,10 @@ Args:
     confidence (`float`, defaults to 0.95): interval level.
     seed (`int`, defaults to 0): bootstrap seed.
 Returns:
-    win_rate, ci_low, ci_high, lc_win_rate, lc_ci_low, lc_ci_high, wins, ties, losses, n, abstained, avg_length,
-    baseline_avg_length, mean_length_difference.
+    win_rate, ci_low, ci_high, se, lc_win_rate, lc_ci_low, lc_ci_high, lc_se, lc_identified, lc_reason,
+    lc_length_slope, lc_slope_ci_low, lc_slope_ci_high, lc_slope_se, wins, ties, losses, n, abstained, avg_length,
+    baseline_avg_length, mean_length_difference. `lc_win_rate` is nan (and `lc_reason` says why) when the data do not
+    identify it (see `trl_sgpo.evaluation.scores.length_controlled_win_rate`).
 """
 
 _CITATION = """@article{dubois2024length,

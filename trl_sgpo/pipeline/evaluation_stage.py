@@ -4,7 +4,8 @@ SGPO round, against the start model, and of each as improver of its own answers.
 Held-out rows (``num_eval_prompts``, 64 by default) are drawn from the dataset before any stage takes its rows
 (:func:`split_held_out`), so training never sees them; with a dataset under twice that size none are held out and
 the stage is skipped, saying why.
-The judge is the OpenAI-compatible one with ``--judge_model`` (at ``--base_url``, or api.openai.com), else the offline
+The judge is the OpenAI-compatible one with ``--judge_model`` (at ``--base_url``, or api.openai.com; its cost is in
+the report, priced by ``--judge_price_in/--judge_price_out`` or a known model's list price), else the offline
 reference-similarity judge; rows with a ``reference`` are also judged by ROUGE-L against it, a second score.
 Everything goes to ``stages/06_evaluation/`` (resumable, see :func:`~trl_sgpo.evaluation.evaluate_models`); the report and figures are copied to ``<output_dir>/evaluation/``, the
 final model card gains an "Evaluation" section, and the run summary the table.
@@ -71,6 +72,17 @@ class EvaluationArguments:
             "judge (needs `reference`)."
         },
     )
+    judge_price_in: float | None = field(
+        default=None,
+        metadata={
+            "help": "USD per 1M prompt tokens of the judge (`judge_model`), for its cost in the report. Unset: the "
+            "list price of a known OpenAI model at api.openai.com (trl_sgpo.openai_client.KNOWN_PRICES_PER_1M), "
+            "else the cost is reported as unknown. Give both prices or neither."
+        },
+    )
+    judge_price_out: float | None = field(
+        default=None, metadata={"help": "USD per 1M completion tokens of the judge (see `judge_price_in`)."}
+    )
     eval_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Most tokens per evaluated answer (default: the SGPO `max_new_tokens`)."}
     )
@@ -84,6 +96,11 @@ class EvaluationArguments:
     )
 
     def __post_init__(self):
+        if (self.judge_price_in is None) != (self.judge_price_out is None):
+            raise ValueError(
+                "Give both `judge_price_in` and `judge_price_out` (USD per 1M prompt / completion tokens), or neither "
+                "(the list price of a known OpenAI judge model)."
+            )
         if self.num_eval_prompts < 0:
             raise ValueError(f"`num_eval_prompts` must be >= 0 (0: no evaluation), got {self.num_eval_prompts}.")
         unknown = set(_improver_names(self.eval_improver)) - {*IMPROVER_CHOICES, "all", "none"}
@@ -123,6 +140,8 @@ def _judge(script_args, out: Path):
             max_concurrency=script_args.max_concurrency,
             timeout=script_args.request_timeout,
             cache_path=out / "judge_cache.jsonl",
+            price_input_per_1m=script_args.judge_price_in,
+            price_output_per_1m=script_args.judge_price_out,
         )
     return ReferenceSimilarityJudge()
 

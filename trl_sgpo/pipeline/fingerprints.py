@@ -129,6 +129,8 @@ OUTPUT_NEUTRAL = frozenset(
         "request_timeout",
         # the evaluation stage: it runs after training on rows training never saw, and records its own settings
         "judge_model",
+        "judge_price_in",
+        "judge_price_out",
         "eval_max_new_tokens",
         "eval_improver",
         # deprecated aliases, resolved into their new names before any fingerprint is taken

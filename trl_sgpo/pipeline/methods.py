@@ -296,8 +296,8 @@ class MethodArguments:
 
     def build_judge(self, script_args=None):
         """The judge of :mod:`trl_sgpo.evaluation` named by ``judge`` (``None`` for ``"none"``). The openai judge
-        takes its endpoint from ``script_args`` (``judge_model``, ``base_url``, ``api_key_env``), the settings the
-        recipe's evaluation stage uses too."""
+        takes its endpoint from ``script_args`` (``judge_model``, ``base_url``, ``api_key_env``, ``judge_price_in``,
+        ``judge_price_out``), the settings the recipe's evaluation stage uses too."""
         if self.judge == "none":
             return None
         from ..evaluation.judges import OpenAIPairwiseJudge, ReferenceSimilarityJudge, RewardModelJudge
@@ -315,6 +315,8 @@ class MethodArguments:
             judge_model,
             getattr(script_args, "base_url", None),
             api_key_env=getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
+            price_input_per_1m=getattr(script_args, "judge_price_in", None),
+            price_output_per_1m=getattr(script_args, "judge_price_out", None),
         )
         judge.read_api_key()
         return judge
