@@ -5,11 +5,11 @@ import math
 from collections import Counter
 
 import pytest
+from test_sgpo_trainer import seq_logp
+from test_sppo_trainer import sigmoid, trainer_with
 from transformers import AutoModelForCausalLM
 
 from helpers.trainer_args import chat_prompts, tiny_config
-from test_sgpo_trainer import seq_logp
-from test_sppo_trainer import sigmoid, trainer_with
 from trl_sgpo import SGPOConfig, SGPOTrainer
 from trl_sgpo.trainers.items_log import read_items
 
@@ -91,7 +91,9 @@ def test_sgpo_writes_one_line_per_pair_with_its_drop_reasons_scores_and_margins(
     assert items[6]["metrics"]["rewards/margins"] != 0  # step 2 trains on the policy after one update
 
 
-def test_resume_keeps_the_lines_up_to_the_checkpoint_and_writes_the_rest_once(tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_resume_keeps_the_lines_up_to_the_checkpoint_and_writes_the_rest_once(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
     def run(drops, **kw):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         trainer = sgpo(tmp_path, model, tiny_tokenizer, drops, max_steps=3, save_strategy="steps", save_steps=1)
