@@ -140,3 +140,20 @@ def test_sppo_writes_every_answer_with_its_win_rate_and_the_kept_ones_target(tmp
         else:
             assert item["flags"] == ["not_selected"]
             assert item["values"]["target"] is None and item["metrics"] is None
+
+
+def test_sso_writes_its_three_answers_and_the_principle(tmp_path, tiny_model, tiny_tokenizer):
+    from test_sso_trainer import build
+
+    trainer = build(tmp_path, tiny_model, tiny_tokenizer)
+    trainer.train()
+    items = read_items(tmp_path / "out" / "items.jsonl")
+    assert len(items) == trainer.counts["made"] == 2 and all(i["kept"] for i in items)
+    for item in items:
+        assert {k: item["texts"][k] for k in ("y+", "y-", "yo")} == {
+            "y+": "two two",
+            "y-": "one",
+            "yo": "three three three",
+        }
+        assert item["texts"]["principle"] in {p.name for p in trainer.principles}
+        assert {"loss", "sso/weight", "rewards/margins"} <= set(item["metrics"])
