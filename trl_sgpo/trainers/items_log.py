@@ -65,6 +65,7 @@ class ItemsLog(TrainerCallback):
     def __init__(self, trainer: OnPolicyTrainer):
         self.trainer = trainer
         self.window: list[dict[str, Any]] | None = None
+        self.losses: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
 
     @property
     def enabled(self) -> bool:
@@ -76,7 +77,7 @@ class ItemsLog(TrainerCallback):
 
     def start(self, checkpoint: str | os.PathLike | None) -> None:
         """Keep the lines of the steps up to ``checkpoint``'s (none for a fresh run): later windows are made again."""
-        self.window = None
+        self.window, self.losses = None, []
         if not self.enabled or not self.trainer.is_world_process_zero() or not os.path.isfile(self.path):
             return
         last = 0
@@ -124,15 +125,23 @@ class ItemsLog(TrainerCallback):
         """Attach a micro-batch's per-item loss and metrics to its items (filler rows of weight 0 are left out)."""
         if self.window is None or ITEM_INDEX not in items.values:
             return
-        real = (items.values["weight"] > 0).cpu()
-        columns = {"loss": losses, **metrics}
-        columns = {k: v.detach().float().cpu()[real].tolist() for k, v in columns.items() if v.dim() == 1}
-        for row, index in enumerate(items.values[ITEM_INDEX].cpu()[real].tolist()):
-            self.window[index]["metrics"] = {k: _number(v[row]) for k, v in columns.items()}
+        # Kept on the device until the step ends: reading them now would wait for the forward before the backward.
+        columns = {k: v.detach().float() for k, v in {"loss": losses, **metrics}.items() if v.dim() == 1}
+        self.losses.append((items.values[ITEM_INDEX], items.values["weight"] > 0, columns))
+
+    def _attach_losses(self) -> None:
+        for index, real, columns in self.losses:
+            real = real.cpu()
+            values = {k: v.cpu()[real].tolist() for k, v in columns.items()}
+            for row, i in enumerate(index.cpu()[real].tolist()):
+                self.window[i]["metrics"] = {k: _number(v[row]) for k, v in values.items()}
+        self.losses = []
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.enabled:
             return
+        if self.window is not None:
+            self._attach_losses()
         # Collective: every process made a window for this step.
         lines = gather_object(self.window or [])
         self.window = None
