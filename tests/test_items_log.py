@@ -1,6 +1,7 @@
 """items.jsonl: every item each window made, kept or why dropped, with its judge scores and per-item loss figures."""
 
 import copy
+import json
 import math
 from collections import Counter
 
@@ -157,3 +158,31 @@ def test_sso_writes_its_three_answers_and_the_principle(tmp_path, tiny_model, ti
         }
         assert item["texts"]["principle"] in {p.name for p in trainer.principles}
         assert {"loss", "sso/weight", "rewards/margins"} <= set(item["metrics"])
+
+
+def test_rounds_are_joined_with_their_number_and_pushed_as_a_dataset(tmp_path):
+    from types import SimpleNamespace
+
+    from test_pipeline import LocalHub
+
+    from trl_sgpo.pipeline.items_dataset import collect_items, push_items
+
+    rounds = [tmp_path / "stages" / f"05_sppo_iter{k}" for k in (1, 2, 3)]
+    for k, folder in enumerate(rounds, start=1):
+        folder.mkdir(parents=True)
+        if k != 2:  # a round run with log_items=False wrote no items
+            lines = [{"step": 1, "id": f"1-{i}", "kept": i == 0, "metrics": None} for i in range(k)]
+            (folder / "items.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "run"
+    assert collect_items(out, rounds[1:2], "sppo", "tiny") is None
+    folder = collect_items(out, rounds, "sppo", "tiny")
+    joined = read_items(folder / "items.jsonl")
+    assert [(i["round"], i["method"], i["id"]) for i in joined] == [(1, "sppo", "1-0")] + [
+        (3, "sppo", f"1-{i}") for i in range(3)
+    ]
+    hub = LocalHub(tmp_path / "hub")
+    args = SimpleNamespace(hub_token=None, hub_private_repo=None, hub_revision=None)
+    assert push_items(hub, "local-user/tiny", folder, args) == "local-user/tiny-items"
+    card = (tmp_path / "hub" / "local-user" / "tiny-items" / "README.md").read_text()
+    assert 'load_dataset("local-user/tiny-items"' in card and "# Items trained on by local-user/tiny" in card
+    assert "2 round(s), 4 items" in card

@@ -101,6 +101,7 @@ def test_full_run_writes_every_stage_and_the_final_model(
     assert "sgpo" in card and "2507.20181" in card and "pairs_made" in card
     printed = capsys.readouterr().out
     assert "SGPO summary" in printed and "pairs made 8" in printed and f"model saved to {out}" in printed
+    assert f"items each round trained on: {out / 'items' / 'items.jsonl'}" in printed
     assert json.loads((out / "sgpo_summary.json").read_text())["saved_to"] == str(out)
 
 
