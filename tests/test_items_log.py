@@ -103,6 +103,8 @@ def test_resume_keeps_the_lines_up_to_the_checkpoint_and_writes_the_rest_once(
 
     first = run({})
     assert [i["step"] for i in first] == [1] * 4 + [2] * 4 + [3] * 4
+    with open(tmp_path / "out" / "items.jsonl", "a") as f:
+        f.write('{"step": 4, "id": "4-0", "pro')  # a line cut by a crash mid-write
     # Resumed from step 1, drops everywhere: steps 2 and 3 are made again and replace the old lines.
     resumed = run({1: {0, 1, 2, 3}, 2: {0, 1, 2, 3}}, resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
     assert [i["step"] for i in resumed] == [1] * 4 + [2] * 4 + [3] * 4

@@ -227,8 +227,9 @@ class Items:
         flags: Named bool ``(n,)`` conditions, counted and logged as ``<prefix>/<name>_frac`` (drop reasons and any
             other condition worth counting; they need not be exclusive).
         values: Named per-item tensors the loss reads (targets, weights, judge scores); the base adds
-            ``ref_logps/<sequence name>`` and ``weight`` (1 for real items, 0 for the zero-gradient filler a process
-            runs when it holds no item in a micro-batch).
+            ``ref_logps/<sequence name>``, ``weight`` (1 for real items, 0 for the zero-gradient filler a process
+            runs when it holds no item in a micro-batch) and, with ``log_items``, ``item_index`` (the item's position
+            in its window, for ``items.jsonl``).
         texts: Decoded texts, for inspection and tests.
     """
 
