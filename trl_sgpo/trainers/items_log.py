@@ -49,6 +49,14 @@ def _number(value: float) -> float | None:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def _step(line: str) -> float:
+    # A line cut by a crash mid-write belongs to a window after the last checkpoint: it sorts as the latest step.
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def read_items(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The lines of an ``items.jsonl`` file."""
     with open(path, encoding="utf-8") as f:
@@ -86,7 +94,7 @@ class ItemsLog(TrainerCallback):
             last = TrainerState.load_from_json(state_file).global_step
         tmp = self.path + ".tmp"
         with open(self.path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
-            dst.writelines(line for line in src if line.strip() and json.loads(line)["step"] <= last)
+            dst.writelines(line for line in src if _step(line) <= last)
         os.replace(tmp, self.path)
 
     def add_window(self, items: Items, prompts: list) -> None:
