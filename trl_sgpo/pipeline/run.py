@@ -8,7 +8,8 @@
 5. rounds of the method (``--method``, SGPO by default; :mod:`trl_sgpo.pipeline.methods`), ``iterations`` of them,
    each starting from the last round's model. Methods other than SGPO skip stages 1-4.
 6. evaluation on held-out prompts (:mod:`trl_sgpo.pipeline.evaluation_stage`), then the final model and its card in
-   ``<output_dir>``, and with ``--push_to_hub`` upload them.
+   ``<output_dir>``, and with ``--push_to_hub`` upload them; the items every round trained on go to
+   ``<output_dir>/items/`` and, when pushing, to the dataset ``<model repo>-items`` (:mod:`.items_dataset`).
 
 Every stage writes into ``<output_dir>/stages/<nn>_<stage>/`` and is skipped when it finished with the same settings,
 resumed when it was interrupted, and refused when the folder holds a run with other settings (:mod:`.stages`,
