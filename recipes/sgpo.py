@@ -99,8 +99,12 @@ def format_summary(summary) -> str:
         lines.append(f"evaluation {evaluation['skipped']}")
     if "saved_to" in summary:
         lines.append(f"model saved to {summary['saved_to']}")
+    if "items" in summary:
+        lines.append(f"items each round trained on: {summary['items']}")
     if "pushed_to" in summary:
         lines.append(f"pushed to https://huggingface.co/{summary['pushed_to']}")
+    if "items_pushed_to" in summary:
+        lines.append(f"items pushed to https://huggingface.co/datasets/{summary['items_pushed_to']}")
     return "\n".join(lines)
 
 

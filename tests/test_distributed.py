@@ -141,6 +141,22 @@ def test_two_cpu_processes_give_the_update_of_one_process_with_the_same_pairs(tm
     for a, b in zip(two[0]["losses"], one["losses"], strict=True):
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-4)
 
+    # items.jsonl: the main process wrote both processes' pairs once each, under the ids one process gives them.
+    from trl_sgpo.trainers.items_log import read_items
+
+    items_two, items_one = (read_items(tmp_path / run / "run" / "items.jsonl") for run in ("two", "one"))
+    assert len(items_two) == 12 and len({i["id"] for i in items_two}) == 12
+    assert sum(i["kept"] for i in items_two) == 5 and sum("identical" in i["flags"] for i in items_two) == 7
+
+    def described(item):
+        return item["id"], item["prompt"], item["texts"], item["kept"], item["flags"]
+
+    assert [described(i) for i in items_two] == [described(i) for i in items_one]
+    for a, b in zip(items_two, items_one, strict=True):
+        assert (a["metrics"] is None) == (b["metrics"] is None) == (not a["kept"])
+        if a["kept"]:
+            assert a["metrics"]["rewards/margins"] == pytest.approx(b["metrics"]["rewards/margins"], abs=1e-4)
+
     rank0, rank1 = torch.load(tmp_path / "two" / "rank0.pt"), torch.load(tmp_path / "two" / "rank1.pt")
     alone = torch.load(tmp_path / "one" / "rank0.pt")
     from transformers import AutoModelForCausalLM

@@ -101,6 +101,7 @@ def test_full_run_writes_every_stage_and_the_final_model(
     assert "sgpo" in card and "2507.20181" in card and "pairs_made" in card
     printed = capsys.readouterr().out
     assert "SGPO summary" in printed and "pairs made 8" in printed and f"model saved to {out}" in printed
+    assert f"items each round trained on: {out / 'items' / 'items.jsonl'}" in printed
     assert json.loads((out / "sgpo_summary.json").read_text())["saved_to"] == str(out)
 
 
@@ -270,7 +271,8 @@ class LocalHub:
         self.uploads = []
 
     def create_repo(self, repo_id, token=None, private=None, exist_ok=False, **kwargs):
-        self.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok})
+        repo_type = kwargs.get("repo_type") or "model"
+        self.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok, "repo_type": repo_type})
         return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"local-user/{repo_id}")
 
     def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
@@ -298,6 +300,20 @@ PUSHED_FILES = [
     "tokenizer.json",
     "tokenizer_config.json",
 ]
+
+
+def check_pushed_items(repo: Path, round_dir: Path):
+    from datasets import load_dataset
+
+    from trl_sgpo.trainers.items_log import read_items
+
+    made = read_items(round_dir / "items.jsonl")
+    pushed = read_items(repo / "items.jsonl")
+    assert len(made) == 8  # 2 steps of 4 pairs ("| pairs_made | 8 |")
+    assert pushed == [{"round": 1, "method": "sgpo", **item} for item in made]
+    dataset = load_dataset("json", data_files=str(repo / "items.jsonl"), split="train")
+    assert dataset.num_rows == 8 and {"prompt", "texts", "kept", "flags", "metrics"} <= set(dataset.column_names)
+    assert f'load_dataset("{repo.parent.name}/{repo.name}"' in (repo / "README.md").read_text()
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -330,9 +346,18 @@ def test_push_to_hub_uploads_the_final_model_and_its_card(
     if lora:
         argv += ["--use_peft", "--lora_r", "4", "--lora_alpha", "8"]
     summary = recipe.main(*parse(recipe, *argv))
-    assert hub.repos == [{"repo_id": "me/tiny-sgpo", "private": True, "exist_ok": True}]
-    assert [(u["repo_id"], u["files"], u["revision"]) for u in hub.uploads] == [("me/tiny-sgpo", PUSHED_FILES, "v1")]
+    assert hub.repos == [
+        {"repo_id": "me/tiny-sgpo", "private": True, "exist_ok": True, "repo_type": "model"},
+        {"repo_id": "me/tiny-sgpo-items", "private": True, "exist_ok": True, "repo_type": "dataset"},
+    ]
+    assert [(u["repo_id"], u["files"], u["revision"], u.get("repo_type")) for u in hub.uploads] == [
+        ("me/tiny-sgpo", PUSHED_FILES, "v1", None),
+        ("me/tiny-sgpo-items", ["README.md", "items.jsonl"], "v1", "dataset"),
+    ]
     assert summary["pushed_to"] == "me/tiny-sgpo" and summary["push_commit"] == "local://me/tiny-sgpo"
+    # Beside the model, the pairs the round trained on, as a dataset: every line of the round's items.jsonl.
+    assert summary["items_pushed_to"] == "me/tiny-sgpo-items"
+    check_pushed_items(tmp_path / "hub" / "me" / "tiny-sgpo-items", out / "stages" / "05_sgpo_iter1")
     repo = tmp_path / "hub" / "me" / "tiny-sgpo"
     # Full weights, merged for LoRA: every tensor of the base model under its own name, no adapter.
     pushed = load_file(repo / "model.safetensors")
@@ -356,7 +381,9 @@ def test_push_to_hub_uploads_the_final_model_and_its_card(
     shutil.rmtree(tmp_path / "hub")
     argv[argv.index("me/tiny-sgpo")] = "tiny-sgpo"
     summary = recipe.main(*parse(recipe, *argv))
-    assert summary["pushed_to"] == "local-user/tiny-sgpo" and hub.uploads[-1]["files"] == PUSHED_FILES
+    assert summary["pushed_to"] == "local-user/tiny-sgpo" and hub.uploads[-2]["files"] == PUSHED_FILES
+    assert summary["items_pushed_to"] == "local-user/tiny-sgpo-items"
+    check_pushed_items(tmp_path / "hub" / "local-user" / "tiny-sgpo-items", out / "stages" / "05_sgpo_iter1")
     card = (tmp_path / "hub" / "local-user" / "tiny-sgpo" / "README.md").read_text()
     assert "| pairs_made | 8 |" in card and 'model="local-user/tiny-sgpo"' in card
     assert card == (out / "README.md").read_text()

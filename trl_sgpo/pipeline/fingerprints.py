@@ -54,6 +54,7 @@ OUTPUT_NEUTRAL = frozenset(
         "hub_private_repo",
         "hub_always_push",
         "hub_revision",
+        "log_items",  # writes items.jsonl beside the round; what trains is the same
         # evaluation (the recipe trains only)
         "do_train",
         "do_eval",

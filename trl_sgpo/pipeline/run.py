@@ -8,7 +8,8 @@
 5. rounds of the method (``--method``, SGPO by default; :mod:`trl_sgpo.pipeline.methods`), ``iterations`` of them,
    each starting from the last round's model. Methods other than SGPO skip stages 1-4.
 6. evaluation on held-out prompts (:mod:`trl_sgpo.pipeline.evaluation_stage`), then the final model and its card in
-   ``<output_dir>``, and with ``--push_to_hub`` upload them.
+   ``<output_dir>``, and with ``--push_to_hub`` upload them; the items every round trained on go to
+   ``<output_dir>/items/`` and, when pushing, to the dataset ``<model repo>-items`` (:mod:`.items_dataset`).
 
 Every stage writes into ``<output_dir>/stages/<nn>_<stage>/`` and is skipped when it finished with the same settings,
 resumed when it was interrupted, and refused when the folder holds a run with other settings (:mod:`.stages`,
@@ -45,6 +46,7 @@ from ..trainers.sgpo_config import SGPOConfig
 from ..utils import set_cpu_threads
 from .evaluation_stage import EvaluationArguments, run_evaluation_stage, split_held_out
 from .fingerprints import SAMPLING_SETTINGS, fingerprint, model_fingerprint, script_fingerprint
+from .items_dataset import collect_items, push_items
 from .memory import TrimHeapCallback, limit_heap_fragmentation
 from .methods import MethodArguments, get_method, method_prompts, round_figures
 from .stages import Stage
@@ -425,6 +427,7 @@ def run_pipeline(
         method_settings.update(
             reward_model=method_args.reward_model, similarity_temperature=method_args.similarity_temperature
         )
+    round_dirs = []  # each round's folder, where its trainer wrote items.jsonl
     for iteration in range(1, script_args.iterations + 1):
         rows = method_prompts(method, sgpo_rows, iteration, script_args.iterations)
         stage = Stage(
@@ -469,6 +472,7 @@ def run_pipeline(
             gc.collect()  # as above: free this round's model before the next round loads its own
         summary["stages"][f"{method.name}_iter{iteration}"] = stage.summary
         start_model = str(stage.root / "model")
+        round_dirs.append(stage.root)
         last = stage
 
     # Win rates on held-out prompts; adds a section to the final card and files under output_dir/evaluation. A
@@ -503,8 +507,13 @@ def run_pipeline(
             shutil.copy2(item, out / item.name)
         if card.is_file():
             shutil.copy2(card, out / "README.md")
+        items = collect_items(out, round_dirs, method.name, training_args.hub_model_id or out.name)
+        if items is not None:
+            summary["items"] = str(items / "items.jsonl")
         if training_args.push_to_hub:
             summary["pushed_to"], summary["push_commit"] = _push(out, files, training_args)
+            if items is not None:  # the items each round trained on, as a dataset beside the model
+                summary["items_pushed_to"] = push_items(hub_api(), summary["pushed_to"], items, training_args)
     state.wait_for_everyone()
     return _finish(summary, out, state)
 

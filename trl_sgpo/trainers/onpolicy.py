@@ -72,6 +72,7 @@ from trl.trainer.utils import RepeatSampler, selective_log_softmax
 from ..data.checks import check_prompt_dataset
 from ..models import DEFAULT_MODEL, load_model_and_tokenizer
 from ..utils import apply_cpu_defaults
+from .items_log import ItemsLog
 
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,10 @@ class OnPolicyConfig(OnlineDPOConfig):
         max_initial_empty_steps (`int`, *optional*, defaults to `4`):
             Stop with an error when the first `max_initial_empty_steps` optimizer steps all keep no item (the
             settings cannot produce training data). `0` never stops.
+        log_items (`bool`, *optional*, defaults to `True`):
+            Write every item made (prompt, generated texts, kept or why dropped, judge scores, per-item loss
+            figures such as DPO margins or SPPO targets) to `<output_dir>/items.jsonl`, one line per item, as
+            training goes. See [`~trl_sgpo.trainers.items_log`].
     """
 
     skipped_steps_warning_frac: float = field(
@@ -148,6 +153,10 @@ class OnPolicyConfig(OnlineDPOConfig):
     max_initial_empty_steps: int = field(
         default=4,
         metadata={"help": "Stop with an error when this many first optimizer steps all keep nothing (0: never)."},
+    )
+    log_items: bool = field(
+        default=True,
+        metadata={"help": "Write every item made (texts, kept or drop reason, scores, margins) to items.jsonl."},
     )
 
     def __post_init__(self):
@@ -224,8 +233,9 @@ class Items:
         flags: Named bool ``(n,)`` conditions, counted and logged as ``<prefix>/<name>_frac`` (drop reasons and any
             other condition worth counting; they need not be exclusive).
         values: Named per-item tensors the loss reads (targets, weights, judge scores); the base adds
-            ``ref_logps/<sequence name>`` and ``weight`` (1 for real items, 0 for the zero-gradient filler a process
-            runs when it holds no item in a micro-batch).
+            ``ref_logps/<sequence name>``, ``weight`` (1 for real items, 0 for the zero-gradient filler a process
+            runs when it holds no item in a micro-batch) and, with ``log_items``, ``item_index`` (the item's position
+            in its window, for ``items.jsonl``).
         texts: Decoded texts, for inspection and tests.
     """
 
@@ -281,6 +291,8 @@ class OnPolicyTrainer(OnlineDPOTrainer):
     _metric_prefix = "onpolicy"
     _counts_file = "onpolicy_counts.json"
     _item_name = "item"
+    # Values that mean nothing for a dropped item (SPPO's target): written as null in items.jsonl.
+    _kept_only_values: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -401,6 +413,8 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         self._log_steps = 0
         self._log_skipped = 0
         self.add_callback(EmptyWindowGuard(self))
+        self._items_log = ItemsLog(self)  # writes <output_dir>/items.jsonl at the end of each optimizer step
+        self.add_callback(self._items_log)
 
         # OnlineDPO sets use_cache = not gradient_checkpointing; generation runs with checkpointing switched off
         # (unwrap_model_for_generation), so the cache is always safe and about 6x faster.
@@ -631,6 +645,7 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         prompts = list(inputs["prompt"])
         with self.generation_model() as model:
             items = self.make_items(model, prompts, inputs)
+        self._items_log.add_window(items, prompts)
         self._record_items(items)
         keep = items.keep.cpu()
         n_window = int(self._gather_sum(keep.float().sum()).item())
@@ -715,6 +730,7 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         logps = self._all_logps(model, items)
         ref_logps = {name: items.values[f"ref_logps/{name}"] for name in items.sequences}
         losses, metrics = self.item_losses(items, logps, ref_logps)
+        self._items_log.add_losses(items, losses, metrics)
         weight = items.values["weight"]
         # Sum over this micro-batch's kept items / kept items in the window over all processes. DDP averages the
         # processes' gradients, hence the process count: the update is the mean over every kept item of the window.
@@ -782,6 +798,7 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(os.path.join(checkpoint, self._counts_file)):
             with open(os.path.join(checkpoint, self._counts_file)) as f:
                 self.counts.update(json.load(f))
+        self._items_log.start(checkpoint if isinstance(checkpoint, (str, os.PathLike)) else None)
         self._buffer, self._micro_step = None, 0
         # From here on the in-memory weights differ from the folder they were loaded from: a later trainer built on
         # this model object must not load that folder as its reference (see `reference_weights_source`).

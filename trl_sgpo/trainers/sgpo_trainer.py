@@ -226,6 +226,7 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
             scores = self._judge(prompts, improved + drafts, improved_ids + draft_ids, inputs)
             better, worse = scores.split(len(prompts))
             values["judge_margin"] = better - worse
+            values["score_chosen"], values["score_rejected"] = better, worse  # shown in items.jsonl
             # NaN (a judge that abstains) compares False: the pair is dropped.
             judge_rejected = keep & ~((better - worse) > self.args.judge_margin)
             keep &= ~judge_rejected

@@ -52,6 +52,7 @@ class SPPOTrainer(PolicySampler, OnPolicyTrainer):
     _metric_prefix = "sppo"
     _counts_file = "sppo_counts.json"
     _item_name = "answer"
+    _kept_only_values = ("target",)  # items.jsonl: a dropped answer has no target
 
     def __init__(self, model, judge=None, ref_model=None, args: SPPOConfig | None = None, **kwargs) -> None:
         if judge is None:
