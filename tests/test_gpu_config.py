@@ -104,3 +104,21 @@ def test_gpu_config_dry_run_starts_every_stage(recipe, tiny_model_dir, tmp_path,
     assert "sgpo_iter2" in summary["stages"] and summary["stages"]["sgpo_iter2"]["pairs_made"] > 0
     assert writer_requests and judge_requests  # the writer and the judge both went to --base_url
     assert os.path.isfile(tmp_path / "run" / "model.safetensors")
+
+
+def test_reference_column_reads_strings_or_the_last_assistant_message_and_names_bad_input():
+    from datasets import Dataset
+
+    from trl_sgpo.pipeline.run import _with_reference
+
+    chats = [
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a1"}],
+        [{"role": "user", "content": "q"}],
+    ]
+    rows = Dataset.from_dict({"prompt": ["x", "y"], "answer": ["s1", "s2"], "chosen": chats})
+    assert _with_reference(rows, "answer")["reference"] == ["s1", "s2"]
+    assert _with_reference(rows.select([0]), "chosen")["reference"] == ["a1"]
+    with pytest.raises(ValueError, match=r"--reference_column 'chosen': row 1 holds neither"):
+        _with_reference(rows, "chosen")
+    with pytest.raises(ValueError, match=r"--reference_column 'nope': the dataset has no such column"):
+        _with_reference(rows, "nope")
