@@ -99,6 +99,10 @@ def sharding_evidence(trainer) -> dict:
     params = list(wrapped.parameters())
     if trainer.is_deepspeed_enabled:
         evidence["zero_stage"] = wrapped.zero_optimization_stage()
+        if evidence["zero_stage"] == 2:
+            # ZeRO-2 keeps whole parameters and partitions the fp32 master weights and optimizer state.
+            evidence["full_numel"] = sum(p.numel() for p in params if p.requires_grad)
+            evidence["local_numel"] = sum(p.numel() for p in wrapped.optimizer.single_partition_of_fp32_groups)
         if evidence["zero_stage"] == 3:
             # A partitioned ZeRO-3 parameter holds an empty local tensor outside a forward.
             evidence["full_numel"] = sum(p.ds_numel for p in params)
