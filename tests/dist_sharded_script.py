@@ -128,6 +128,8 @@ def run_sgpo(backend, model_dir, out, peft):
     result["pair_counts"] = trainer.pair_counts
     result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result["eval"] = trainer.evaluate()
+    if backend == "zero3" and not peft:
+        result["unsaved_second_round"] = unsaved_second_round(trainer, model_dir, tokenizer)
     final = os.path.join(out, f"{name}-final")
     trainer.save_model(final)
     weights = full_weights(trainer)
@@ -144,6 +146,17 @@ def run_sgpo(backend, model_dir, out, peft):
     result["seconds"] = time.time() - started
     with open(os.path.join(out, f"{name}.rank{state.process_index}.json"), "w") as f:
         json.dump(result, f)
+
+
+def unsaved_second_round(trainer, model_dir, tokenizer):
+    """A trainer built on the trained model before it is saved: no folder holds pi_t, so it must refuse to start
+    (rather than load the folder the model came from, pi_0, as its reference)."""
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    try:  # the trainer's own arguments: building new ones would reset the distributed state it still uses
+        sgpo_trainer(trainer.args, model_dir, tokenizer, False, model=model)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 @torch.no_grad()

@@ -105,6 +105,8 @@ def test_sgpo_and_sppo_train_evaluate_resume_and_save_on_a_sharded_backend(backe
             # A second round built on the trained model: its reference is pi_t (the trained policy), not pi_0.
             for r in ranks:
                 assert r["second_round"]["reference"] == pytest.approx(r["second_round"]["policy"], abs=1e-4)
+                # Before the save no folder holds pi_t: building the second round is refused, not silently pi_0.
+                assert "trained in this process" in (r["unsaved_second_round"] or "")
     for r in rank_results(tmp_path, "sppo"):
         check_backend_active(backend, r["evidence"])
         assert r["counts"]["made"] == 24 and r["counts"]["kept"] == 16 and r["counts"]["steps"] == 2

@@ -788,9 +788,8 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         self._buffer, self._micro_step = None, 0
         # From here on the in-memory weights differ from the folder they were loaded from: a later trainer built on
         # this model object must not load that folder as its reference (see `reference_weights_source`).
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if hasattr(unwrapped, "sgpo_weights_path"):
-            unwrapped.sgpo_weights_path = None
+        # Set even on a model that never had it: its `config._name_or_path` folder holds the old weights too.
+        self.accelerator.unwrap_model(self.model).sgpo_weights_path = None
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
