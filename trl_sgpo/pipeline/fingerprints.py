@@ -146,6 +146,7 @@ SCRIPT_SETTINGS = {
     "dataset_name": "sample",
     "dataset_config": "sample",
     "dataset_split": "sample",
+    "reference_column": "sample",
     "num_eval_prompts": "sample",  # the held-out rows are drawn first: their number changes every split
     "num_improver_prompts": "sample",
     "sample_batch_size": "sample",  # which rows share a batch, hence its sampling seed

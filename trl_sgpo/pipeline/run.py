@@ -74,6 +74,13 @@ class SGPOScriptArguments(EvaluationArguments):
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to read."})
+    reference_column: str = field(
+        default="reference",
+        metadata={
+            "help": "Column holding each row's reference: a string, or chat messages whose last assistant message is "
+            "the reference (e.g. `chosen` of HuggingFaceH4/ultrafeedback_binarized). Read into `reference`."
+        },
+    )
     num_improver_prompts: int | None = field(
         default=64,
         metadata={
@@ -202,6 +209,32 @@ def _load_rows(name: str | None, config: str | None, split: str) -> Dataset:
     return load_dataset(name, config, split=split)
 
 
+def _with_reference(dataset: Dataset, column: str) -> Dataset:
+    """``dataset`` with ``column`` read into ``reference``: a string as is, chat messages as their last assistant
+    message."""
+    if column == "reference":
+        return dataset
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"--reference_column {column!r}: the dataset has no such column (it has {dataset.column_names})."
+        )
+
+    def reference(value, row: int) -> str:
+        if isinstance(value, str):
+            return value
+        replies = [m["content"] for m in value or [] if m.get("role") == "assistant"]
+        if not replies:
+            raise ValueError(
+                f"--reference_column {column!r}: row {row} holds neither a string nor an assistant message."
+            )
+        return replies[-1]
+
+    references = [reference(value, i) for i, value in enumerate(dataset[column])]
+    if "reference" in dataset.column_names:
+        dataset = dataset.remove_columns("reference")
+    return dataset.add_column("reference", references)
+
+
 def _hold_out(dataset: Dataset, n: int, seed: int) -> tuple[Dataset, Dataset | None]:
     """``(rows to train on, held-out rows or None)``: the evaluation's ``n`` rows are drawn before anything trains.
     None (evaluation skipped) when that would leave fewer rows to train on than it holds out."""
@@ -326,6 +359,7 @@ def run_pipeline(
 
     # Data first: bad columns fail before any model is loaded.
     dataset = _load_rows(script_args.dataset_name, script_args.dataset_config, script_args.dataset_split)
+    dataset = _with_reference(dataset, script_args.reference_column)
     hint = " (rename yours with `dataset.rename_column`)"
     check_columns(dataset, ("prompt",), "dataset", hint)
     train_rows, eval_rows = _hold_out(dataset, script_args.num_eval_prompts, training_args.seed)

@@ -260,6 +260,14 @@ class Items:
         )
 
 
+def masked_filler(items: Items) -> Items:
+    """Item 0 of ``items`` with its completions masked out: a forward on it adds nothing to any log-prob sum."""
+    part = items.select(torch.tensor([0]))
+    for seqs in part.sequences.values():
+        seqs.completion_mask = torch.zeros_like(seqs.completion_mask)
+    return part
+
+
 class EmptyWindowGuard(TrainerCallback):
     """Holds the learning-rate schedule still over an optimizer step whose window kept no item.
 
@@ -572,9 +580,10 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         """Summed completion log-probs under the reference: ``ref_model``, or the adapter-disabled model (PEFT)."""
         if self.ref_model is not None:
             return self._all_logps(self.ref_model, items)
-        model = self.accelerator.unwrap_model(self.model)
-        with model.disable_adapter():
-            return self._all_logps(model, items)
+        # The forward goes through `self.model` (the FSDP wrapper once training started, as in OnlineDPO): calling the
+        # inner module would skip the root FSDP unit's unshard, leaving the embeddings and head sharded.
+        with self.accelerator.unwrap_model(self.model).disable_adapter():
+            return self._all_logps(self.model, items)
 
     # ------------------------------------------------------------------ data: one window per dataloader batch
 
@@ -802,9 +811,8 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         self._buffer, self._micro_step = None, 0
         # From here on the in-memory weights differ from the folder they were loaded from: a later trainer built on
         # this model object must not load that folder as its reference (see `reference_weights_source`).
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if hasattr(unwrapped, "sgpo_weights_path"):
-            unwrapped.sgpo_weights_path = None
+        # Set even on a model that never had it: its `config._name_or_path` folder holds the old weights too.
+        self.accelerator.unwrap_model(self.model).sgpo_weights_path = None
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
@@ -881,12 +889,16 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             local.update({f"{prefix}/{k}_length": s.lengths().float().sum() for k, s in items.sequences.items()})
             kept = items.select(items.keep.nonzero().flatten().cpu())
             local["_kept"] = torch.tensor(float(len(kept)))
-            if len(kept):
+            if len(kept) or self.accelerator.distributed_type != DistributedType.NO:
+                # Under ZeRO-3 and FSDP a forward is collective: a process that kept nothing runs a masked filler item
+                # (as training does), so every process runs the same forwards; its results are not counted.
+                scored = kept if len(kept) else masked_filler(items)
                 with torch.no_grad():
-                    ref = self.reference_logps(kept)
-                    losses, item_metrics = self.item_losses(kept, self._all_logps(model, kept), ref)
-                local["loss"] = losses.sum()
-                local.update({k: v.float().sum() for k, v in item_metrics.items()})
+                    ref = self.reference_logps(scored)
+                    losses, item_metrics = self.item_losses(scored, self._all_logps(model, scored), ref)
+                if len(kept):
+                    local["loss"] = losses.sum()
+                    local.update({k: v.float().sum() for k, v in item_metrics.items()})
             # Key sets may differ between processes (no kept item: no loss metrics), so gather dicts.
             for part in gather_object([{k: float(torch.as_tensor(v)) for k, v in local.items()}]):
                 for key, total in part.items():

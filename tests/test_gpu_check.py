@@ -1,0 +1,62 @@
+"""scripts/gpu_check.py without a GPU: the table, the command of every path, and one path's worker run on CPU."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+SCRIPTS = Path(__file__).parent.parent / "scripts"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_has_one_aligned_row_per_path():
+    check = load("gpu_check")
+    rows = [check.Row("bf16", True, 41.4, 3.25), check.Row("vllm_colocate", False, 240.0, None, "timed out")]
+    lines = check.format_table(rows).splitlines()
+    assert lines[0].split() == ["path", "result", "seconds", "peak", "GPU", "memory"]
+    assert lines[2].split() == ["bf16", "ok", "41", "3.2", "GiB"]
+    assert lines[3].split() == ["vllm_colocate", "failed", "240", "-"]
+    assert lines[2].index("ok") == lines[3].index("failed") == lines[0].index("result")
+
+
+def test_every_path_has_a_launcher_config_and_flags_the_worker_takes(capsys):
+    check, worker = load("gpu_check"), load("gpu_check_path")
+    assert set(check.PATHS) == {"bf16", "fp16", "zero3", "fsdp2", "vllm_colocate"}
+    assert check.main(["--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed] == list(check.PATHS)
+    for path in check.PATHS:
+        cmd = check.command(path, "out.json", gpus=2)
+        if "--config_file" in cmd:
+            assert Path(cmd[cmd.index("--config_file") + 1]).is_file()
+            assert cmd[cmd.index("--num_processes") + 1] == "2"
+        args = worker.parse_args(cmd[cmd.index(str(check.WORKER)) + 1 :])
+        assert args.path == path and args.vllm == (path == "vllm_colocate")
+        assert (args.bf16, args.fp16) == ((False, True) if path == "fp16" else (True, False))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_path_runs_on_cpu_and_reports_its_result(tmp_path, tiny_model_dir):
+    out = tmp_path / "cpu.json"
+    cmd = [sys.executable, str(SCRIPTS / "gpu_check_path.py"), "--path", "cpu", "--out", str(out)]
+    cmd += ["--model", str(tiny_model_dir), "--steps", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0 and result["ok"], result.get("error", "") + proc.stderr[-2000:]
+    # One optimizer step: 2 prompts x 2 accumulation steps x 1 process.
+    assert result["path"] == "cpu" and result["pairs_made"] == 4 and result["peak_gib"] is None
+    assert result["seconds"] > 0 and "eval_loss" in result
