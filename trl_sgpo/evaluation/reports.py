@@ -5,6 +5,8 @@ Figures (PNG, written with the non-interactive Agg backend):
 - ``win_rates.png``: win rate per model against the baseline with its interval (and the improver's win rate over
   its own drafts, when evaluated), the 50% line marked;
 - ``lengths.png``: answer length distributions per model (characters);
+- ``ranking.png``: with three or more models, their Bradley-Terry Elo with intervals (see
+  :mod:`~trl_sgpo.evaluation.ranking`);
 - ``training_curves.png``: loss, reward margin, kept-pair fraction and finished (not truncated) fraction per step,
   read from ``trainer_state.json`` files.
 """
@@ -83,6 +85,10 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             header.replace("| model |", "| improver |").replace("baseline avg length", "draft avg length")
             + "\n".join(rows),
         ]
+    if report.get("ranking"):
+        from .ranking import ranking_markdown
+
+        lines += ["", ranking_markdown(report["ranking"]).rstrip("\n")]
     for name, s in (report.get("comparisons") or {}).items():
         if s.get("per_category"):
             lines += ["", f"Per category, {name} vs {report['baseline']}:", "", "| category | win rate % | n |"]
@@ -222,6 +228,11 @@ def write_report(
         if report.get("comparisons") or report.get("improver"):
             _plot_win_rates(report, out / "win_rates.png")
             files["win_rates.png"] = out / "win_rates.png"
+        if report.get("ranking"):
+            from .ranking import plot_ranking
+
+            plot_ranking(report["ranking"], out / "ranking.png", title=f"judge: {report['judge']}")
+            files["ranking.png"] = out / "ranking.png"
         if answer_lengths:
             _plot_lengths(answer_lengths, out / "lengths.png")
             files["lengths.png"] = out / "lengths.png"
