@@ -191,7 +191,8 @@ class LocalPairwiseJudge(PairwiseJudge):
         self.system_prompt = system_prompt
         self.template = template
         self.use_references = use_references
-        self.backend = backend if backend != "auto" else type(scorer).__name__
+        engines = {TransformersScorer: "transformers", VLLMScorer: "vllm"}
+        self.backend = engines.get(type(scorer), type(scorer).__name__)
         self.token_ids = {letter: letter_token_ids(tokenizer, letter) for letter in "AB"}
         self.name = f"local:{self.model_name}"
 
@@ -232,6 +233,7 @@ class LocalPairwiseJudge(PairwiseJudge):
             "template": stable_hash(self.template),
             "use_references": self.use_references,
             "verdict_tokens": self.token_ids,
+            "backend": self.backend,
         }
 
     def render(self, prompt: Any, first: str, second: str, reference: str | None) -> str:
