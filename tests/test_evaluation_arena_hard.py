@@ -105,3 +105,52 @@ def test_a_game_without_a_verdict_after_the_reask_is_dropped_and_counted():
     assert p[0] == 1.0  # game 2: B>>A with the model as B
     assert math.isnan(p[1])  # both games of R unreadable: an abstention
     assert j.stats.reasked == 3 and j.stats.dropped == 3 and j.stats.failed == 3 and j.stats.written == 1
+
+
+def by_length(body):
+    """A judge that prefers the longer answer: strongly when it is twice as long."""
+    answers = dict(ANSWER.findall(body["messages"][1]["content"]))
+    a, b = len(answers["A"]), len(answers["B"])
+    label = "A=B" if a == b else ("A>>B" if a >= 2 * b else "A>B") if a > b else ("B>>A" if b >= 2 * a else "B>A")
+    return f"My own answer first.\n\nThen the comparison.\n\nMy final verdict: [[{label}]]"
+
+
+def test_cli_eval_arena_hard_end_to_end_against_the_stub(tmp_path, tiny_tokenizer, capsys):
+    from helpers.tiny import build_tiny_model
+    from trl_sgpo.cli import main
+
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"prompt": f"Question number {i}?"}) + "\n")
+    argv = ["-q", "eval", "--prompts", str(tmp_path / "prompts.jsonl"), "--output-dir", str(tmp_path / "eval")]
+    for seed in (0, 1, 2):
+        build_tiny_model(tiny_tokenizer, seed=seed).save_pretrained(tmp_path / f"m{seed}")
+        tiny_tokenizer.save_pretrained(tmp_path / f"m{seed}")
+        argv += ["--model", f"m{seed}={tmp_path / f'm{seed}'}"]
+    # Sampled (seeded): the random tiny models answer greedily with the same empty text.
+    argv += [
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--n-bootstrap",
+        "20",
+        "--device",
+        "cpu",
+        "--api-key-env",
+        "SGPO_ARENA_KEY",
+    ]
+    with OpenAIStub(api_key=KEY, reply=by_length) as stub:
+        argv += ["--judge", "openai", "--judge-style", "arena-hard", "--base-url", stub.base_url, "--judge-model", "j"]
+        assert main(argv) == 0
+        asked = len(stub.requests)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["judge"] == "arena-hard:j"
+    stats = report["judge_stats"]
+    assert asked > 0 and stats["games"] == asked and stats["reasked"] == stats["dropped"] == 0
+    assert sum(stats["verdicts"].values()) == asked
+    assert "Bradley-Terry" in (tmp_path / "eval" / "report.md").read_text()
+    assert (tmp_path / "eval" / "ranking.png").is_file()
+    bad = ["eval", "--model", "a=x", "--model", "b=y", "--output-dir", "o", "--judge-style", "arena-hard"]
+    assert main(bad) == 1
+    assert "applies to --judge openai only" in capsys.readouterr().err

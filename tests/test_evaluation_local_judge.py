@@ -123,12 +123,22 @@ def test_cli_eval_with_the_embedded_model_as_local_judge_ranks_three_models(tmp_
         build_tiny_model(tiny_tokenizer, seed=seed).save_pretrained(folder)
         tiny_tokenizer.save_pretrained(folder)
         argv += ["--model", f"m{seed}={folder}"]
-    argv += ["--judge", "local", "--judge-model", "smollm2-135m-instruct", "--max-new-tokens", "6"]
+    argv += [
+        "--judge",
+        "local",
+        "--judge-model",
+        "smollm2-135m-instruct",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+    ]
     argv += ["--n-bootstrap", "20", "--device", "cpu"]
     assert main(argv) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["judge"] == "local:smollm2-135m-instruct"
     assert all(0 <= c["win_rate"] <= 1 for c in report["comparisons"].values())
+    assert sum(c["wins"] + c["losses"] for c in report["comparisons"].values()) > 0  # really judged
     assert {m["model"] for m in report["ranking"]["models"]} == {"m0", "m1", "m2"}
     assert "Bradley-Terry" in (tmp_path / "eval" / "report.md").read_text()
     assert main(["eval", "--model", "a=x", "--model", "b=y", "--output-dir", "o", "--judge", "local"]) == 1
