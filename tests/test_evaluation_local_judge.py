@@ -49,21 +49,25 @@ def test_both_orders_are_averaged_with_any_scorer(tiny_tokenizer):
 
 
 def test_tiny_model_verdicts_swap_to_one_minus_p_and_match_a_direct_forward_pass(tiny_model, tiny_tokenizer):
-    judge = LocalPairwiseJudge(tiny_model, tiny_tokenizer, batch_size=2)
+    judge = LocalPairwiseJudge(tiny_model, tiny_tokenizer, batch_size=3)  # batches mix lengths: left padding
     p = judge.judge(PROMPTS, A, B)
     swapped = judge.judge(PROMPTS, B, A)
     assert all(0 < v < 1 for v in p) and len(set(p)) == 3
     assert swapped == pytest.approx([1 - v for v in p], abs=1e-6)
-    # The verdict is P(A)/(P(A)+P(B)) of the next token after the rendered prompt, whatever the batch it is in.
+    # Per order, the verdict is P(A)/(P(A)+P(B)) of the next token after the rendered prompt, computed here one
+    # prompt at a time; the judge batches prompts of different lengths (left padding) and must agree.
     ids_a, ids_b = letter_token_ids(tiny_tokenizer, "A"), letter_token_ids(tiny_tokenizer, "B")
+    texts = [judge.render(q, a, b, None) for q, a, b in zip(PROMPTS, A, B)]
+    assert len({len(t) for t in texts}) == 3
     direct = []
-    for first, second in ((A[0], B[0]), (B[0], A[0])):
-        ids = tiny_tokenizer.encode(judge.render(PROMPTS[0], first, second, None), add_special_tokens=False)
+    for text in texts:
+        ids = tiny_tokenizer.encode(text, add_special_tokens=False)
         with torch.no_grad():
             probs = torch.softmax(tiny_model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
         mass_a, mass_b = probs[ids_a].sum().item(), probs[ids_b].sum().item()
         direct.append(mass_a / (mass_a + mass_b))
-    assert p[0] == pytest.approx((direct[0] + 1 - direct[1]) / 2, abs=1e-5)
+    assert judge.first_probabilities(texts) == pytest.approx(direct, abs=1e-5)
+    assert max(direct) - min(direct) > 1e-4  # well above the tolerance: the check tells prompts apart
 
 
 def test_identity_names_the_weights_and_the_prompt(tmp_path, tiny_tokenizer):

@@ -90,7 +90,8 @@ class TransformersScorer:
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-            # Positions count real tokens only, so a prompt scores the same whatever it is batched with.
+            # Positions count real tokens only: models with absolute position embeddings then score a prompt the
+            # same whatever it is batched with (rotary ones are unaffected by the padding's offset anyway).
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
             with torch.no_grad():
                 logits = self.model(
