@@ -149,7 +149,8 @@ def test_cli_eval_arena_hard_end_to_end_against_the_stub(tmp_path, tiny_tokenize
     stats = report["judge_stats"]
     assert asked > 0 and stats["games"] == asked and stats["reasked"] == stats["dropped"] == 0
     assert sum(stats["verdicts"].values()) == asked
-    assert "Bradley-Terry" in (tmp_path / "eval" / "report.md").read_text()
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    assert "Bradley-Terry" in markdown and f"Arena-Hard games judged in this run: {asked} (A>>B " in markdown
     assert (tmp_path / "eval" / "ranking.png").is_file()
     bad = ["eval", "--model", "a=x", "--model", "b=y", "--output-dir", "o", "--judge-style", "arena-hard"]
     assert main(bad) == 1

@@ -73,6 +73,14 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         f"rate = P(model's answer beats the baseline's), ties count half; lengths in characters).",
         "",
     ]
+    stats = report.get("judge_stats") or {}
+    if "verdicts" in stats:  # Arena-Hard style judge
+        counts = ", ".join(f"{label} {n}" for label, n in stats["verdicts"].items())
+        lines += [
+            f"Arena-Hard games judged in this run: {stats['games']} ({counts}); {stats['reasked']} re-asked for an "
+            f"unreadable verdict, {stats['dropped']} dropped without one.",
+            "",
+        ]
     if report.get("comparisons"):
         rows = [_row(n, s, _extras(report, "comparisons", n)) for n, s in report["comparisons"].items()]
         lines.append(header + "\n".join(rows))
