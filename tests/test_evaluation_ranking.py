@@ -53,6 +53,8 @@ def test_a_clean_sweep_is_finite_and_inputs_are_checked():
     ranking = bradley_terry({("a", "base"): [1.0] * 20, ("b", "base"): [0.0] * 20}, ["base", "a", "b"], n_bootstrap=5)
     elo = {m["model"]: m["elo"] for m in ranking["models"]}
     assert elo["a"] > 1000 > elo["b"] and all(math.isfinite(v) for v in elo.values())
+    ties = bradley_terry({("a", "base"): [0.5] * 5, ("b", "base"): [0.5] * 5}, ["base", "a", "b"], n_bootstrap=5)
+    assert [m["rank"] for m in ties["models"]] == [1, 1, 1]  # no order where the verdicts give none
     with pytest.raises(ValueError, match="have no verdicts"):
         bradley_terry({("a", "base"): [1.0]}, ["base", "a", "c"])
     with pytest.raises(ValueError, match="one verdict per prompt"):

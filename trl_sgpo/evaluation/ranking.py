@@ -101,7 +101,7 @@ def bradley_terry(
 
     Returns:
         ``{"baseline", "confidence", "n_prompts", "n_bootstrap", "pairs": [[a, b], ...], "models": [...]}``, models
-        sorted best first, each ``{"model", "rank", "elo", "elo_ci_low", "elo_ci_high", "win_prob",
+        sorted best first (equal scores share a rank), each ``{"model", "rank", "elo", "elo_ci_low", "elo_ci_high", "win_prob",
         "win_prob_ci_low", "win_prob_ci_high"}``.
     """
     names = list(names)
@@ -128,8 +128,8 @@ def bradley_terry(
             }
         )
     models.sort(key=lambda m: -m["elo"])
-    for rank, m in enumerate(models, start=1):
-        m["rank"] = rank
+    for m in models:  # models with equal scores share a rank (1, 1, 3, ...)
+        m["rank"] = 1 + sum(other["elo"] > m["elo"] + 1e-3 for other in models)
     return {
         "baseline": names[0],
         "confidence": confidence,
