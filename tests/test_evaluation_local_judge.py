@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers.tiny import build_tiny_model
-from trl_sgpo.evaluation.local_judge import LocalPairwiseJudge, VLLMScorer, letter_token_ids
+from trl_sgpo.evaluation.local_judge import LocalPairwiseJudge, TransformersScorer, VLLMScorer, letter_token_ids
 
 
 PROMPTS = ["What is 2+2?", [{"role": "user", "content": "Name a colour."}], "Say hello."]
@@ -81,6 +81,9 @@ def test_identity_names_the_weights_and_the_prompt(tmp_path, tiny_tokenizer):
     assert one.identity()["weights_sha256"] != other.identity()["weights_sha256"]
     json.dumps(one.identity())  # serializable: it keys the judgment cache
     assert one.name == f"local:{folders[0]}" and one.backend == "transformers"
+    # The model loads on first use (after evaluate_models has generated every answer), not with the judge.
+    assert one._scorer is None
+    assert 0 < one.judge(["q"], ["a"], ["b"])[0] < 1 and isinstance(one.scorer, TransformersScorer)
     templated = LocalPairwiseJudge(tokenizer=tiny_tokenizer, scorer=LetterScorer(), template="{instruction}")
     assert (
         templated.identity()["template"]

@@ -161,6 +161,7 @@ class LocalPairwiseJudge(PairwiseJudge):
         device: transformers backend: where to run (default: cuda when available, else cpu).
         scorer: An object with ``logprobs(texts, token_ids)`` (see :class:`TransformersScorer`), replacing the
             backend; ``tokenizer`` is then required.
+        vllm_kwargs: vLLM backend: more arguments of ``vllm.LLM`` (e.g. ``gpu_memory_utilization``).
     """
 
     def __init__(
@@ -175,6 +176,7 @@ class LocalPairwiseJudge(PairwiseJudge):
         backend: str = "auto",
         device: str | None = None,
         scorer: Any = None,
+        vllm_kwargs: dict[str, Any] | None = None,
     ):
         if backend not in ("auto", "transformers", "vllm"):
             raise ValueError(f"`backend` must be auto, transformers or vllm, got {backend!r}.")
@@ -183,46 +185,58 @@ class LocalPairwiseJudge(PairwiseJudge):
         else:
             self.model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         self.weights = None
-        if scorer is None:
-            scorer, tokenizer = self._build_scorer(model, tokenizer, backend, batch_size, device)
-        elif tokenizer is None:
-            raise ValueError("LocalPairwiseJudge needs the `tokenizer` when `scorer` is given.")
-        self.scorer = scorer
+        self._scorer, self._load = scorer, None
+        if scorer is not None:
+            if tokenizer is None:
+                raise ValueError("LocalPairwiseJudge needs the `tokenizer` when `scorer` is given.")
+            self.backend = type(scorer).__name__
+        elif isinstance(model, (str, os.PathLike)):
+            tokenizer = self._prepare(str(model), backend, batch_size, device, vllm_kwargs or {})
+        elif model is None or tokenizer is None:
+            raise ValueError("LocalPairwiseJudge needs a model name or folder, or a model object and its `tokenizer`.")
+        elif backend == "vllm":
+            raise ValueError("backend='vllm' needs a model name or folder (vLLM loads it), not a model object.")
+        else:
+            self._scorer, self.backend = TransformersScorer(model, tokenizer, batch_size=batch_size), "transformers"
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.template = template
         self.use_references = use_references
-        engines = {TransformersScorer: "transformers", VLLMScorer: "vllm"}
-        self.backend = engines.get(type(scorer), type(scorer).__name__)
         self.token_ids = {letter: letter_token_ids(tokenizer, letter) for letter in "AB"}
         self.name = f"local:{self.model_name}"
 
-    def _build_scorer(self, model, tokenizer, backend, batch_size, device):
-        by_name = isinstance(model, (str, os.PathLike))
-        use_vllm = backend == "vllm" or (backend == "auto" and by_name and _vllm_available())
-        if by_name:
-            from ..models import resolve_model_path
+    def _prepare(self, name: str, backend: str, batch_size: int, device: str | None, vllm_kwargs: dict):
+        """Hash the weights and load the tokenizer now; the model itself on first use (:attr:`scorer`), so that
+        :func:`~trl_sgpo.evaluation.evaluate_models` generates every answer before the judge takes the memory."""
+        from transformers import AutoTokenizer
 
-            path = resolve_model_path(str(model))
-            self.weights = weights_hash(path)
-            if use_vllm:
+        from ..models import load_model_and_tokenizer, resolve_model_path
+
+        path = resolve_model_path(name)
+        self.weights = weights_hash(path)
+        self.backend = "vllm" if backend == "vllm" or (backend == "auto" and _vllm_available()) else "transformers"
+
+        def load():
+            if self.backend == "vllm":
                 from vllm import LLM
 
-                llm = LLM(model=path)
-                return VLLMScorer(llm), llm.get_tokenizer()
+                return VLLMScorer(LLM(model=path, **vllm_kwargs))
             import torch
 
-            from ..models import load_model_and_tokenizer
+            where = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = torch.bfloat16 if where.startswith("cuda") else torch.float32
+            model, tokenizer = load_model_and_tokenizer(path, dtype=dtype)
+            return TransformersScorer(model.to(where), tokenizer, batch_size=batch_size)
 
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-            model, tokenizer = load_model_and_tokenizer(str(model), dtype=dtype)
-            model.to(device)
-        elif model is None or tokenizer is None:
-            raise ValueError("LocalPairwiseJudge needs a model name or folder, or a model object and its `tokenizer`.")
-        elif use_vllm:
-            raise ValueError("backend='vllm' needs a model name or folder (vLLM loads it), not a model object.")
-        return TransformersScorer(model, tokenizer, batch_size=batch_size), tokenizer
+        self._load = load
+        return AutoTokenizer.from_pretrained(path)
+
+    @property
+    def scorer(self):
+        """The engine behind the verdicts (loaded on first use when the judge was given a model name)."""
+        if self._scorer is None:
+            self._scorer = self._load()
+        return self._scorer
 
     def identity(self) -> dict[str, Any]:
         """Everything that can change a verdict (JSON-serializable; part of the judgment cache key)."""
