@@ -22,12 +22,17 @@ accelerate launch recipes/compare.py --config recipes/configs/compare_smollm2.ya
     --judge openai --judge_model gpt-4o-mini --output_dir outputs/compare-qwen
 ```
 
+Add `--judge_style arena-hard` to judge the comparison Arena-Hard style (the judge answers, reasons, gives a five-level
+verdict; training keeps one-letter verdicts), or `--eval_judge local --local_judge_model <id or folder>` to judge it
+with a causal LM in this process.
+
 The held-out prompts (`num_eval_prompts`, drawn first with `seed`) are never trained on. Every method runs the
 `recipes/sgpo.py` pipeline on the remaining rows (`<output_dir>/<method>/`, resumable): SGPO with its improver stages
 (which use `num_improver_prompts` of those rows), the others on the `num_sgpo_prompts` preference prompts only. The
 same judge estimates SPPO's win rates, picks online DPO's chosen answers and judges the comparison, so those two
 methods are trained toward the judge they are evaluated with; SGPO and SSO never see it. Writes
-`<output_dir>/comparison.md`, `comparison.json` and `comparison.png` (plus the evaluation's answers and judgments under
+`<output_dir>/comparison.md` (with a Bradley-Terry ranking of all the models), `comparison.json` and `comparison.png`
+(plus the evaluation's answers and judgments under
 `<output_dir>/eval/`).
 """
 
@@ -67,9 +72,38 @@ class CompareArguments:
     similarity_temperature: float = field(
         default=0.05, metadata={"help": "similarity judge: P(a beats b) = sigmoid((sim_a - sim_b) / T)."}
     )
+    judge_style: str = field(
+        default="alpaca-eval",
+        metadata={
+            "help": "openai judge, in the comparison: alpaca-eval (one letter) or arena-hard (the judge answers, "
+            "reasons and gives a five-level verdict, two games per prompt). Training keeps one-letter verdicts.",
+            "choices": ["alpaca-eval", "arena-hard"],
+        },
+    )
+    eval_judge: str | None = field(
+        default=None,
+        metadata={
+            "help": "Judge of the comparison when it differs from `judge`: local (the causal LM `local_judge_model`, "
+            "in this process). Default: `judge`.",
+            "choices": [None, "local"],
+        },
+    )
+    local_judge_model: str | None = field(
+        default=None,
+        metadata={"help": "eval_judge local: Hub id or folder (smollm2-135m-instruct: the embedded one)."},
+    )
 
     def __post_init__(self):
         from trl_sgpo.pipeline.methods import METHODS
+
+        if self.judge_style not in ("alpaca-eval", "arena-hard"):
+            raise ValueError(f"`judge_style` must be alpaca-eval or arena-hard, got {self.judge_style!r}.")
+        if self.judge_style == "arena-hard" and (self.judge != "openai" or self.eval_judge is not None):
+            raise ValueError("`judge_style arena-hard` applies to `judge openai` (without `eval_judge`) only.")
+        if self.eval_judge not in (None, "local"):
+            raise ValueError(f"`eval_judge` must be unset or local, got {self.eval_judge!r}.")
+        if self.eval_judge == "local" and not self.local_judge_model:
+            raise ValueError("`eval_judge local` needs `local_judge_model` (a Hub id or folder of a causal LM).")
 
         if isinstance(self.methods, str):
             self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -102,6 +136,26 @@ class CompareArguments:
             reward_model=self.reward_model,
             similarity_temperature=self.similarity_temperature,
         )
+
+
+def evaluation_judge(compare_args, script_args, judge):
+    """The comparison's judge: ``judge`` (the training one) unless ``eval_judge`` or ``judge_style`` asks for
+    another."""
+    if compare_args.eval_judge == "local":
+        from trl_sgpo.evaluation.local_judge import LocalPairwiseJudge
+
+        return LocalPairwiseJudge(compare_args.local_judge_model)
+    if compare_args.judge_style == "arena-hard":
+        from trl_sgpo.evaluation.arena_hard import ArenaHardJudge
+
+        arena = ArenaHardJudge(
+            script_args.judge_model,
+            script_args.base_url,
+            api_key_env=getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
+        )
+        arena.read_api_key()
+        return arena
+    return judge
 
 
 def split_rows(script_args, compare_args, seed: int):
@@ -153,6 +207,7 @@ def main(compare_args, script_args, training_args, model_args, judge=None):
 
     if judge is None:
         judge = compare_args.method_arguments("sppo").build_judge(script_args)
+    eval_judge = evaluation_judge(compare_args, script_args, judge)
     start = model_args.model_name_or_path or DEFAULT_MODEL
     results = {}
     for name in compare_args.methods:
@@ -179,7 +234,7 @@ def main(compare_args, script_args, training_args, model_args, judge=None):
         report = evaluate_models(
             models,
             eval_rows,
-            judge,
+            eval_judge,
             out / "eval",
             max_new_tokens=script_args.eval_max_new_tokens or training_args.max_new_tokens,
             batch_size=compare_args.eval_batch_size,
@@ -230,6 +285,7 @@ def comparison_rows(report: dict, results: dict) -> list[dict]:
 
 
 def markdown(rows: list[dict], report: dict) -> str:
+    from trl_sgpo.evaluation.ranking import ranking_markdown
     from trl_sgpo.evaluation.reports import cost_text
 
     level = round(100 * report.get("confidence", 0.95))
@@ -257,6 +313,8 @@ def markdown(rows: list[dict], report: dict) -> str:
         )
     if notes:
         lines += ["", "LC win rate not identified (n/i):", "", *(f"{i}. {note}" for i, note in enumerate(notes, 1))]
+    if report.get("ranking"):
+        lines += ["", ranking_markdown(report["ranking"]).rstrip("\n")]
     return "\n".join(lines)
 
 
@@ -271,7 +329,7 @@ def write_comparison(rows: list[dict], report: dict, out: Path) -> None:
     (out / "comparison.md").write_text("# Comparison\n\n" + markdown(rows, report) + "\n", encoding="utf-8")
     with open(out / "comparison.json", "w", encoding="utf-8") as f:
         summary = {"rows": rows, "judge": report["judge"], "n_prompts": report["n_prompts"]}
-        json.dump(json_safe(summary), f, indent=2, allow_nan=False)  # null, not NaN, for a missing figure
+        json.dump(json_safe({**summary, "ranking": report.get("ranking")}), f, indent=2, allow_nan=False)
 
     trained = [r for r in rows if r["win_rate"] is not None]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(trained), 3.6))

@@ -82,6 +82,10 @@ def test_compare_trains_every_method_and_writes_one_table_and_plot(tiny_model_di
     assert all(r["train_seconds"] > 0 for r in rows[1:])
     assert (out / "comparison.png").stat().st_size > 0
     assert "| sso |" in capsys.readouterr().out
+    # Five models: ranked by Bradley-Terry in both tables.
+    assert {m["model"] for m in report["ranking"]["models"]} == {"start", *methods}
+    assert "Bradley-Terry ranking" in table and "Bradley-Terry ranking" in (out / "eval" / "report.md").read_text()
+    assert json.loads((out / "comparison.json").read_text())["ranking"]["baseline"] == "start"
 
 
 def test_sgpo_recipe_method_flag_skips_the_improver_stages(tiny_model_dir, prompt_file, tmp_path, capsys):
@@ -98,3 +102,24 @@ def test_sgpo_recipe_method_flag_skips_the_improver_stages(tiny_model_dir, promp
         recipe.parse_args(common_argv(tiny_model_dir, prompt_file, out) + ["--method", "sppo"])
     with pytest.raises(ValueError, match="uses no judge"):
         recipe.parse_args(common_argv(tiny_model_dir, prompt_file, out) + ["--method", "sso", "--judge", "similarity"])
+
+
+def test_compare_evaluation_judge_options(monkeypatch, tiny_model_dir):
+    compare = load_script("compare")
+    base = ["--output_dir", "o", "--judge", "openai", "--judge_model", "j", "--base_url", "http://127.0.0.1:9/v1"]
+    base += ["--writer_model", "w"]  # the recipe shares --base_url between the writer and the judge
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    compare_args, script_args, *_ = compare.make_parser().parse_args_and_config([*base, "--judge_style", "arena-hard"])
+    training = object()
+    arena = compare.evaluation_judge(compare_args, script_args, training)
+    assert type(arena).__name__ == "ArenaHardJudge" and arena.model == "j" and arena.base_url == script_args.base_url
+    compare_args, script_args, *_ = compare.make_parser().parse_args_and_config(base)
+    assert compare.evaluation_judge(compare_args, script_args, training) is training
+    local = ["--output_dir", "o", "--eval_judge", "local", "--local_judge_model", str(tiny_model_dir)]
+    compare_args, script_args, *_ = compare.make_parser().parse_args_and_config(local)
+    judge = compare.evaluation_judge(compare_args, script_args, training)
+    assert type(judge).__name__ == "LocalPairwiseJudge" and judge.name == f"local:{tiny_model_dir}"
+    with pytest.raises(ValueError, match="applies to `judge openai`"):
+        compare.make_parser().parse_args_and_config(["--output_dir", "o", "--judge_style", "arena-hard"])
+    with pytest.raises(ValueError, match="needs `local_judge_model`"):
+        compare.make_parser().parse_args_and_config(["--output_dir", "o", "--eval_judge", "local"])

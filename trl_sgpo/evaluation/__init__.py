@@ -3,6 +3,10 @@
 - :mod:`~trl_sgpo.evaluation.answers`: generate answers (batched, resumable, AlpacaEval ``model_outputs.json``).
 - :mod:`~trl_sgpo.evaluation.judges`: ``PairwiseJudge`` and its implementations (OpenAI-compatible LLM, reward
   model, reference similarity, ROUGE-L against the reference).
+- :mod:`~trl_sgpo.evaluation.arena_hard`: ``ArenaHardJudge``, Arena-Hard style judging (own answer, five-level
+  verdict, two games).
+- :mod:`~trl_sgpo.evaluation.local_judge`: ``LocalPairwiseJudge``, a causal LM judging in this process.
+- :mod:`~trl_sgpo.evaluation.ranking`: Bradley-Terry ranking of several models with bootstrap intervals.
 - :mod:`~trl_sgpo.evaluation.scores`: win rate with a bootstrap interval, length-controlled win rate, per category.
 - :mod:`~trl_sgpo.evaluation.win_rate_metric`: the same as an ``evaluate`` module (``evaluate.load(WIN_RATE_METRIC_PATH)``).
 - :mod:`~trl_sgpo.evaluation.reports`: ``report.json``, ``report.md`` and figures.
@@ -32,6 +36,9 @@ _EXPORTS = {
     "RewardModelJudge": "judges",
     "ReferenceSimilarityJudge": "judges",
     "ReferenceRougeJudge": "judges",
+    "ArenaHardJudge": "arena_hard",
+    "LocalPairwiseJudge": "local_judge",
+    "bradley_terry": "ranking",
     "win_rate": "scores",
     "length_controlled_win_rate": "scores",
     "compare_scores": "scores",

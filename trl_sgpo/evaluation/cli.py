@@ -14,6 +14,14 @@ Examples::
     # prices (USD per 1M prompt / completion tokens) for any other judge, else the cost reads "unknown"
     trl-sgpo eval ... --judge openai --judge-model my-judge --base-url ... --judge-price-in 0.5 --judge-price-out 1.5
 
+    # Arena-Hard style: the judge answers first, reasons, then gives [[A>>B]] ... [[B>>A]]; two games per prompt
+    trl-sgpo eval ... --judge openai --judge-style arena-hard --base-url ... --judge-model ...
+
+    # A judge in this process (no endpoint): a causal LM's verdict-token probabilities
+    trl-sgpo eval ... --judge local --judge-model Qwen/Qwen2.5-7B-Instruct
+
+With three or more models, report.md also ranks them by Bradley-Terry (ranking.png).
+
 A rerun resumes: answers, judgments and judge requests already made are not made again, as long as what made them
 is the same (the model's weights, every generation setting, the judge and its settings); whatever changed is
 recomputed, and one log line per model and judge says how many were reused and why the others were not.
@@ -77,12 +85,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument(
         "--judge",
         default="similarity",
-        choices=["similarity", "openai", "reward-model"],
+        choices=["similarity", "openai", "reward-model", "local"],
         help="similarity: cosine similarity of sentence embeddings to each row's reference (offline, the default); "
-        "openai: an LLM at --base-url/--judge-model; reward-model: --reward-model scores each answer.",
+        "openai: an LLM at --base-url/--judge-model; reward-model: --reward-model scores each answer; local: the "
+        "causal LM --judge-model in this process (verdict-token probabilities).",
     )
     g.add_argument("--base-url", default=None, help="openai: endpoint, e.g. http://localhost:8000/v1.")
-    g.add_argument("--judge-model", default=None, help="openai: model name at the endpoint.")
+    g.add_argument(
+        "--judge-model",
+        default=None,
+        help="openai: model name at the endpoint; local: Hub id or folder (smollm2-135m-instruct: the embedded one).",
+    )
+    g.add_argument(
+        "--judge-style",
+        default="alpaca-eval",
+        choices=["alpaca-eval", "arena-hard"],
+        help="openai: alpaca-eval asks for one letter (log-probabilities when available); arena-hard lets the judge "
+        "answer, reason and give a five-level verdict [[A>>B]]..[[B>>A]], two games per prompt (default: alpaca-eval).",
+    )
     g.add_argument(
         "--api-key-env",
         default="OPENAI_API_KEY",
@@ -125,6 +145,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--confidence", type=float, default=0.95, help="Interval level (default: 0.95).")
     g.add_argument("--no-plots", action="store_true", help="Do not write the PNG figures.")
     g.add_argument(
+        "--rank-all-pairs",
+        action="store_true",
+        help="With three or more models, also judge every pair of non-baseline models for the Bradley-Terry ranking "
+        "(default: each model against the baseline only).",
+    )
+    g.add_argument(
         "--trainer-state",
         action="append",
         default=[],
@@ -140,14 +166,27 @@ def build_judge(args):
     """The judge named by ``--judge`` (checks its arguments before any model is loaded)."""
     from .judges import OpenAIPairwiseJudge, ReferenceSimilarityJudge, RewardModelJudge
 
+    if getattr(args, "judge_style", "alpaca-eval") != "alpaca-eval" and args.judge != "openai":
+        raise ValueError(f"--judge-style {args.judge_style} applies to --judge openai only, not --judge {args.judge}.")
+    if args.judge == "local":
+        from .local_judge import LocalPairwiseJudge
+
+        if not args.judge_model:
+            raise ValueError("--judge local needs --judge-model (a Hub id or folder of a causal LM).")
+        return LocalPairwiseJudge(args.judge_model, device=args.device)
     if args.judge == "openai":
         if not args.judge_model:
             raise ValueError("--judge openai needs --judge-model (the model name at the endpoint).")
-        judge = OpenAIPairwiseJudge(
+        style = {}
+        if getattr(args, "judge_style", "alpaca-eval") == "arena-hard":
+            from .arena_hard import ArenaHardJudge as judge_class
+        else:
+            judge_class, style = OpenAIPairwiseJudge, {"logprobs": not args.no_logprobs}
+        judge = judge_class(
             args.judge_model,
             args.base_url,
             api_key_env=args.api_key_env,
-            logprobs=not args.no_logprobs,
+            **style,
             max_concurrency=args.max_concurrency,
             max_retries=args.max_retries,
             timeout=args.timeout,
@@ -195,6 +234,7 @@ def run(args) -> dict:
         device=args.device,
         trainer_states=dict(args.trainer_state) or None,
         plots=not args.no_plots,
+        rank_all_pairs=args.rank_all_pairs,
         show_progress=not getattr(args, "quiet", False),
     )
     print(text_table(report))

@@ -11,6 +11,7 @@ settings changed and the verdicts whose judge or texts changed, see :mod:`~trl_s
                                           exact texts judged
     judgments/<model>.improver.jsonl      per row: P(improvement beats the draft)
     judgments/<label>/...                 the same, by each of ``extra_judges``
+    judgments/<a>.vs.<b>.jsonl            with rank_all_pairs: P(a beats b) for two non-baseline models
     judge_cache.jsonl                     the OpenAI judge's answer cache (no request is sent twice)
     report.json, report.md, *.png         see trl_sgpo.evaluation.reports
 """
@@ -18,6 +19,7 @@ settings changed and the verdicts whose judge or texts changed, see :mod:`~trl_s
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import math
 import os
@@ -175,6 +177,7 @@ def evaluate_models(
     trainer_states: Mapping[str, str | os.PathLike] | None = None,
     plots: bool = True,
     show_progress: bool = True,
+    rank_all_pairs: bool = False,
 ) -> dict[str, Any]:
     """Answer ``prompts_dataset`` with every model, judge each against the first (the baseline), and report.
 
@@ -200,6 +203,8 @@ def evaluate_models(
         trainer_states: ``{label: trainer_state.json path}`` to plot training curves from.
         plots: Write the matplotlib figures.
         show_progress: Progress bars.
+        rank_all_pairs: With three or more models, also judge every pair of non-baseline models for the
+            Bradley-Terry ranking (without: each model against the baseline only).
 
     Returns:
         The report (also in ``report.json``, where a missing figure is ``null``): ``baseline``, ``judge``,
@@ -208,7 +213,8 @@ def evaluate_models(
         identified, its length slope with interval, counts, lengths, per category), with ``improver``, ``improver``
         (per model, improvement vs draft), with ``extra_judges``, ``extra_judges`` (per label: ``judge``,
         ``comparisons``, ``improver``), and for an OpenAI-compatible judge ``judge_cost`` (tokens sent in this run and
-        their cost, ``usd`` null when no price is known).
+        their cost, ``usd`` null when no price is known), and with three or more
+        models ``ranking`` (:func:`~trl_sgpo.evaluation.ranking.bradley_terry`).
     """
     from .reports import write_report
 
@@ -278,11 +284,15 @@ def evaluate_models(
             del generator
             gc.collect()
 
-    def judged_by(judge: PairwiseJudge, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    verdicts: dict[tuple[str, str], list[float]] = {}  # the main judge's, for the ranking
+
+    def judged_by(judge: PairwiseJudge, folder: Path, record: dict | None = None) -> tuple[dict, dict]:
         """Each model against the baseline, and each improver against its own drafts."""
 
-        def score(mine: list[str], theirs: list[str], file: str) -> dict[str, Any]:
+        def score(mine: list[str], theirs: list[str], file: str, pair: tuple[str, str] = ()) -> dict[str, Any]:
             preferences = judge_rows(judge, prompts, mine, theirs, row_ids, references, folder / file)
+            if record is not None and pair:
+                record[pair] = preferences
             return compare_scores(
                 preferences,
                 mine,
@@ -294,11 +304,13 @@ def evaluate_models(
                 seed=seed,
             )
 
-        versus_baseline = {n: score(answers[n], answers[baseline], f"{_safe(n)}.jsonl") for n in names[1:]}
+        versus_baseline = {
+            n: score(answers[n], answers[baseline], f"{_safe(n)}.jsonl", (n, baseline)) for n in names[1:]
+        }
         versus_drafts = {n: score(improvements[n], answers[n], f"{_safe(n)}.improver.jsonl") for n in improvements}
         return versus_baseline, versus_drafts
 
-    comparisons, improver_scores = judged_by(judge, out / "judgments")
+    comparisons, improver_scores = judged_by(judge, out / "judgments", verdicts)
     second = {}
     for label, other in (extra_judges or {}).items():
         other_comparisons, other_improver = judged_by(other, out / "judgments" / _safe(label))
@@ -319,6 +331,16 @@ def evaluate_models(
         report["improver"] = improver_scores
     if second:
         report["extra_judges"] = second
+    if len(names) >= 3:
+        from .ranking import bradley_terry
+
+        others = itertools.combinations(names[1:], 2) if rank_all_pairs else []
+        for a, b in others:
+            file = out / "judgments" / f"{_safe(a)}.vs.{_safe(b)}.jsonl"
+            verdicts[a, b] = judge_rows(judge, prompts, answers[a], answers[b], row_ids, references, file)
+        report["ranking"] = bradley_terry(
+            verdicts, names, n_bootstrap=min(n_bootstrap, 100), confidence=confidence, seed=seed
+        )
     stats = getattr(judge, "stats", None)
     if stats is not None and hasattr(stats, "as_dict"):
         report["judge_stats"] = stats.as_dict()

@@ -11,6 +11,8 @@ Figures (PNG, written with the non-interactive Agg backend):
 - ``win_rates.png``: win rate per model against the baseline with its interval (and the improver's win rate over
   its own drafts, when evaluated), the 50% line marked;
 - ``lengths.png``: answer length distributions per model (characters);
+- ``ranking.png``: with three or more models, their Bradley-Terry Elo with intervals (see
+  :mod:`~trl_sgpo.evaluation.ranking`);
 - ``training_curves.png``: loss, reward margin, kept-pair fraction and finished (not truncated) fraction per step,
   read from ``trainer_state.json`` files.
 """
@@ -171,6 +173,14 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     if cost_text(report):
         lines += [cost_text(report), ""]
     notes: list[str] = []
+    stats = report.get("judge_stats") or {}
+    if "verdicts" in stats:  # Arena-Hard style judge
+        counts = ", ".join(f"{label} {n}" for label, n in stats["verdicts"].items())
+        lines += [
+            f"Arena-Hard games judged in this run: {stats['games']} ({counts}); {stats['reasked']} re-asked for an "
+            f"unreadable verdict, {stats['dropped']} dropped without one.",
+            "",
+        ]
     if report.get("comparisons"):
         rows = [
             _row(n, s, _cut(report, n), notes, _extras(report, "comparisons", n))
@@ -199,6 +209,10 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     if notes:
         lines += ["", "Length-controlled win rate not identified:", ""]
         lines += [f"{i}. {note}" for i, note in enumerate(notes, 1)]
+    if report.get("ranking"):
+        from .ranking import ranking_markdown
+
+        lines += ["", ranking_markdown(report["ranking"]).rstrip("\n")]
     for name, s in (report.get("comparisons") or {}).items():
         if s.get("per_category"):
             lines += [
@@ -361,6 +375,11 @@ def write_report(
         if report.get("comparisons") or report.get("improver"):
             _plot_win_rates(report, out / "win_rates.png")
             files["win_rates.png"] = out / "win_rates.png"
+        if report.get("ranking"):
+            from .ranking import plot_ranking
+
+            plot_ranking(report["ranking"], out / "ranking.png", title=f"judge: {report['judge']}")
+            files["ranking.png"] = out / "ranking.png"
         if answer_lengths:
             _plot_lengths(answer_lengths, out / "lengths.png")
             files["lengths.png"] = out / "lengths.png"
