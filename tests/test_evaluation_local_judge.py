@@ -78,7 +78,7 @@ def test_identity_names_the_weights_and_the_prompt(tmp_path, tiny_tokenizer):
         tiny_tokenizer.save_pretrained(folder)
         folders.append(folder)
     one, other = (LocalPairwiseJudge(str(f), device="cpu", backend="transformers") for f in folders)
-    assert one.identity()["weights_sha256"] != other.identity()["weights_sha256"]
+    assert one.identity()["weights"]["sha256"] != other.identity()["weights"]["sha256"]
     json.dumps(one.identity())  # serializable: it keys the judgment cache
     assert one.name == f"local:{folders[0]}" and one.backend == "transformers"
     # The model loads on first use (after evaluate_models has generated every answer), not with the judge.

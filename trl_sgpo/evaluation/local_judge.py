@@ -17,14 +17,13 @@ The next-token log-probabilities come from a *scorer* (the seam between the judg
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ..data.jsonl import stable_hash
+from .identity import weights_identity
 from .judges import (
     DEFAULT_JUDGE_SYSTEM_PROMPT,
     DEFAULT_JUDGE_TEMPLATE,
@@ -33,23 +32,6 @@ from .judges import (
     _check_lengths,
     _text,
 )
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".json", ".model", ".txt")
-
-
-def weights_hash(path: str | os.PathLike) -> str | None:
-    """sha256 over the weight, config and tokenizer files of a local model folder (``None`` for a Hub id)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
-        digest.update(str(file.relative_to(folder)).encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def letter_token_ids(tokenizer, letter: str) -> list[int]:
@@ -198,6 +180,7 @@ class LocalPairwiseJudge(PairwiseJudge):
             raise ValueError("backend='vllm' needs a model name or folder (vLLM loads it), not a model object.")
         else:
             self._scorer, self.backend = TransformersScorer(model, tokenizer, batch_size=batch_size), "transformers"
+            self.weights = weights_identity(None, model)
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.template = template
@@ -213,7 +196,7 @@ class LocalPairwiseJudge(PairwiseJudge):
         from ..models import load_model_and_tokenizer, resolve_model_path
 
         path = resolve_model_path(name)
-        self.weights = weights_hash(path)
+        self.weights = weights_identity(path)
         self.backend = "vllm" if backend == "vllm" or (backend == "auto" and _vllm_available()) else "transformers"
 
         def load():
@@ -243,7 +226,7 @@ class LocalPairwiseJudge(PairwiseJudge):
         return {
             "class": type(self).__name__,
             "model": self.model_name,
-            "weights_sha256": self.weights,
+            "weights": self.weights,
             "system_prompt": stable_hash(self.system_prompt),
             "template": stable_hash(self.template),
             "use_references": self.use_references,
