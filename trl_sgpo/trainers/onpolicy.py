@@ -12,11 +12,13 @@ in the structure of TRL's ``GRPOTrainer``:
   prompts ``[i * batch, (i + 1) * batch)``).
 - **Loss normalization.** :meth:`compute_loss` sums the per-item losses of the micro-batch and divides by the number
   of kept items in the whole window over all processes (times the process count, which DDP divides back), so every
-  kept item weighs the same whatever micro-batch or process it landed on. The loss is scaled for accumulation here,
-  and :meth:`training_step` passes ``scale_wrt_gas=False`` under DeepSpeed, as ``Trainer.training_step`` does.
-- **Empty windows.** When no process keeps an item in a window, no forward or backward runs (gradients stay
-  ``None``, so the optimizer leaves weights and state alone) and the learning-rate schedule is held
-  (:class:`EmptyWindowGuard`): weights, optimizer state and schedule are bit-identical after the step. Skips are counted
+  kept item weighs the same whatever micro-batch or process it landed on. The loss is scaled for accumulation here
+  (``loss_is_scaled_for_ga = True``), so ``Trainer.training_step``, which runs each micro-batch that holds items
+  (backward, ``torch_empty_cache_steps``, DeepSpeed's ``scale_wrt_gas=False``), does not divide it again.
+- **Empty windows.** When no process keeps an item in a window, no forward or backward runs and no optimizer step is
+  made (gradients stay ``None``; an fp16 ``GradScaler`` neither unscales nor steps nor updates its scale), and the
+  learning-rate schedule is held (:class:`EmptyWindowGuard`): weights, optimizer state, loss scale and schedule are
+  bit-identical after the step. Skips are counted
   (``<prefix>/skipped_steps``), warned about past ``skipped_steps_warning_frac``, and a run whose first
   ``max_initial_empty_steps`` steps all keep nothing stops with an error built by :meth:`empty_window_hint`. On a
   single plain process a micro-batch that keeps nothing is skipped the same way, inside a window that trains; under
@@ -151,6 +153,15 @@ class OnPolicyConfig(OnlineDPOConfig):
             raise ValueError(f"`skipped_steps_warning_frac` must be in [0, 1], got {self.skipped_steps_warning_frac}.")
         if self.max_initial_empty_steps < 0:
             raise ValueError(f"`max_initial_empty_steps` must be >= 0, got {self.max_initial_empty_steps}.")
+        parallel = self.parallelism_config
+        if parallel is not None and (parallel.cp_enabled or parallel.sp_enabled):
+            # Trainer splits `input_ids` of the batch across the group; these trainers build their sequences inside
+            # the step, so there is nothing for it to split.
+            raise ValueError(
+                "`parallelism_config` with context or sequence parallelism (`cp_size` or `sp_size` > 1) is not "
+                "supported by the on-policy trainers. Set `cp_size=1` and `sp_size=1` (data, tensor and FSDP "
+                "parallelism are fine)."
+            )
 
 
 def pad_rows(rows: list[list[int]], pad: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,11 +256,13 @@ class Items:
 
 
 class EmptyWindowGuard(TrainerCallback):
-    """Holds the learning-rate schedule still over an optimizer step whose window kept no item.
+    """Makes the optimizer step of a window that kept no item a no-op, learning-rate schedule included.
 
-    ``Trainer`` steps the scheduler after every optimizer step. The gradients of a skipped window are ``None``, so the
-    optimizer leaves weights and state alone; this callback saves the scheduler state and the param-group learning
-    rates before that step (``on_pre_optimizer_step``) and puts them back once the step is over (``on_step_end``).
+    ``Trainer`` steps the optimizer and the scheduler after every window. A skipped window has no gradient (``None``),
+    so before that step (``on_pre_optimizer_step``) this callback turns off ``accelerator.sync_gradients``, which
+    accelerate's optimizer wrapper reads as "no step": neither the optimizer nor an fp16 ``GradScaler`` (whose
+    ``step`` and ``update`` need the inf checks of a backward) runs. It also saves the scheduler state and the
+    param-group learning rates, and puts them and the flag back once the step is over (``on_step_end``).
     """
 
     def __init__(self, trainer: OnPolicyTrainer):
@@ -257,16 +270,25 @@ class EmptyWindowGuard(TrainerCallback):
         self.saved = None
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        if self.trainer._window_skipped and lr_scheduler is not None:
+        if not self.trainer._window_skipped:
+            return
+        self.trainer.accelerator.sync_gradients = False
+        if lr_scheduler is not None:
             self.saved = (copy.deepcopy(lr_scheduler.state_dict()), [g["lr"] for g in optimizer.param_groups])
 
     def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if self.trainer._window_skipped:
+            self.trainer.accelerator.sync_gradients = True
         if self.saved is not None:
             schedule, lrs = self.saved
             lr_scheduler.load_state_dict(schedule)
             for group, lr in zip(optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr
             self.saved = None
+
+
+class MicroBatch(dict):
+    """One micro-batch cut from a window: ``skip``, and unless skipped ``items`` and ``num_items_in_window``."""
 
 
 class OnPolicyTrainer(OnlineDPOTrainer):
@@ -591,10 +613,12 @@ class OnPolicyTrainer(OnlineDPOTrainer):
     def _prepare_inputs(self, inputs):
         if "image" in inputs:
             raise NotImplementedError(f"{type(self).__name__} supports text prompts only (found an `image` column).")
+        if isinstance(inputs, MicroBatch):  # `Trainer.training_step` prepares what `training_step` cut already
+            return inputs
         steps = self.args.gradient_accumulation_steps
         if self._micro_step % steps == 0 or self._buffer is None:
             self._buffer = self._make_window(inputs)
-        return self._buffer[self._micro_step % steps]
+        return MicroBatch(self._buffer[self._micro_step % steps])
 
     def _gather_sum(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum")
@@ -682,27 +706,32 @@ class OnPolicyTrainer(OnlineDPOTrainer):
 
     # ------------------------------------------------------------------ the step
 
+    # `compute_loss` divides by the kept items of the whole window (all processes): Trainer must not divide by the
+    # accumulation steps again.
+    loss_is_scaled_for_ga = True
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
+        """``Trainer.training_step`` on this micro-batch of the window, or nothing when it holds no kept item."""
         batch = self._prepare_inputs(inputs)
         self._micro_step += 1
         if batch["skip"]:
             # Nothing kept in this micro-batch (one process), or anywhere in this window: no forward, no backward. A
-            # window that kept nothing leaves gradients None, so the optimizer step changes neither weights nor state;
-            # EmptyWindowGuard holds the schedule.
+            # window that kept nothing makes no optimizer step either (EmptyWindowGuard).
             loss = torch.tensor(0.0, device=self.args.device)
         else:
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, batch)
-            kwargs = {}
-            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-                kwargs["scale_wrt_gas"] = False  # the loss is already normalized over the window
-            self.accelerator.backward(loss, **kwargs)
+            # Trainer's step (OnlineDPO's is bypassed): train modes, compute_loss, torch_empty_cache_steps, the
+            # n_gpu > 1 mean, LOMO, backward with DeepSpeed's scale_wrt_gas=False.
+            loss = super(OnlineDPOTrainer, self).training_step(model, batch, num_items_in_batch)
         if self._micro_step % self.args.gradient_accumulation_steps == 0:  # last micro-batch of the window
             self._flush_window_metrics()
-        return loss.detach()
+        return loss
+
+    def _clip_grad_norm(self, model):
+        # A skipped window has no gradient to clip, and an fp16 GradScaler must not unscale without a backward.
+        return torch.zeros((), device=self.args.device) if self._window_skipped else super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return 0.0 if self._window_skipped else super()._get_grad_norm(model, grad_norm)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         items: Items = inputs["items"]
