@@ -301,6 +301,46 @@ def test_judge_drops_pairs_it_does_not_prefer(tmp_path, tiny_model, tiny_tokeniz
     assert all(h["objective/scores_margin"] == 1.0 for h in logs)  # only preferred pairs trained
 
 
+def test_a_judge_that_abstains_drops_the_pair(tmp_path, tiny_model, tiny_tokenizer):
+    def judge(prompts, completions, **kwargs):
+        # Prefers every improvement, but cannot score the improvement of question 0 (None) nor the drafts of
+        # questions 1 (None) and 2 (NaN).
+        scores = []
+        for prompt, completion in zip(prompts, completions):
+            question = int(prompt[0]["content"].split()[2])
+            improved = completion[0]["content"] == "two two"
+            abstains = question == 0 if improved else question in (1, 2)
+            score = 1.0 if improved else 0.0
+            scores.append((float("nan") if question == 2 else None) if abstains else score)
+        return scores
+
+    trainer = SGPOTrainer(
+        tiny_model,
+        reward_funcs=judge,
+        args=make_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=conv_dataset(8),
+        processing_class=tiny_tokenizer,
+    )
+    trainer._sample = FixedAnswers(tiny_tokenizer)
+    pairs = trainer.generate_pairs(
+        trainer.model, [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in (0, 1, 2, 3)]
+    )
+    assert pairs.keep.tolist() == [False, False, False, True]
+    assert pairs.flags["judge_abstained"].tolist() == [True, True, True, False]
+    assert not pairs.flags["judge_rejected"].any()
+    trainer.train()
+    counts = trainer.pair_counts
+    assert {k: counts[k] for k in ("made", "kept", "judge_abstained", "judge_rejected")} == {
+        "made": 8,
+        "kept": 5,
+        "judge_abstained": 3,
+        "judge_rejected": 0,
+    }
+    logs = [h for h in trainer.state.log_history if "sgpo/judge_abstained_frac" in h]
+    assert logs and sum(h["sgpo/judge_abstained_frac"] for h in logs) == pytest.approx(3 / 4)
+    assert all(h["objective/scores_margin"] == 1.0 for h in logs)  # only scored pairs trained
+
+
 def test_empty_or_identical_improvements_are_skipped_without_an_update(tmp_path, tiny_model, tiny_tokenizer):
     args = make_args(tmp_path, optim="sgd", learning_rate=1.0, weight_decay=0.0, max_steps=2)
     trainer = SGPOTrainer(tiny_model, args=args, train_dataset=conv_dataset(), processing_class=tiny_tokenizer)

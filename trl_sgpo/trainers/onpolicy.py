@@ -83,10 +83,10 @@ logger = logging.getLogger(__name__)
 #   __init__: model loading, PEFT wrapping, the reference copy, dropout off, generation config, accelerator prep of
 #             the reference and reward models, the server-mode vLLM client;
 #   _move_model_to_vllm: weight sync to vLLM (PEFT merge, ZeRO-3 gather, FSDP);
-#   _calculate_rewards_from_functions: scores from `reward_funcs` (an optional judge);
-#   _beta, eos_token_ids, generation_config, generation_kwargs, ref_model, reward_funcs, use_vllm, vllm_mode, llm,
-#   vllm_client, _last_loaded_step, _tokenizer: attributes set by __init__.
-ONLINE_DPO_METHODS = ("__init__", "_move_model_to_vllm", "_calculate_rewards_from_functions")
+#   _beta, eos_token_ids, generation_config, generation_kwargs, ref_model, reward_funcs, reward_processing_classes,
+#   reward_weights (an optional judge, scored by SGPO itself so that an abstention drops a pair), use_vllm,
+#   vllm_mode, llm, vllm_client, _last_loaded_step, _tokenizer: attributes set by __init__.
+ONLINE_DPO_METHODS = ("__init__", "_move_model_to_vllm")
 ONLINE_DPO_ATTRIBUTES = (
     "_beta",
     "eos_token_ids",
@@ -94,6 +94,8 @@ ONLINE_DPO_ATTRIBUTES = (
     "generation_kwargs",
     "ref_model",
     "reward_funcs",
+    "reward_processing_classes",
+    "reward_weights",
     "use_vllm",
     "_tokenizer",
 )
@@ -747,7 +749,8 @@ class OnPolicyTrainer(OnlineDPOTrainer):
 
     def _add_window_metrics(self, metrics: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
         for key, value in metrics.items():
-            total = (value.detach().float() * weight).sum()
+            # A zero-weight filler item counts for nothing, even where its value is NaN (a judge's abstention).
+            total = torch.where(weight > 0, value.detach().float() * weight, 0.0).sum()
             self._window_sums[key] = self._window_sums.get(key, 0.0) + total
         self._window_sums["_count"] = self._window_sums.get("_count", 0.0) + weight.sum()
 

@@ -47,7 +47,9 @@ class SGPOConfig(OnPolicyConfig):
             Set it when drafts are long by nature and the budget cannot grow.
         judge_margin (`float`, *optional*, defaults to `0.0`):
             Only used when `reward_funcs` (a judge) is given: a pair is kept when the judge scores the improved answer
-            more than `judge_margin` above the original one; other pairs are dropped from the batch and counted.
+            more than `judge_margin` above the original one; other pairs are dropped from the batch and counted
+            (`judge_rejected`). A pair the judge abstains on (`None` or NaN for either answer) is dropped and
+            counted as `judge_abstained`.
     """
 
     improver_instruction: str | None = field(
