@@ -491,7 +491,7 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         if sleeps:
             empty_cache()
             self.llm.wake_up(tags=["weights"])
-        if sleeps or self.state.global_step != self._last_loaded_step:
+        if sleeps or self._vllm_needs_weights():
             self._move_model_to_vllm()
             self._last_loaded_step = self.state.global_step
         if sleeps:
@@ -501,6 +501,10 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         finally:
             if sleeps:
                 self.llm.sleep(level=2)
+
+    def _vllm_needs_weights(self) -> bool:
+        """Whether the engine needs the policy's weights before this window (once per optimizer step)."""
+        return self.state.global_step != self._last_loaded_step
 
     def vllm_max_model_len(self) -> int:
         """Longest sequence (prompt + completion) the vLLM engine must hold for this method."""
