@@ -210,6 +210,9 @@ def test_a_round_samples_from_the_policy_it_starts_from(tmp_path, tiny_model, ti
 def test_sample_from_is_checked(tmp_path):
     with pytest.raises(ValueError, match="`sample_from` must be one of"):
         make_args(tmp_path, sample_from="ref")
+    with pytest.raises(ValueError, match="Set `vllm_enable_sleep_mode=False`, or `sample_from='policy'`"):
+        make_args(tmp_path, use_vllm=True, vllm_enable_sleep_mode=True)
+    make_args(tmp_path, use_vllm=True, vllm_enable_sleep_mode=True, sample_from="policy")
 
 
 def test_needs_a_judge_and_names_its_paper(tmp_path, tiny_model, tiny_tokenizer):
