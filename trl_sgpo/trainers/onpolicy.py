@@ -129,7 +129,11 @@ class OnPolicyConfig(OnlineDPOConfig):
     [`~trl.experimental.online_dpo.OnlineDPOConfig`].
 
     `bf16` defaults to `True` only on a bf16-capable accelerator (TRL's `True` errors on CPU), and `use_cpu` is
-    switched on when there is no accelerator (several CPU processes then train with gloo DDP).
+    switched on when there is no accelerator (several CPU processes then train with gloo DDP). `generation_kwargs`
+    go to `transformers`' `GenerationConfig` only (OnlineDPO also sends them to vLLM's `SamplingParams`, which
+    refuses keys such as `use_cache`); vLLM's options go in `vllm_sampling_kwargs`. In vLLM colocate mode the
+    number of processes must be a multiple of `vllm_tensor_parallel_size`: each tensor-parallel group of processes
+    shares one engine, which answers the prompts of the whole group at once.
 
     Parameters:
         skipped_steps_warning_frac (`float`, *optional*, defaults to `0.25`):
@@ -137,6 +141,10 @@ class OnPolicyConfig(OnlineDPOConfig):
         max_initial_empty_steps (`int`, *optional*, defaults to `4`):
             Stop with an error when the first `max_initial_empty_steps` optimizer steps all keep no item (the
             settings cannot produce training data). `0` never stops.
+        vllm_sampling_kwargs (`dict[str, Any]`, *optional*):
+            Extra keyword arguments for vLLM's `SamplingParams` when `use_vllm=True` (e.g. `{"stop": ["###"]}`);
+            they override the generation settings (`temperature`, `top_p`, ...). In server mode they are sent as the
+            client's `generation_kwargs`. Not used without vLLM, as `generation_kwargs` are not used with it.
     """
 
     skipped_steps_warning_frac: float = field(
@@ -146,6 +154,13 @@ class OnPolicyConfig(OnlineDPOConfig):
     max_initial_empty_steps: int = field(
         default=4,
         metadata={"help": "Stop with an error when this many first optimizer steps all keep nothing (0: never)."},
+    )
+    vllm_sampling_kwargs: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Extra keyword arguments for vLLM's `SamplingParams` (with `use_vllm`); `generation_kwargs` go "
+            "to transformers' `GenerationConfig` only."
+        },
     )
 
     def __post_init__(self):
@@ -163,6 +178,16 @@ class OnPolicyConfig(OnlineDPOConfig):
                 "`parallelism_config` with context or sequence parallelism (`cp_size` or `sp_size` > 1) is not "
                 "supported by the on-policy trainers. Set `cp_size=1` and `sp_size=1` (data, tensor and FSDP "
                 "parallelism are fine)."
+            )
+        if self.use_vllm and self.generation_kwargs:
+            logger.warning(
+                f"`generation_kwargs` {sorted(self.generation_kwargs)} are for transformers' `generate` and are not "
+                "used with `use_vllm=True`; put vLLM `SamplingParams` options in `vllm_sampling_kwargs`."
+            )
+        if not self.use_vllm and self.vllm_sampling_kwargs:
+            logger.warning(
+                f"`vllm_sampling_kwargs` {sorted(self.vllm_sampling_kwargs)} are used with `use_vllm=True` only; "
+                "put transformers generation options in `generation_kwargs`."
             )
 
 
@@ -369,9 +394,18 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         # The colocated vLLM engine is built here, not by OnlineDPO: its `max_model_len` must cover this method's
         # longest prompt (`vllm_max_model_len`), and it must load the local weights, not a card name.
         colocate = args.use_vllm and args.vllm_mode == "colocate"
+        tp = args.vllm_tensor_parallel_size
+        if colocate and args.world_size % tp:
+            raise ValueError(
+                f"`vllm_tensor_parallel_size={tp}` must divide the number of processes ({args.world_size}) in vLLM "
+                "colocate mode: each group of that many processes shares one engine. Launch a multiple of it, or "
+                "change `vllm_tensor_parallel_size`."
+            )
         init_args = copy.copy(args)
         if colocate:
             init_args.use_vllm = False
+        elif args.use_vllm:  # OnlineDPO builds its (unused) server-mode SamplingParams from `generation_kwargs`
+            init_args.generation_kwargs = args.vllm_sampling_kwargs
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -402,9 +436,11 @@ class OnPolicyTrainer(OnlineDPOTrainer):
                 f"{args.gradient_accumulation_steps} x {self.accelerator.num_processes} process(es) = {window}). "
                 "Give more prompts or lower those settings."
             )
+        self.vllm_tp_group = None
         if colocate:
             self.use_vllm, self.vllm_mode = True, "colocate"
             self._last_loaded_step = -1
+            self.vllm_tp_group = self.make_vllm_tp_group()
             self.llm = self._build_vllm_engine(model)
         if not self.has_judge:
             self.reward_funcs = None
@@ -528,6 +564,17 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             "max_num_batched_tokens": max(4096, self.vllm_max_model_len()),
             "enable_sleep_mode": self.args.vllm_enable_sleep_mode,
         }
+
+    def make_vllm_tp_group(self):
+        """The process group of this process's colocated engine (consecutive ranks, ``vllm_tensor_parallel_size`` of
+        them), as TRL makes it; ``None`` without tensor parallelism. Collective: every process calls it."""
+        tp = self.args.vllm_tensor_parallel_size
+        if tp == 1:
+            return None
+        group, _ = torch.distributed.new_subgroups_by_enumeration(
+            [list(range(i * tp, (i + 1) * tp)) for i in range(self.accelerator.num_processes // tp)]
+        )
+        return group
 
     def _build_vllm_engine(self, model):  # pragma: no cover - needs a GPU and vLLM
         from trl.import_utils import is_vllm_available

@@ -28,6 +28,8 @@ class SGPOConfig(OnPolicyConfig):
       within `max_new_tokens`. An answer cut at its token budget is not "better" than anything.
     - Generation always uses the KV cache, also with `gradient_checkpointing=True` (TRL's OnlineDPO generates
       without it there, about 6x slower); set `generation_kwargs={"use_cache": False}` to opt out.
+      `generation_kwargs` go to transformers' `generate` only; vLLM's `SamplingParams` options go in
+      `vllm_sampling_kwargs` ([`OnPolicyConfig`]).
     - `missing_eos_penalty` is rejected: SGPO's chosen answer is always the improved one, so a reward penalty cannot
       reorder a pair. Pass a judge as `reward_funcs` to drop pairs instead.
 

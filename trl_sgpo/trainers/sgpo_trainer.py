@@ -176,7 +176,7 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
             "min_p": 0.0 if self.min_p is None else self.min_p,
             "max_tokens": self._max_tokens(role),
             "detokenize": False,
-            **(self.args.generation_kwargs or {}),
+            **(self.args.vllm_sampling_kwargs or {}),
         }
         if role == "improver":
             if self.args.improver_temperature is not None:
