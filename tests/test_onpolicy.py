@@ -260,6 +260,24 @@ def test_an_fp16_window_that_keeps_nothing_is_skipped_with_the_grad_scaler_untou
     assert trainer.pair_counts["skipped_steps"] == 2
 
 
+def test_an_fp16_window_with_a_skipped_micro_batch_trains_through_the_grad_scaler(tmp_path, tiny_tokenizer):
+    # One process, 1 x 2 accumulation: the window's first micro-batch keeps nothing (no pass), its second trains.
+    from helpers.tiny import build_tiny_model
+
+    args = make_args(tmp_path, max_steps=1, fp16=True, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    trainer = SGPOTrainer(
+        build_tiny_model(tiny_tokenizer), args=args, train_dataset=prompts(4), processing_class=tiny_tokenizer
+    )
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.accelerator.native_amp = True
+    trainer._sample = Scripted(tiny_tokenizer, drop=(0,))
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.pair_counts["kept"] == 1 and trainer.pair_counts["skipped_steps"] == 0
+    assert trainer.accelerator.scaler.state_dict()["_growth_tracker"] == 1  # one unskipped scaler step
+    assert not all(torch.equal(start[n], p) for n, p in trainer.model.named_parameters())
+
+
 def test_trainer_step_features_still_act(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
     # `torch_empty_cache_steps` is applied by Trainer.training_step, which the on-policy step runs on each micro-batch
     # that holds kept items; transformers calls accelerate's `clear_device_cache` for it.

@@ -237,3 +237,20 @@ def test_each_generation_field_warns_when_its_backend_is_not_used(tmp_path, capl
     assert "`generation_kwargs` ['use_cache'] are for transformers' `generate`" in caplog.text
     assert "put vLLM `SamplingParams` options in `vllm_sampling_kwargs`" in caplog.text
     assert "`vllm_sampling_kwargs` ['stop'] are used with `use_vllm=True` only" in caplog.text
+
+
+def test_vllm_sampling_kwargs_parse_from_the_command_line(tmp_path):
+    from trl import TrlParser
+
+    (args,) = TrlParser(SGPOConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--report_to",
+            "none",
+            "--use_vllm",
+            "--vllm_sampling_kwargs",
+            '{"stop": ["#"]}',
+        ]
+    )
+    assert args.vllm_sampling_kwargs == {"stop": ["#"]}

@@ -155,7 +155,10 @@ class OnPolicyConfig(OnlineDPOConfig):
         default=4,
         metadata={"help": "Stop with an error when this many first optimizer steps all keep nothing (0: never)."},
     )
-    vllm_sampling_kwargs: dict | None = field(
+    # A JSON string on the command line (as TRL's GRPOConfig takes `generation_kwargs`).
+    _VALID_DICT_FIELDS = OnlineDPOConfig._VALID_DICT_FIELDS + ["vllm_sampling_kwargs"]
+
+    vllm_sampling_kwargs: dict | str | None = field(
         default=None,
         metadata={
             "help": "Extra keyword arguments for vLLM's `SamplingParams` (with `use_vllm`); `generation_kwargs` go "
