@@ -78,8 +78,9 @@ def format_summary(summary) -> str:
         lines.append(
             f"pairs made {made}, kept {kept} ({share} of prompts gave a trained pair); cut at the token budget: "
             f"drafts {s.get('pairs_truncated_policy')}, improvements {s.get('pairs_truncated_improved')}; "
-            f"empty {s.get('pairs_empty')}, identical {s.get('pairs_identical')}, judge-rejected "
-            f"{s.get('pairs_judge_rejected')}; skipped steps {s.get('skipped_steps')} of {s.get('steps')}"
+            f"empty {s.get('pairs_empty')}, identical {s.get('pairs_identical')}, judge-abstained "
+            f"{s.get('pairs_judge_abstained')}, judge-rejected {s.get('pairs_judge_rejected')}; skipped steps "
+            f"{s.get('skipped_steps')} of {s.get('steps')}"
         )
         lines.append(f"last loss {s.get('loss')}; chosen-vs-rejected margin {s.get('rewards/margins')}")
     lines += finished_lines(summary)

@@ -233,3 +233,73 @@ def test_a_micro_batch_without_a_kept_pair_costs_no_pass_on_one_process(tmp_path
     # The window's last micro-batch was skipped, and the window's means are logged all the same.
     margins = [entry["rewards/margins"] for entry in logs if "rewards/margins" in entry]
     assert len(margins) == 1 and math.isfinite(margins[0])
+
+
+def test_an_fp16_window_that_keeps_nothing_is_skipped_with_the_grad_scaler_untouched(
+    tmp_path, tiny_model, tiny_tokenizer
+):
+    # fp16 on a GPU: accelerate scales the loss with a GradScaler and unscales before clipping. On CPU it makes
+    # neither, so the test installs both; the optimizer is prepared (with the scaler) when training starts.
+    args = make_args(tmp_path, max_steps=3, fp16=True, optim="adamw_torch", weight_decay=0.1)
+    trainer = SGPOTrainer(tiny_model, args=args, train_dataset=prompts(8), processing_class=tiny_tokenizer)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.accelerator.native_amp = True
+    # Window 1 keeps nothing (the scaler has not scaled anything yet), window 2 trains, window 3 keeps nothing.
+    trainer._sample = Scripted(tiny_tokenizer, plan={1: (0, 1), 3: (0, 1)})
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    scaler_states = []
+
+    class ScalerSnapshots(Snapshots):
+        def on_step_end(self, args, state, control, **kwargs):
+            super().on_step_end(args, state, control, **kwargs)
+            scaler_states.append(copy.deepcopy(trainer.accelerator.scaler.state_dict()))
+
+    snapshots = ScalerSnapshots()
+    snapshots.trainer = trainer
+    trainer.add_callback(snapshots)
+    trainer.train()
+    first, second, third = snapshots.after
+    assert all(torch.equal(start[n], first[0][n]) for n in start)
+    assert not all(torch.equal(first[0][n], second[0][n]) for n in start)  # an fp16 step that keeps pairs trains
+    _assert_same(second, third)
+    assert scaler_states[1] == scaler_states[2] and scaler_states[1]["scale"] == 2.0**16
+    assert trainer.pair_counts["skipped_steps"] == 2
+
+
+def test_an_fp16_window_with_a_skipped_micro_batch_trains_through_the_grad_scaler(tmp_path, tiny_tokenizer):
+    # One process, 1 x 2 accumulation: the window's first micro-batch keeps nothing (no pass), its second trains.
+    from helpers.tiny import build_tiny_model
+
+    args = make_args(tmp_path, max_steps=1, fp16=True, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    trainer = SGPOTrainer(
+        build_tiny_model(tiny_tokenizer), args=args, train_dataset=prompts(4), processing_class=tiny_tokenizer
+    )
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.accelerator.native_amp = True
+    trainer._sample = Scripted(tiny_tokenizer, drop=(0,))
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.pair_counts["kept"] == 1 and trainer.pair_counts["skipped_steps"] == 0
+    assert trainer.accelerator.scaler.state_dict()["_growth_tracker"] == 1  # one unskipped scaler step
+    assert not all(torch.equal(start[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_trainer_step_features_still_act(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    # `torch_empty_cache_steps` is applied by Trainer.training_step, which the on-policy step runs on each micro-batch
+    # that holds kept items; transformers calls accelerate's `clear_device_cache` for it.
+    import transformers.trainer
+
+    calls = []
+    monkeypatch.setattr(transformers.trainer, "clear_device_cache", lambda *a, **k: calls.append(1))
+    args = make_args(tmp_path, max_steps=2, torch_empty_cache_steps=1, gradient_accumulation_steps=2)
+    trainer = SGPOTrainer(tiny_model, args=args, train_dataset=prompts(8), processing_class=tiny_tokenizer)
+    trainer._sample = Scripted(tiny_tokenizer)
+    trainer.train()
+    assert len(calls) == 4  # 2 optimizer steps x 2 micro-batches
+
+
+def test_context_and_sequence_parallelism_are_refused_with_the_field_named(tmp_path):
+    from accelerate.parallelism_config import ParallelismConfig
+
+    with pytest.raises(ValueError, match=r"`parallelism_config`.*`cp_size=1`"):
+        make_args(tmp_path, parallelism_config=ParallelismConfig(cp_size=2))

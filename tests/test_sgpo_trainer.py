@@ -301,6 +301,87 @@ def test_judge_drops_pairs_it_does_not_prefer(tmp_path, tiny_model, tiny_tokeniz
     assert all(h["objective/scores_margin"] == 1.0 for h in logs)  # only preferred pairs trained
 
 
+def test_a_judge_that_abstains_drops_the_pair(tmp_path, tiny_model, tiny_tokenizer):
+    def judge(prompts, completions, **kwargs):
+        # Prefers every improvement, but cannot score the improvement of question 0 (None) nor the drafts of
+        # questions 1 (None) and 2 (NaN).
+        scores = []
+        for prompt, completion in zip(prompts, completions):
+            question = int(prompt[0]["content"].split()[2])
+            improved = completion[0]["content"] == "two two"
+            abstains = question == 0 if improved else question in (1, 2)
+            score = 1.0 if improved else 0.0
+            scores.append((float("nan") if question == 2 else None) if abstains else score)
+        return scores
+
+    trainer = SGPOTrainer(
+        tiny_model,
+        reward_funcs=judge,
+        args=make_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=conv_dataset(8),
+        processing_class=tiny_tokenizer,
+    )
+    trainer._sample = FixedAnswers(tiny_tokenizer)
+    pairs = trainer.generate_pairs(
+        trainer.model, [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in (0, 1, 2, 3)]
+    )
+    assert pairs.keep.tolist() == [False, False, False, True]
+    assert pairs.flags["judge_abstained"].tolist() == [True, True, True, False]
+    assert not pairs.flags["judge_rejected"].any()
+    trainer.train()
+    counts = trainer.pair_counts
+    assert {k: counts[k] for k in ("made", "kept", "judge_abstained", "judge_rejected")} == {
+        "made": 8,
+        "kept": 5,
+        "judge_abstained": 3,
+        "judge_rejected": 0,
+    }
+    logs = [h for h in trainer.state.log_history if "sgpo/judge_abstained_frac" in h]
+    assert logs and sum(h["sgpo/judge_abstained_frac"] for h in logs) == pytest.approx(3 / 4)
+    assert all(h["objective/scores_margin"] == 1.0 for h in logs)  # only scored pairs trained
+
+
+def test_judge_scores_match_online_dpo_when_no_function_abstains(tmp_path, tiny_model, tiny_tokenizer):
+    # SGPO scores its reward functions itself (a plain sum, so an abstention is NaN): without abstentions the scores
+    # are OnlineDPO's, for a reward model and a callable, weighted.
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    reward_model = LlamaForSequenceClassification(config)
+
+    def length(prompts, completions, **kwargs):
+        return [float(len(c[0]["content"])) for c in completions]
+
+    trainer = SGPOTrainer(
+        tiny_model,
+        reward_funcs=[reward_model, length],
+        reward_processing_classes=[tiny_tokenizer, None],
+        args=make_args(tmp_path, reward_weights=[2.0, 0.5]),
+        train_dataset=conv_dataset(4),
+        processing_class=tiny_tokenizer,
+    )
+    prompts = conv_dataset(2)["prompt"]
+    completions = ["two two", "one three", "one", "seven"]
+    ids = [tiny_tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    ours = trainer._judge(prompts, completions, ids, {})
+    theirs = trainer._calculate_rewards_from_functions(
+        prompts=2 * list(prompts),
+        completions=[[{"role": "assistant", "content": c}] for c in completions],
+        completion_ids_list=ids,
+    )
+    torch.testing.assert_close(ours, theirs)
+
+
 def test_empty_or_identical_improvements_are_skipped_without_an_update(tmp_path, tiny_model, tiny_tokenizer):
     args = make_args(tmp_path, optim="sgd", learning_rate=1.0, weight_decay=0.0, max_steps=2)
     trainer = SGPOTrainer(tiny_model, args=args, train_dataset=conv_dataset(), processing_class=tiny_tokenizer)

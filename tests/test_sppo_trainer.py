@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
+from peft import LoraConfig
 
 from helpers.trainer_args import chat_prompts, tiny_config
 from trl_sgpo import SPPOConfig, SPPOTrainer
@@ -167,6 +168,53 @@ def test_rounds_reanchor_the_reference_on_disjoint_prompts(tmp_path, tiny_model,
     assert all(torch.equal(trained[n], p) for n, p in second.ref_model.named_parameters())
 
 
+class ProbingAnswers(FixedAnswers):
+    """FixedAnswers that also records the sampling model's logits on a fixed input: which weights answers come from."""
+
+    def __init__(self, tokenizer, texts, k, probe):
+        super().__init__(tokenizer, texts, k)
+        self.probe, self.logits = probe, []
+
+    def __call__(self, model, prompt_ids, **kwargs):
+        with torch.no_grad():
+            self.logits.append(model(self.probe).logits)
+        return super().__call__(model, prompt_ids, **kwargs)
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("sample_from", ["reference", "policy"])
+def test_a_round_samples_from_the_policy_it_starts_from(tmp_path, tiny_model, tiny_tokenizer, sample_from, peft):
+    probe = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        start = tiny_model(probe).logits
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = SPPOTrainer(
+        tiny_model,
+        judge=LengthScores(),
+        args=make_args(tmp_path, max_steps=3, sample_from=sample_from),
+        train_dataset=conv_dataset(),
+        processing_class=tiny_tokenizer,
+        peft_config=peft_config if peft else None,
+    )
+    sampler = ProbingAnswers(tiny_tokenizer, ["one", "two two two", "two two"], 3, probe)
+    trainer.generate_ids = sampler
+    trainer.train()
+    with torch.no_grad():
+        trained = trainer.model(probe).logits
+    assert not torch.allclose(trained, start, atol=1e-5)  # the policy moved
+    same = [torch.allclose(logits, start, atol=1e-6) for logits in sampler.logits]
+    # pi_t for every window by default; the moving policy (pi_t only before the first step) with "policy".
+    assert same == ([True, True, True] if sample_from == "reference" else [True, False, False])
+
+
+def test_sample_from_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="`sample_from` must be one of"):
+        make_args(tmp_path, sample_from="ref")
+    with pytest.raises(ValueError, match="Set `vllm_enable_sleep_mode=False`, or `sample_from='policy'`"):
+        make_args(tmp_path, use_vllm=True, vllm_enable_sleep_mode=True)
+    make_args(tmp_path, use_vllm=True, vllm_enable_sleep_mode=True, sample_from="policy")
+
+
 def test_needs_a_judge_and_names_its_paper(tmp_path, tiny_model, tiny_tokenizer):
     with pytest.raises(ValueError, match="judge"):
         SPPOTrainer(
@@ -263,3 +311,21 @@ def test_judge_reads_the_reference_column(tmp_path, tiny_model, tiny_tokenizer):
     trainer.generate_ids = FixedAnswers(tiny_tokenizer, ["one", "two two two", "two two"], 3)
     trainer.train()
     assert judge.seen and all(ref == str(2 * int(q.split()[2])) for q, ref in judge.seen)
+
+
+@pytest.mark.parametrize("sample_from", ["reference", "policy"])
+def test_vllm_gets_the_round_start_weights_once_when_sampling_from_the_reference(
+    tmp_path, tiny_model, tiny_tokenizer, sample_from
+):
+    args = make_args(tmp_path, max_steps=3, sample_from=sample_from, max_initial_empty_steps=0)
+    trainer = SPPOTrainer(
+        tiny_model, judge=LengthScores(), args=args, train_dataset=conv_dataset(), processing_class=tiny_tokenizer
+    )
+    trainer.use_vllm, trainer.vllm_mode, trainer.llm = True, "colocate", StandInLLM(tiny_tokenizer)
+    trainer._last_loaded_step = -1
+    trainer._vllm_sampling_params = lambda: SimpleNamespace(max_tokens=6)
+    synced_at = []
+    trainer._move_model_to_vllm = lambda: synced_at.append(trainer.state.global_step)
+    trainer.train()
+    assert len(trainer.llm.calls) == 3
+    assert synced_at == ([0] if sample_from == "reference" else [0, 1, 2])

@@ -1,5 +1,7 @@
 """What SGPOTrainer hands to vLLM, checked on CPU against stand-in engine objects that record what they receive."""
 
+import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -37,10 +39,11 @@ class StandInClient:
     """A server-mode `VLLMClient` stand-in."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.calls = tokenizer, []
+        self.tokenizer, self.calls, self.generation_kwargs = tokenizer, [], []
 
     def generate(self, prompts, max_tokens, **kwargs):
         self.calls.append((prompts, max_tokens))
+        self.generation_kwargs.append(kwargs.get("generation_kwargs"))
         ids = self.tokenizer("two", add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
         return {"completion_ids": [list(ids) for _ in prompts]}
 
@@ -137,3 +140,117 @@ def test_a_prompt_that_cannot_fit_gets_a_clear_error(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match=r"improver prompt of \d+ tokens plus its 16-token budget does not fit"):
         trainer._sample_vllm([[5] * (limit - 10)], role="improver")
     assert trainer.llm.calls == []  # refused before reaching the engine
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tensor_parallel_colocate_answers_the_groups_prompts_once_and_each_process_gets_its_own(
+    tmp_path, tiny_model_dir
+):
+    from test_distributed import launch
+
+    proc = launch("dist_vllm_tp_script.py", tiny_model_dir, tmp_path, port=29533, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    group = ranks[0]["numbers"] + ranks[1]["numbers"]
+    assert group == [0, 1, 10, 11, 12]  # uneven shares: 2 and 3 prompts
+    for rank in ranks:
+        # One engine call per role, each with the whole group's prompts in process order.
+        assert rank["engine_calls"] == [group, group]
+        assert rank["draft"] == [str(n) for n in rank["numbers"]]
+        assert rank["improved"] == [f"{n} {n}" for n in rank["numbers"]]
+
+
+def test_colocate_refuses_a_process_count_that_tensor_parallelism_does_not_divide(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match=r"`vllm_tensor_parallel_size=2` must divide the number of processes \(1\)"):
+        _trainer(tmp_path, tiny_model_dir, "colocate", use_vllm=True, vllm_tensor_parallel_size=2)
+
+
+class RecordingSamplingParams:
+    """A `vllm.SamplingParams` stand-in: records its arguments and, like vLLM's, refuses ones it does not know."""
+
+    known = {"n", "repetition_penalty", "temperature", "top_p", "top_k", "min_p", "max_tokens", "detokenize", "stop"}
+    made = []
+
+    def __init__(self, **kwargs):
+        unknown = set(kwargs) - self.known
+        if unknown:
+            raise TypeError(f"SamplingParams got unexpected keyword arguments {sorted(unknown)}")
+        self.kwargs = kwargs
+        self.made.append(kwargs)
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_generation_kwargs_never_reach_vllm_and_vllm_sampling_kwargs_do(tmp_path, tiny_model_dir, monkeypatch, mode):
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=RecordingSamplingParams))
+    RecordingSamplingParams.made.clear()
+    trainer, _, prompts = _trainer(
+        tmp_path, tiny_model_dir, mode, generation_kwargs={"use_cache": False}, vllm_sampling_kwargs={"stop": ["##"]}
+    )
+    trainer._vllm_sampling_params = lambda role: _with_role(SGPOTrainer._vllm_sampling_params(trainer, role), role)
+    trainer.generate_pairs(trainer.model, prompts[:2])
+    assert len(RecordingSamplingParams.made) == 2  # policy and improver
+    for kwargs in RecordingSamplingParams.made:
+        assert "use_cache" not in kwargs and kwargs["stop"] == ["##"]
+    if mode == "server":
+        assert trainer.vllm_client.generation_kwargs == [{"stop": ["##"]}, {"stop": ["##"]}]
+    # The transformers path still gets them.
+    assert trainer.generation_kwargs["use_cache"] is False
+
+
+def _with_role(params, role):
+    # The stand-in engines read the role and the sampling settings as attributes.
+    for key, value in params.kwargs.items():
+        setattr(params, key, value)
+    params.role = role
+    return params
+
+
+def test_sppo_sampling_params_take_vllm_sampling_kwargs_only(tmp_path, tiny_model_dir, monkeypatch):
+    from trl_sgpo import SPPOConfig, SPPOTrainer
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=RecordingSamplingParams))
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    args = SPPOConfig(
+        output_dir=str(tmp_path / "sppo"),
+        per_device_train_batch_size=2,
+        num_samples=2,
+        report_to="none",
+        generation_kwargs={"use_cache": False},
+        vllm_sampling_kwargs={"stop": ["##"]},
+    )
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i}?"}] for i in range(2)]})
+    trainer = SPPOTrainer(model, judge=_PointwiseJudge(), args=args, train_dataset=prompts, processing_class=tokenizer)
+    params = trainer._vllm_sampling_params()
+    assert "use_cache" not in params.kwargs and params.kwargs["stop"] == ["##"]
+
+
+class _PointwiseJudge:
+    def scores(self, prompts, answers, references=None):
+        return [0.0] * len(answers)
+
+
+def test_each_generation_field_warns_when_its_backend_is_not_used(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        SGPOConfig(output_dir=str(tmp_path), report_to="none", use_vllm=True, generation_kwargs={"use_cache": False})
+        SGPOConfig(output_dir=str(tmp_path), report_to="none", vllm_sampling_kwargs={"stop": ["##"]})
+    assert "`generation_kwargs` ['use_cache'] are for transformers' `generate`" in caplog.text
+    assert "put vLLM `SamplingParams` options in `vllm_sampling_kwargs`" in caplog.text
+    assert "`vllm_sampling_kwargs` ['stop'] are used with `use_vllm=True` only" in caplog.text
+
+
+def test_vllm_sampling_kwargs_parse_from_the_command_line(tmp_path):
+    from trl import TrlParser
+
+    (args,) = TrlParser(SGPOConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--report_to",
+            "none",
+            "--use_vllm",
+            "--vllm_sampling_kwargs",
+            '{"stop": ["#"]}',
+        ]
+    )
+    assert args.vllm_sampling_kwargs == {"stop": ["#"]}

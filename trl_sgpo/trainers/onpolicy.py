@@ -12,11 +12,13 @@ in the structure of TRL's ``GRPOTrainer``:
   prompts ``[i * batch, (i + 1) * batch)``).
 - **Loss normalization.** :meth:`compute_loss` sums the per-item losses of the micro-batch and divides by the number
   of kept items in the whole window over all processes (times the process count, which DDP divides back), so every
-  kept item weighs the same whatever micro-batch or process it landed on. The loss is scaled for accumulation here,
-  and :meth:`training_step` passes ``scale_wrt_gas=False`` under DeepSpeed, as ``Trainer.training_step`` does.
-- **Empty windows.** When no process keeps an item in a window, no forward or backward runs (gradients stay
-  ``None``, so the optimizer leaves weights and state alone) and the learning-rate schedule is held
-  (:class:`EmptyWindowGuard`): weights, optimizer state and schedule are bit-identical after the step. Skips are counted
+  kept item weighs the same whatever micro-batch or process it landed on. The loss is scaled for accumulation here
+  (``loss_is_scaled_for_ga = True``), so ``Trainer.training_step``, which runs each micro-batch that holds items
+  (backward, ``torch_empty_cache_steps``, DeepSpeed's ``scale_wrt_gas=False``), does not divide it again.
+- **Empty windows.** When no process keeps an item in a window, no forward or backward runs and no optimizer step is
+  made (gradients stay ``None``; an fp16 ``GradScaler`` neither unscales nor steps nor updates its scale), and the
+  learning-rate schedule is held (:class:`EmptyWindowGuard`): weights, optimizer state, loss scale and schedule are
+  bit-identical after the step. Skips are counted
   (``<prefix>/skipped_steps``), warned about past ``skipped_steps_warning_frac``, and a run whose first
   ``max_initial_empty_steps`` steps all keep nothing stops with an error built by :meth:`empty_window_hint`. On a
   single plain process a micro-batch that keeps nothing is skipped the same way, inside a window that trains; under
@@ -82,19 +84,20 @@ logger = logging.getLogger(__name__)
 #   __init__: model loading, PEFT wrapping, the reference copy, dropout off, generation config, accelerator prep of
 #             the reference and reward models, the server-mode vLLM client;
 #   _move_model_to_vllm: weight sync to vLLM (PEFT merge, ZeRO-3 gather, FSDP);
-#   _calculate_rewards_from_functions: scores from `reward_funcs` (an optional judge);
-#   _beta, eos_token_ids, generation_config, generation_kwargs, ref_model, reward_funcs, use_vllm, vllm_mode, llm,
-#   vllm_client, _last_loaded_step, _tokenizer: attributes set by __init__.
+#   _beta, eos_token_ids, generation_config, generation_kwargs, ref_model, reward_funcs, reward_processing_classes,
+#   reward_weights (an optional judge, scored by SGPO itself so that an abstention drops a pair), use_vllm,
+#   vllm_mode, llm, vllm_client, _last_loaded_step, _tokenizer: attributes set by __init__.
 ONLINE_DPO_MEMBERS_USED = (
     "__init__",
     "_move_model_to_vllm",
-    "_calculate_rewards_from_functions",
     "_beta",
     "eos_token_ids",
     "generation_config",
     "generation_kwargs",
     "ref_model",
     "reward_funcs",
+    "reward_processing_classes",
+    "reward_weights",
     "use_vllm",
     "vllm_mode",
     "llm",
@@ -132,7 +135,11 @@ class OnPolicyConfig(OnlineDPOConfig):
     [`~trl.experimental.online_dpo.OnlineDPOConfig`].
 
     `bf16` defaults to `True` only on a bf16-capable accelerator (TRL's `True` errors on CPU), and `use_cpu` is
-    switched on when there is no accelerator (several CPU processes then train with gloo DDP).
+    switched on when there is no accelerator (several CPU processes then train with gloo DDP). `generation_kwargs`
+    go to `transformers`' `GenerationConfig` only (OnlineDPO also sends them to vLLM's `SamplingParams`, which
+    refuses keys such as `use_cache`); vLLM's options go in `vllm_sampling_kwargs`. In vLLM colocate mode the
+    number of processes must be a multiple of `vllm_tensor_parallel_size`: each tensor-parallel group of processes
+    shares one engine, which answers the prompts of the whole group at once.
 
     Parameters:
         skipped_steps_warning_frac (`float`, *optional*, defaults to `0.25`):
@@ -144,6 +151,10 @@ class OnPolicyConfig(OnlineDPOConfig):
             Write every item made (prompt, generated texts, kept or why dropped, judge scores, per-item loss
             figures such as DPO margins or SPPO targets) to `<output_dir>/items.jsonl`, one line per item, as
             training goes. See [`~trl_sgpo.trainers.items_log`].
+        vllm_sampling_kwargs (`dict[str, Any]`, *optional*):
+            Extra keyword arguments for vLLM's `SamplingParams` when `use_vllm=True` (e.g. `{"stop": ["###"]}`);
+            they override the generation settings (`temperature`, `top_p`, ...). In server mode they are sent as the
+            client's `generation_kwargs`. Not used without vLLM, as `generation_kwargs` are not used with it.
     """
 
     skipped_steps_warning_frac: float = field(
@@ -158,6 +169,16 @@ class OnPolicyConfig(OnlineDPOConfig):
         default=True,
         metadata={"help": "Write every item made (texts, kept or drop reason, scores, margins) to items.jsonl."},
     )
+    # A JSON string on the command line (as TRL's GRPOConfig takes `generation_kwargs`).
+    _VALID_DICT_FIELDS = OnlineDPOConfig._VALID_DICT_FIELDS + ["vllm_sampling_kwargs"]
+
+    vllm_sampling_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra keyword arguments for vLLM's `SamplingParams` (with `use_vllm`); `generation_kwargs` go "
+            "to transformers' `GenerationConfig` only."
+        },
+    )
 
     def __post_init__(self):
         apply_cpu_defaults(self)
@@ -166,6 +187,25 @@ class OnPolicyConfig(OnlineDPOConfig):
             raise ValueError(f"`skipped_steps_warning_frac` must be in [0, 1], got {self.skipped_steps_warning_frac}.")
         if self.max_initial_empty_steps < 0:
             raise ValueError(f"`max_initial_empty_steps` must be >= 0, got {self.max_initial_empty_steps}.")
+        parallel = self.parallelism_config
+        if parallel is not None and (parallel.cp_enabled or parallel.sp_enabled):
+            # Trainer splits `input_ids` of the batch across the group; these trainers build their sequences inside
+            # the step, so there is nothing for it to split.
+            raise ValueError(
+                "`parallelism_config` with context or sequence parallelism (`cp_size` or `sp_size` > 1) is not "
+                "supported by the on-policy trainers. Set `cp_size=1` and `sp_size=1` (data, tensor and FSDP "
+                "parallelism are fine)."
+            )
+        if self.use_vllm and self.generation_kwargs:
+            logger.warning(
+                f"`generation_kwargs` {sorted(self.generation_kwargs)} are for transformers' `generate` and are not "
+                "used with `use_vllm=True`; put vLLM `SamplingParams` options in `vllm_sampling_kwargs`."
+            )
+        if not self.use_vllm and self.vllm_sampling_kwargs:
+            logger.warning(
+                f"`vllm_sampling_kwargs` {sorted(self.vllm_sampling_kwargs)} are used with `use_vllm=True` only; "
+                "put transformers generation options in `generation_kwargs`."
+            )
 
 
 def pad_rows(rows: list[list[int]], pad: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,11 +309,13 @@ def masked_filler(items: Items) -> Items:
 
 
 class EmptyWindowGuard(TrainerCallback):
-    """Holds the learning-rate schedule still over an optimizer step whose window kept no item.
+    """Makes the optimizer step of a window that kept no item a no-op, learning-rate schedule included.
 
-    ``Trainer`` steps the scheduler after every optimizer step. The gradients of a skipped window are ``None``, so the
-    optimizer leaves weights and state alone; this callback saves the scheduler state and the param-group learning
-    rates before that step (``on_pre_optimizer_step``) and puts them back once the step is over (``on_step_end``).
+    ``Trainer`` steps the optimizer and the scheduler after every window. A skipped window has no gradient (``None``),
+    so before that step (``on_pre_optimizer_step``) this callback turns off ``accelerator.sync_gradients``, which
+    accelerate's optimizer wrapper reads as "no step": neither the optimizer nor an fp16 ``GradScaler`` (whose
+    ``step`` and ``update`` need the inf checks of a backward) runs. It also saves the scheduler state and the
+    param-group learning rates, and puts them and the flag back once the step is over (``on_step_end``).
     """
 
     def __init__(self, trainer: OnPolicyTrainer):
@@ -281,16 +323,25 @@ class EmptyWindowGuard(TrainerCallback):
         self.saved = None
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        if self.trainer._window_skipped and lr_scheduler is not None:
+        if not self.trainer._window_skipped:
+            return
+        self.trainer.accelerator.sync_gradients = False
+        if lr_scheduler is not None:
             self.saved = (copy.deepcopy(lr_scheduler.state_dict()), [g["lr"] for g in optimizer.param_groups])
 
     def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if self.trainer._window_skipped:
+            self.trainer.accelerator.sync_gradients = True
         if self.saved is not None:
             schedule, lrs = self.saved
             lr_scheduler.load_state_dict(schedule)
             for group, lr in zip(optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr
             self.saved = None
+
+
+class MicroBatch(dict):
+    """One micro-batch cut from a window: ``skip``, and unless skipped ``items`` and ``num_items_in_window``."""
 
 
 class OnPolicyTrainer(OnlineDPOTrainer):
@@ -371,9 +422,18 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         # The colocated vLLM engine is built here, not by OnlineDPO: its `max_model_len` must cover this method's
         # longest prompt (`vllm_max_model_len`), and it must load the local weights, not a card name.
         colocate = args.use_vllm and args.vllm_mode == "colocate"
+        tp = args.vllm_tensor_parallel_size
+        if colocate and args.world_size % tp:
+            raise ValueError(
+                f"`vllm_tensor_parallel_size={tp}` must divide the number of processes ({args.world_size}) in vLLM "
+                "colocate mode: each group of that many processes shares one engine. Launch a multiple of it, or "
+                "change `vllm_tensor_parallel_size`."
+            )
         init_args = copy.copy(args)
         if colocate:
             init_args.use_vllm = False
+        elif args.use_vllm:  # OnlineDPO builds its (unused) server-mode SamplingParams from `generation_kwargs`
+            init_args.generation_kwargs = args.vllm_sampling_kwargs
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -404,9 +464,11 @@ class OnPolicyTrainer(OnlineDPOTrainer):
                 f"{args.gradient_accumulation_steps} x {self.accelerator.num_processes} process(es) = {window}). "
                 "Give more prompts or lower those settings."
             )
+        self.vllm_tp_group = None
         if colocate:
             self.use_vllm, self.vllm_mode = True, "colocate"
             self._last_loaded_step = -1
+            self.vllm_tp_group = self.make_vllm_tp_group()
             self.llm = self._build_vllm_engine(model)
         if not self.has_judge:
             self.reward_funcs = None
@@ -495,7 +557,7 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         if sleeps:
             empty_cache()
             self.llm.wake_up(tags=["weights"])
-        if sleeps or self.state.global_step != self._last_loaded_step:
+        if sleeps or self._vllm_needs_weights():
             self._move_model_to_vllm()
             self._last_loaded_step = self.state.global_step
         if sleeps:
@@ -505,6 +567,10 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         finally:
             if sleeps:
                 self.llm.sleep(level=2)
+
+    def _vllm_needs_weights(self) -> bool:
+        """Whether the engine needs the policy's weights before this window (once per optimizer step)."""
+        return self.state.global_step != self._last_loaded_step
 
     def vllm_max_model_len(self) -> int:
         """Longest sequence (prompt + completion) the vLLM engine must hold for this method."""
@@ -528,6 +594,17 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             "max_num_batched_tokens": max(4096, self.vllm_max_model_len()),
             "enable_sleep_mode": self.args.vllm_enable_sleep_mode,
         }
+
+    def make_vllm_tp_group(self):
+        """The process group of this process's colocated engine (consecutive ranks, ``vllm_tensor_parallel_size`` of
+        them), as TRL makes it; ``None`` without tensor parallelism. Collective: every process calls it."""
+        tp = self.args.vllm_tensor_parallel_size
+        if tp == 1:
+            return None
+        group, _ = torch.distributed.new_subgroups_by_enumeration(
+            [list(range(i * tp, (i + 1) * tp)) for i in range(self.accelerator.num_processes // tp)]
+        )
+        return group
 
     def _build_vllm_engine(self, model):  # pragma: no cover - needs a GPU and vLLM
         from trl.import_utils import is_vllm_available
@@ -620,10 +697,12 @@ class OnPolicyTrainer(OnlineDPOTrainer):
     def _prepare_inputs(self, inputs):
         if "image" in inputs:
             raise NotImplementedError(f"{type(self).__name__} supports text prompts only (found an `image` column).")
+        if isinstance(inputs, MicroBatch):  # `Trainer.training_step` prepares what `training_step` cut already
+            return inputs
         steps = self.args.gradient_accumulation_steps
         if self._micro_step % steps == 0 or self._buffer is None:
             self._buffer = self._make_window(inputs)
-        return self._buffer[self._micro_step % steps]
+        return MicroBatch(self._buffer[self._micro_step % steps])
 
     def _gather_sum(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum")
@@ -712,27 +791,32 @@ class OnPolicyTrainer(OnlineDPOTrainer):
 
     # ------------------------------------------------------------------ the step
 
+    # `compute_loss` divides by the kept items of the whole window (all processes): Trainer must not divide by the
+    # accumulation steps again.
+    loss_is_scaled_for_ga = True
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
+        """``Trainer.training_step`` on this micro-batch of the window, or nothing when it holds no kept item."""
         batch = self._prepare_inputs(inputs)
         self._micro_step += 1
         if batch["skip"]:
             # Nothing kept in this micro-batch (one process), or anywhere in this window: no forward, no backward. A
-            # window that kept nothing leaves gradients None, so the optimizer step changes neither weights nor state;
-            # EmptyWindowGuard holds the schedule.
+            # window that kept nothing makes no optimizer step either (EmptyWindowGuard).
             loss = torch.tensor(0.0, device=self.args.device)
         else:
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, batch)
-            kwargs = {}
-            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-                kwargs["scale_wrt_gas"] = False  # the loss is already normalized over the window
-            self.accelerator.backward(loss, **kwargs)
+            # Trainer's step (OnlineDPO's is bypassed): train modes, compute_loss, torch_empty_cache_steps, the
+            # n_gpu > 1 mean, LOMO, backward with DeepSpeed's scale_wrt_gas=False.
+            loss = super(OnlineDPOTrainer, self).training_step(model, batch, num_items_in_batch)
         if self._micro_step % self.args.gradient_accumulation_steps == 0:  # last micro-batch of the window
             self._flush_window_metrics()
-        return loss.detach()
+        return loss
+
+    def _clip_grad_norm(self, model):
+        # A skipped window has no gradient to clip, and an fp16 GradScaler must not unscale without a backward.
+        return torch.zeros((), device=self.args.device) if self._window_skipped else super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return 0.0 if self._window_skipped else super()._get_grad_norm(model, grad_norm)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         items: Items = inputs["items"]
@@ -749,7 +833,8 @@ class OnPolicyTrainer(OnlineDPOTrainer):
 
     def _add_window_metrics(self, metrics: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
         for key, value in metrics.items():
-            total = (value.detach().float() * weight).sum()
+            # A zero-weight filler item counts for nothing, even where its value is NaN (a judge's abstention).
+            total = torch.where(weight > 0, value.detach().float() * weight, 0.0).sum()
             self._window_sums[key] = self._window_sums.get(key, 0.0) + total
         self._window_sums["_count"] = self._window_sums.get("_count", 0.0) + weight.sum()
 

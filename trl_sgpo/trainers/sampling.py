@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from accelerate.utils import broadcast_object_list, gather_object
+import torch
+from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
 from trl.experimental.utils import truncate_right
 
 from .onpolicy import pad_rows
@@ -23,18 +24,14 @@ def generate_ids_vllm(
 ) -> list[list[int]]:
     """One completion per prompt from the trainer's colocated vLLM engine or its server: token ids in (never text,
     so no second BOS), token ids out, cut after the first EOS. A prompt whose budget (``params.max_tokens``) does
-    not fit the engine's ``max_model_len`` is an error before anything is sent (``label`` and ``fix`` word it)."""
-    budget, limit = params.max_tokens, trainer.vllm_max_model_len()
-    longest = max(len(ids) for ids in prompt_ids)
-    if longest + budget > limit:
-        raise ValueError(
-            f"{label} of {longest} tokens plus its {budget}-token budget does not fit vLLM's max_model_len={limit}. "
-            + (fix or "Lower `max_new_tokens` or raise `max_length` (the engine is sized from them).")
-        )
+    not fit the engine's ``max_model_len`` is an error before anything is sent (``label`` and ``fix`` word it).
+
+    In colocate mode with tensor parallelism the processes of a group share one engine: the group's prompts are
+    gathered, answered at once, and each process keeps its own share (as TRL's ``VLLMGeneration``)."""
     if trainer.vllm_mode == "colocate":
-        outputs = trainer.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        completion_ids = [list(out.outputs[0].token_ids) for out in outputs]
+        completion_ids = _colocated_generate(trainer, prompt_ids, params, label, fix)
     else:
+        _check_fits(trainer, prompt_ids, params, label, fix)
         all_prompts = gather_object([list(ids) for ids in prompt_ids])
         if trainer.accelerator.is_main_process:
             result = trainer.vllm_client.generate(
@@ -46,7 +43,7 @@ def generate_ids_vllm(
                 top_k=params.top_k,
                 min_p=params.min_p,
                 max_tokens=params.max_tokens,
-                generation_kwargs=trainer.args.generation_kwargs,
+                generation_kwargs=trainer.args.vllm_sampling_kwargs,
             )
             completion_ids = result["completion_ids"]
         else:
@@ -59,6 +56,37 @@ def generate_ids_vllm(
         ends = [i for i, t in enumerate(ids) if t in trainer.eos_token_ids]
         cut.append(list(ids[: ends[0] + 1]) if ends else list(ids))
     return cut
+
+
+def _check_fits(trainer, prompt_ids, params, label, fix) -> None:
+    budget, limit = params.max_tokens, trainer.vllm_max_model_len()
+    longest = max(len(ids) for ids in prompt_ids)
+    if longest + budget > limit:
+        raise ValueError(
+            f"{label} of {longest} tokens plus its {budget}-token budget does not fit vLLM's max_model_len={limit}. "
+            + (fix or "Lower `max_new_tokens` or raise `max_length` (the engine is sized from them).")
+        )
+
+
+def _colocated_generate(trainer, prompt_ids, params, label, fix) -> list[list[int]]:
+    group = getattr(trainer, "vllm_tp_group", None)
+    if group is None:
+        shares = [list(prompt_ids)]
+        rank = 0
+    else:
+        shares = [None] * torch.distributed.get_world_size(group=group)
+        torch.distributed.all_gather_object(shares, [list(ids) for ids in prompt_ids], group=group)
+        rank = torch.distributed.get_rank(group=group)
+    all_prompts = [ids for share in shares for ids in share]
+    # Checked over the group's prompts, so every process of the group raises or none does (no one left waiting).
+    _check_fits(trainer, all_prompts, params, label, fix)
+    if group is not None and is_peft_model(trainer.model) and trainer.accelerator.device.type == "cuda":
+        # PEFT's small gradient all-reduce can race with the engine's tensor-parallel NCCL calls and hang generate;
+        # TRL drains NCCL with a barrier first (trl#3671).
+        torch.distributed.barrier(device_ids=[trainer.accelerator.local_process_index])
+    outputs = trainer.llm.generate([{"prompt_token_ids": ids} for ids in all_prompts], params, use_tqdm=False)
+    start = sum(len(share) for share in shares[:rank])
+    return [list(out.outputs[0].token_ids) for out in outputs[start : start + len(prompt_ids)]]
 
 
 class PolicySampler:
@@ -86,5 +114,5 @@ class PolicySampler:
             min_p=0.0 if self.min_p is None else self.min_p,
             max_tokens=self.args.max_new_tokens,
             detokenize=False,
-            **(self.args.generation_kwargs or {}),
+            **(self.args.vllm_sampling_kwargs or {}),
         )

@@ -28,6 +28,8 @@ class SGPOConfig(OnPolicyConfig):
       within `max_new_tokens`. An answer cut at its token budget is not "better" than anything.
     - Generation always uses the KV cache, also with `gradient_checkpointing=True` (TRL's OnlineDPO generates
       without it there, about 6x slower); set `generation_kwargs={"use_cache": False}` to opt out.
+      `generation_kwargs` go to transformers' `generate` only; vLLM's `SamplingParams` options go in
+      `vllm_sampling_kwargs` ([`OnPolicyConfig`]).
     - `missing_eos_penalty` is rejected: SGPO's chosen answer is always the improved one, so a reward penalty cannot
       reorder a pair. Pass a judge as `reward_funcs` to drop pairs instead.
 
@@ -47,7 +49,9 @@ class SGPOConfig(OnPolicyConfig):
             Set it when drafts are long by nature and the budget cannot grow.
         judge_margin (`float`, *optional*, defaults to `0.0`):
             Only used when `reward_funcs` (a judge) is given: a pair is kept when the judge scores the improved answer
-            more than `judge_margin` above the original one; other pairs are dropped from the batch and counted.
+            more than `judge_margin` above the original one; other pairs are dropped from the batch and counted
+            (`judge_rejected`). A pair the judge abstains on (`None` or NaN for either answer) is dropped and
+            counted as `judge_abstained`.
     """
 
     improver_instruction: str | None = field(

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
+from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
-from trl.data_utils import is_conversational
+from trl.data_utils import apply_chat_template, is_conversational
 
 from ..templates import SavesImproverTemplate, improver_prompt, improver_template_for, render_prompt
 from ..utils import SGPO_PAPER
@@ -21,13 +22,15 @@ from .sgpo_config import SGPOConfig
 # Pair counts beside each checkpoint: TrainerState does not hold them, and a resumed run should report totals.
 PAIR_COUNTS_NAME = "sgpo_pair_counts.json"
 
-# Why a pair does not train. Not exclusive: a pair whose draft and improvement were both cut counts in both.
-PAIR_FLAGS = ("truncated_policy", "truncated_improved", "empty", "identical", "judge_rejected")
+# Why a pair does not train. Not exclusive: a pair whose draft and improvement were both cut counts in both. The
+# judge's reasons count only pairs that would otherwise train: it abstained (None or NaN for an answer) or did not
+# prefer the improvement by more than `judge_margin`.
+PAIR_FLAGS = ("truncated_policy", "truncated_improved", "empty", "identical", "judge_abstained", "judge_rejected")
 
 
 # SGPOTrainer is an OnlineDPOTrainer (through OnPolicyTrainer). The OnlineDPO members it still relies on are listed in
-# `onpolicy.ONLINE_DPO_MEMBERS_USED` (constructor, vLLM weight sync, reward-function scoring for the judge, and the
-# attributes they set); tests/test_onpolicy.py fails if one disappears.
+# `onpolicy.ONLINE_DPO_MEMBERS_USED` (constructor, vLLM weight sync, the judge's reward functions and weights, and
+# the attributes they set); tests/test_onpolicy.py fails if one disappears.
 class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
     r"""
     Trainer for Self-Generated Preference Optimization (SGPO, [arXiv 2507.20181](https://huggingface.co/papers/2507.20181)).
@@ -41,7 +44,9 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
     A pair trains only when it means what it says: the improvement ended with EOS within `improver_max_new_tokens`,
     is non-empty and differs from the draft, and the draft ended with EOS within `max_new_tokens` (unless
     `keep_truncated_drafts`). With a judge in `reward_funcs`, a pair also needs the judge to score `y'` more than
-    `judge_margin` above `y`. Every reason is counted ([`pair_counts`]) and logged (`sgpo/<reason>_frac`).
+    `judge_margin` above `y`; a pair the judge abstains on (a reward function returns `None` or NaN for either
+    answer) is dropped as `judge_abstained`. Every reason is counted ([`pair_counts`]) and logged
+    (`sgpo/<reason>_frac`).
 
     The step is [`OnPolicyTrainer`]'s: pairs for a whole accumulation window are generated once in `_prepare_inputs`,
     every kept pair weighs the same in the update whatever micro-batch or process it landed on, and a step that keeps
@@ -53,7 +58,8 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
             distributed launches work).
         ref_model: Reference model. Defaults to a frozen copy of `model`, or to the adapter-disabled model under PEFT.
         reward_funcs: Optional judge(s), in OnlineDPO's `reward_funcs` format (callables, sequence-classification
-            models or model ids). Used only to drop pairs, never to pick the chosen answer.
+            models or model ids), summed with `reward_weights`. Used only to drop pairs, never to pick the chosen
+            answer. A callable may abstain on an answer (`None` or NaN): its pair is then dropped.
         args: An [`SGPOConfig`]. Defaults to `SGPOConfig("<model name>-SGPO")`.
         train_dataset: Dataset with a `prompt` column (standard string or conversational messages).
         processing_class: Tokenizer. Defaults to the tokenizer of `model` when `model` is a string.
@@ -170,7 +176,7 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
             "min_p": 0.0 if self.min_p is None else self.min_p,
             "max_tokens": self._max_tokens(role),
             "detokenize": False,
-            **(self.args.generation_kwargs or {}),
+            **(self.args.vllm_sampling_kwargs or {}),
         }
         if role == "improver":
             if self.args.improver_temperature is not None:
@@ -221,13 +227,14 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
         if not self.args.keep_truncated_drafts:
             keep &= ~truncated_policy
         values = {}
-        judge_rejected = torch.zeros_like(keep)
+        judge_abstained, judge_rejected = torch.zeros_like(keep), torch.zeros_like(keep)
         if self.has_judge:
             scores = self._judge(prompts, improved + drafts, improved_ids + draft_ids, inputs)
             better, worse = scores.split(len(prompts))
             values["judge_margin"] = better - worse
             values["score_chosen"], values["score_rejected"] = better, worse  # shown in items.jsonl
-            # NaN (a judge that abstains) compares False: the pair is dropped.
+            judge_abstained = keep & (better.isnan() | worse.isnan())
+            keep &= ~judge_abstained
             judge_rejected = keep & ~((better - worse) > self.args.judge_margin)
             keep &= ~judge_rejected
 
@@ -243,6 +250,7 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
                 "truncated_improved": truncated_improved,
                 "empty": empty,
                 "identical": identical,
+                "judge_abstained": judge_abstained,
                 "judge_rejected": judge_rejected,
             },
             values=values,
@@ -255,12 +263,47 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
             return self.make_items(gen_model if gen_model is not None else model, prompts, inputs or {})
 
     def _judge(self, prompts, completions, completion_ids, inputs) -> torch.Tensor:
+        """The judge's score of each completion: the reward functions' scores weighted by ``reward_weights`` and
+        summed, NaN where any function abstained (returned ``None`` or NaN), so the pair is dropped."""
         if is_conversational({"prompt": prompts[0]}):
             completions = [[{"role": "assistant", "content": c}] for c in completions]
         extra = {k: (v * 2 if isinstance(v, (list, tuple)) else v) for k, v in inputs.items() if k != "prompt"}
-        return self._calculate_rewards_from_functions(
-            prompts=2 * list(prompts), completions=completions, completion_ids_list=completion_ids, **extra
+        prompts = 2 * list(prompts)
+        columns = [
+            self._reward_scores(func, processing_class, prompts, completions, completion_ids, extra)
+            for func, processing_class in zip(self.reward_funcs, self.reward_processing_classes, strict=True)
+        ]
+        scores = torch.stack(columns, dim=1)
+        if self.reward_weights is not None:
+            scores = scores * self.reward_weights.to(scores.device)
+        # A plain sum, where OnlineDPO's `_calculate_rewards_from_functions` takes `nansum`: an abstention scores 0
+        # there, so an answer the judge could not score would lose to any positive score instead of being dropped.
+        return scores.sum(dim=1)
+
+    def _reward_scores(self, func, processing_class, prompts, completions, completion_ids, extra) -> torch.Tensor:
+        """One reward function's scores, as OnlineDPO computes them (``None`` becomes NaN)."""
+        device = self.accelerator.device
+        if not isinstance(func, nn.Module):
+            scores = func(
+                prompts=prompts,
+                completions=completions,
+                completion_ids=completion_ids,
+                trainer_state=self.state,
+                **extra,
+            )
+            return torch.tensor([float("nan") if x is None else float(x) for x in scores], device=device)
+        if is_conversational({"prompt": prompts[0]}):
+            texts = [
+                apply_chat_template({"messages": p + c}, processing_class)["text"]
+                for p, c in zip(prompts, completions, strict=True)
+            ]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        encoded = processing_class(
+            text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
         )
+        with torch.inference_mode():
+            return func(**{k: v.to(device) for k, v in encoded.items()}).logits[:, 0].float()
 
     # ------------------------------------------------------------------ the loss
 
@@ -296,6 +339,7 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
             "truncated_policy": "raise `max_new_tokens` or set `keep_truncated_drafts=True` (drafts are cut)",
             "empty": "train the improver first (improver SFT): it writes empty improvements",
             "identical": "train the improver first (improver SFT) or raise `improver_temperature`: it repeats drafts",
+            "judge_abstained": "check the judge in `reward_funcs`: it returns None or NaN for these answers",
             "judge_rejected": "lower `judge_margin` or check the judge in `reward_funcs`",
         }
         main = max(shares, key=shares.get)
@@ -307,5 +351,6 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
             "Pairs are (chosen: the model's improvement of its own answer, rejected: its answer). A pair trains only "
             "when the improvement finished (EOS within its budget), is non-empty and differs from the draft, and the "
             "draft finished unless `keep_truncated_drafts`. Counts are totals over the run (`truncated_*`, `empty`, "
-            "`identical`, `judge_rejected` are not exclusive); loss figures are at the last logged step."
+            "`identical`, `judge_abstained`, `judge_rejected` are not exclusive); loss figures are at the last "
+            "logged step."
         )

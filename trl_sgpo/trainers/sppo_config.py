@@ -9,6 +9,7 @@ from .onpolicy import OnPolicyConfig
 
 SPPO_LOSS_TYPES = ("sppo", "sppo_hard")
 SPPO_TRAIN_ON = ("best_worst", "all")
+SPPO_SAMPLE_FROM = ("reference", "policy")
 
 
 @dataclass
@@ -37,6 +38,13 @@ class SPPOConfig(OnPolicyConfig):
             code). `"all"`: train on every finished answer (the paper's Algorithm 1 with all K selected).
         judge_batch_size (`int`, *optional*, defaults to `64`):
             Comparisons (or answers, for a pointwise judge) sent to the judge per call.
+        sample_from (`str`, *optional*, defaults to `"reference"`):
+            Which model samples each round's K answers. `"reference"`: `pi_t`, the policy the round starts from (the
+            paper and the official code, which sample once per round): the frozen reference copy, or the model with
+            its adapter disabled under PEFT, at no extra memory. `"policy"`: the policy as it trains (fresher samples,
+            no longer the paper's estimate of `P(y > pi_t)`). Under vLLM, `"reference"` loads the weights into the
+            engine before the round's first step only, so it needs `vllm_enable_sleep_mode=False`; a run resumed
+            mid-round samples from the weights the engine holds (in colocate mode, those the round started from).
     """
 
     num_samples: int = field(default=5, metadata={"help": "Answers sampled per prompt (K)."})
@@ -56,6 +64,14 @@ class SPPOConfig(OnPolicyConfig):
         metadata={"help": "`best_worst` (official code) or `all` finished answers.", "choices": SPPO_TRAIN_ON},
     )
     judge_batch_size: int = field(default=64, metadata={"help": "Comparisons or answers per judge call."})
+    sample_from: str = field(
+        default="reference",
+        metadata={
+            "help": "`reference`: sample each round's answers from pi_t, the policy the round starts from (the "
+            "paper); `policy`: from the policy as it trains.",
+            "choices": SPPO_SAMPLE_FROM,
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,6 +91,14 @@ class SPPOConfig(OnPolicyConfig):
         betas = self.beta if isinstance(self.beta, list) else [self.beta]
         if any(b <= 0 for b in betas):
             raise ValueError(f"`beta` must be > 0 (eta = 1/beta), got {self.beta}.")
+        if self.sample_from not in SPPO_SAMPLE_FROM:
+            raise ValueError(f"`sample_from` must be one of {SPPO_SAMPLE_FROM}, got {self.sample_from!r}.")
+        if self.sample_from == "reference" and self.use_vllm and self.vllm_enable_sleep_mode:
+            raise ValueError(
+                "`sample_from='reference'` keeps the round's starting weights in the vLLM engine, which "
+                "`vllm_enable_sleep_mode=True` discards at every window. Set `vllm_enable_sleep_mode=False`, or "
+                "`sample_from='policy'`."
+            )
         if self.judge_batch_size < 1:
             raise ValueError(f"`judge_batch_size` must be >= 1, got {self.judge_batch_size}.")
         if self.missing_eos_penalty is not None:

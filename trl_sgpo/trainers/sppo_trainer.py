@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from trl.models.utils import unwrap_model_for_generation
 
 from ..templates import question_text, render_prompt
 from ..utils import SPPO_PAPER
@@ -18,7 +21,8 @@ class SPPOTrainer(PolicySampler, OnPolicyTrainer):
     r"""
     Trainer for Self-Play Preference Optimization (SPPO, [arXiv 2405.00675](https://huggingface.co/papers/2405.00675)).
 
-    For each prompt the current model samples `num_samples` (K) answers. A judge compares them, and each answer gets
+    For each prompt the round's starting policy `pi_t` samples `num_samples` (K) answers (`sample_from="reference"`,
+    the paper; `"policy"` samples from the policy as it trains). A judge compares them, and each answer gets
     its estimated win rate against the model's own answers, `P_hat(y_i) = mean_k P(y_i beats y_k)` (the answer
     itself included, a tie). Each trained answer regresses its log-ratio to the reference onto
     `(P_hat(y) - 1/2) / beta` (squared loss, sequence-summed log-probs). By default only the best and the worst
@@ -75,6 +79,31 @@ class SPPOTrainer(PolicySampler, OnPolicyTrainer):
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
 
     # ------------------------------------------------------------------ items
+
+    @contextmanager
+    def generation_model(self):
+        """The model answers are sampled from: by default ``pi_t``, the reference (the round's start)."""
+        if self.args.sample_from == "policy" or self.use_vllm:
+            with super().generation_model() as model:
+                yield model
+        elif self.ref_model is None:  # PEFT: pi_t is the model with its adapter disabled
+            with super().generation_model() as model, model.disable_adapter():
+                yield model
+        else:
+            with (
+                unwrap_model_for_generation(
+                    self.ref_model, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+                ) as model,
+                torch.no_grad(),
+                FSDP.summon_full_params(self.ref_model, recurse=False) if self.is_fsdp_enabled else nullcontext(),
+            ):
+                yield model
+
+    def _vllm_needs_weights(self) -> bool:
+        if self.args.sample_from == "policy":
+            return super()._vllm_needs_weights()
+        # The engine keeps pi_t: loaded before the round's first step (when the policy still is pi_t), never after.
+        return self._last_loaded_step < 0 and self.state.global_step == 0
 
     def make_items(self, model, prompts: list, inputs: dict[str, Any]) -> Items:
         k = self.args.num_samples
