@@ -38,6 +38,13 @@ accelerate launch recipes/sgpo.py --method online_dpo --judge similarity        
 Add `--use_peft --lora_r 16 --lora_alpha 32`: improver SFT and each SGPO round train an adapter (kept in the stage's
 `adapter/`), merged before the next stage; the final and pushed model is a plain, merged one.
 
+# Settings
+A bare run reads `recipes/configs/sgpo_smollm2.yaml` (the demo); `--config` reads another file over it and options on
+the command line win. Two settings are mappings, changed key by key by a file or by a JSON object on the command line:
+`improver_sft` takes any `ImproverSFTConfig` field for stage 4 (`--improver_sft '{"lr_scheduler_type": "cosine",
+"warmup_steps": 5}'`), and `method_args` takes settings per method (`--method_args '{"sppo": {"num_samples": 4}}'`,
+the shape `recipes/compare.py` takes). A setting the chosen method does not use (`--beta` for SPPO or SSO) is refused.
+
 Every stage writes under `<output_dir>/stages/` and a rerun of the same command resumes where it stopped. A rerun with
 other settings is refused at the first stage they change; deleting a stage's folder redoes it and the stages after it.
 """
@@ -182,17 +189,30 @@ def load_settings(args: list[str]) -> tuple[dict, list[str]]:
         config = merge_configs(config, read_config(args[at + 1]))
         del args[at : at + 2]
     for key in SECTIONS:
-        if f"--{key}" in args:
-            at = args.index(f"--{key}")
-            try:
-                value = json.loads(args[at + 1])
-            except (IndexError, json.JSONDecodeError) as e:
-                raise ValueError(f"`--{key}` takes a JSON object, e.g. --{key} '{{\"key\": 1}}': {e}") from e
+        for value in _pop_option(args, key):
             config = merge_configs(config, {key: value})
-            del args[at : at + 2]
     for key, value in config.pop("env", {}).items():  # as TrlParser does with a config's `env`
         os.environ[key] = str(value)
     return config, args
+
+
+def _pop_option(args: list[str], key: str) -> list[dict]:
+    """Remove every ``--key VALUE`` (or ``--key=VALUE``, dashes for underscores) from ``args``; their JSON values."""
+    spellings = {f"--{key}", f"--{key.replace('_', '-')}"}
+    values, rest = [], []
+    items = iter(args)
+    for item in items:
+        name, equals, value = item.partition("=")
+        if name not in spellings:
+            rest.append(item)
+            continue
+        value = value if equals else next(items, "")
+        try:
+            values.append(json.loads(value))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"`{name}` takes a JSON object, e.g. {name} '{{\"key\": 1}}'; got {value!r}: {e}") from e
+    args[:] = rest
+    return values
 
 
 def parse_args(args: list[str] | None = None):

@@ -344,7 +344,10 @@ def run_pipeline(
         if run.script_args.stop_after == "improver_sft":
             return finish(run, done)
     judge = judge if judge is not None else method_args.build_judge(run.script_args)
-    done += method_rounds(run, method_args, judge, done[-1] if done else None)
+    last = done[-1] if done else StageOutput("start", {}, model=run.model_name)
+    for iteration in range(1, run.script_args.iterations + 1):
+        last = method_round(run, method_args, judge, iteration, last)
+        done.append(last)
     summary = make_summary(run, done)
     eval_files = evaluation(run, summary, done[-1].stage)
     summary.update(publish(run, done[-1].model, eval_files))
@@ -519,27 +522,16 @@ def method_settings(run: Run, method_args: MethodArguments) -> dict[str, Any]:
     return settings
 
 
-def method_rounds(run: Run, method_args: MethodArguments, judge, improver: StageOutput | None) -> list[StageOutput]:
-    """Stage 5: the method's rounds, each made from the previous round's model (so the reference re-anchors)."""
-    last = improver or StageOutput("start", {}, None, run.model_name)
-    done = []
-    for iteration in range(1, run.script_args.iterations + 1):
-        last = method_round(run, method_args, judge, iteration, last, started_from_improver=improver is not None)
-        done.append(last)
-    return done
-
-
-def method_round(
-    run: Run, method_args: MethodArguments, judge, iteration: int, last: StageOutput, started_from_improver: bool
-) -> StageOutput:
-    """One round of the method from ``last``'s model."""
+def method_round(run: Run, method_args: MethodArguments, judge, iteration: int, last: StageOutput) -> StageOutput:
+    """Stage 5: one round of the method, made from ``last``'s model (the previous round's, so the reference
+    re-anchors)."""
     from trl import get_peft_config
 
     method, training_args, iterations = run.method, run.training_args, run.script_args.iterations
     rows = method_prompts(method, run.rows.prompts, iteration, iterations)
     settings = {
         **run.settings("sgpo", training_args),
-        "start": "improver_sft" if started_from_improver else run.model_name,
+        "start": run.model_name if run.script_args.skip_improver_sft else "improver_sft",
         # The round's own prompts: SPPO deals disjoint shares over `iterations`, so they depend on it.
         "prompts": stable_hash(list(rows["prompt"])),
         **method_settings(run, method_args),
