@@ -96,8 +96,7 @@ SET_BY_THE_PIPELINE = {
 class SGPOScriptArguments(EvaluationArguments):
     """Arguments of ``recipes/sgpo.py`` beyond the training ones (``SGPOConfig``) and the model ones (``ModelConfig``).
 
-    The demo's settings (``recipes/sgpo.py``) finish on 2 CPU cores in 16-31 minutes, depending on the machine, with the
-    embedded default model.
+    The defaults are the library's; the recipe's demo sets its own in ``recipes/configs/sgpo_smollm2.yaml``.
     """
 
     dataset_name: str | None = field(
