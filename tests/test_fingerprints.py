@@ -122,3 +122,18 @@ def test_the_held_out_size_changes_every_stage():
     other = dataclasses.replace(base, num_eval_prompts=base.num_eval_prompts + 1)
     for stage in STAGE_ORDER:
         assert script_fingerprint(base, stage) != script_fingerprint(other, stage), stage
+
+
+def test_stage_folders_keep_the_names_finished_runs_have():
+    from trl_sgpo.pipeline.stages import STAGE_FOLDERS, stage_folder
+
+    # A rerun finds its finished stages by these names: another name would redo that stage in every existing run.
+    assert [stage_folder(name) for name in STAGE_FOLDERS if name != "sgpo"] == [
+        "01_sample",
+        "02_targets",
+        "03_filter",
+        "04_improver_sft",
+        "06_evaluation",
+    ]
+    assert stage_folder("sgpo", method="sppo", iteration=2) == "05_sppo_iter2"
+    assert STAGE_ORDER == ("sample", "targets", "filter", "improver_sft", "sgpo")
