@@ -51,11 +51,11 @@ class CompareArguments:
         default_factory=lambda: ["sgpo", "sppo", "sso", "online_dpo"],
         metadata={"help": "Methods to train and compare: any of sgpo, sppo, sso, online_dpo."},
     )
-    method_args: str | None = field(
+    method_args: dict | str | None = field(
         default=None,
         metadata={
-            "help": 'JSON object {method: {setting: value}} of method-specific settings, e.g. \'{"sppo": '
-            '{"num_samples": 4}}\'.'
+            "help": "Method-specific settings keyed by method (a YAML mapping, or JSON on the command line), e.g. "
+            '\'{"sppo": {"num_samples": 4}}\'; the same shape as `recipes/sgpo.py`\'s `method_args`.'
         },
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call in the evaluation."})
@@ -118,12 +118,9 @@ class CompareArguments:
             raise ValueError(f"`method_args` has settings for {stray}, which `methods` does not list.")
 
     def per_method_args(self) -> dict:
-        if not self.method_args:
-            return {}
-        value = self.method_args if isinstance(self.method_args, dict) else json.loads(self.method_args)
-        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-            raise ValueError(f"`method_args` must map method names to objects of settings, got {self.method_args!r}.")
-        return value
+        from trl_sgpo.pipeline.methods import parse_method_args
+
+        return parse_method_args(self.method_args)
 
     def method_arguments(self, method: str):
         from trl_sgpo.pipeline.methods import METHODS, MethodArguments
@@ -131,7 +128,7 @@ class CompareArguments:
         uses_judge = METHODS[method].judge == "required"
         return MethodArguments(
             method=method,
-            method_args=json.dumps(self.per_method_args().get(method, {})),
+            method_args={method: self.per_method_args().get(method, {})},
             judge=self.judge if uses_judge else "none",
             reward_model=self.reward_model,
             similarity_temperature=self.similarity_temperature,
@@ -217,7 +214,7 @@ def main(compare_args, script_args, training_args, model_args, judge=None):
             dataclasses.replace(
                 script_args, dataset_name=str(data_dir / "train.jsonl"), dataset_config=None, num_eval_prompts=0
             ),
-            dataclasses.replace(training_args, output_dir=str(out / name), push_to_hub=False),
+            method_training_args(training_args, name, output_dir=str(out / name), push_to_hub=False),
             model_args,
             method_args,
             judge=judge if method_args.judge != "none" else None,
@@ -249,6 +246,14 @@ def main(compare_args, script_args, training_args, model_args, judge=None):
     if state.use_distributed:
         state.destroy_process_group()
     return {"results": results, "report": report}
+
+
+def method_training_args(training_args, method: str, **changes):
+    """The shared training arguments for ``method``, less the settings it keeps its own defaults for (SPPO's and
+    SSO's ``beta`` and ``loss_type``): the comparison sets those for the methods that share them."""
+    from trl_sgpo.pipeline.methods import get_method
+
+    return dataclasses.replace(training_args, **get_method(method).own_defaults(training_args), **changes)
 
 
 def comparison_rows(report: dict, results: dict) -> list[dict]:

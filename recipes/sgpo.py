@@ -38,14 +38,24 @@ accelerate launch recipes/sgpo.py --method online_dpo --judge similarity        
 Add `--use_peft --lora_r 16 --lora_alpha 32`: improver SFT and each SGPO round train an adapter (kept in the stage's
 `adapter/`), merged before the next stage; the final and pushed model is a plain, merged one.
 
+# Settings
+A bare run reads `recipes/configs/sgpo_smollm2.yaml` (the demo); `--config` reads another file over it and options on
+the command line win. Two settings are mappings, changed key by key by a file or by a JSON object on the command line:
+`improver_sft` takes any `ImproverSFTConfig` field for stage 4 (`--improver_sft '{"lr_scheduler_type": "cosine",
+"warmup_steps": 5}'`), and `method_args` takes settings per method (`--method_args '{"sppo": {"num_samples": 4}}'`,
+the shape `recipes/compare.py` takes). A setting the chosen method does not use (`--beta` for SPPO or SSO) is refused.
+
 Every stage writes under `<output_dir>/stages/` and a rerun of the same command resumes where it stopped. A rerun with
 other settings is refused at the first stage they change; deleting a stage's folder redoes it and the stages after it.
 """
 
 import argparse
 import difflib
+import json
 import os
+import sys
 import warnings
+from pathlib import Path
 
 
 def main(script_args, training_args, model_args, method_args=None):
@@ -131,52 +141,36 @@ def finished_lines(summary) -> list[str]:
     return lines
 
 
-# Defaults for a bare `accelerate launch recipes/sgpo.py`: the embedded model on 2 CPU cores, evaluation included, in
-# 16-31 minutes depending on the machine (20 was the target), under 3 GB resident (benchmarks/README.md, "recipe.py").
-# Chosen by held-out measurement (benchmarks/README.md, "quality.py"). A --config YAML and the command line override
-# them.
-DEMO_DEFAULTS = dict(
-    output_dir="outputs/sgpo-smollm2-135m",
-    # LoRA on every linear layer: the reference is the adapter switched off (no second copy of the weights) and the
-    # optimizer state is tiny, which keeps the peak memory under 3 GB; each stage's adapter is merged after it.
-    use_peft=True,
-    lora_r=16,
-    lora_alpha=32,
-    lora_target_modules="all-linear",
-    # Improver data: 128 of the 164 rows not held out. Offline targets are the references themselves (step_fraction
-    # 1): on this model, half-way targets taught an improver that mostly copied its draft (benchmarks/README.md).
-    num_improver_prompts=128,
-    step_fraction=1.0,
-    ppl_max_ratio=10.0,  # drops the few targets far more surprising than the policy's own answer
-    improver_sft_epochs=1,
-    improver_sft_learning_rate=3e-4,
-    # Batches of one row: a step's transient memory (logits over the vocabulary, activations) grows with the batch
-    # (benchmarks/README.md, "recipe.py": the SGPO stage peaked 0.7 GB lower).
-    improver_sft_batch_size=1,
-    improver_sft_gradient_accumulation_steps=4,
-    # SGPO: 40 prompts (the ones improver SFT did not use first), 8 per optimizer step, generated together; the loss
-    # runs one prompt's pair at a time, for the same reason.
-    num_sgpo_prompts=40,
-    per_device_train_batch_size=1,
-    gradient_accumulation_steps=8,
-    num_train_epochs=1,
-    learning_rate=1e-4,
-    # With the shipped prompts' request for a short answer, most drafts end within 128 tokens (see README).
-    max_new_tokens=128,
-    max_length=512,
-    temperature=0.7,
-    beta=0.1,
-    # No judge: every finished, distinct pair trains, as in the paper. `--judge similarity --judge_margin 0.02` keeps
-    # only improvements closer to the row's reference (measured no better on held-out ROUGE-L; benchmarks/README.md).
-    activation_checkpointing=True,
-    logging_steps=2,
-    save_steps=5,
-    save_total_limit=1,
-    report_to="none",
-)
+DEMO_CONFIG = Path(__file__).parent / "configs" / "sgpo_smollm2.yaml"
+"""The settings of a bare `accelerate launch recipes/sgpo.py` (the offline demo); a `--config` file and the command
+line change them."""
+
+SECTIONS = ("improver_sft", "method_args")
+"""Settings that are mappings: a `--config` file or the command line (a JSON object) changes the keys it names."""
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+def read_config(path) -> dict:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"The config file {path} must hold a YAML mapping of settings.")
+    return config
+
+
+def merge_configs(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes``; a mapping in both is merged key by key."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = merge_configs(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None, config=None):
+    """The recipe's parser, its defaults those of ``config`` (default: the demo's, :data:`DEMO_CONFIG`)."""
     from trl import ModelConfig, TrlParser
 
     from trl_sgpo import SGPOConfig
@@ -188,28 +182,61 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
         parser = subparsers.add_parser("sgpo", help="Run the SGPO pipeline", dataclass_types=dataclass_types)
     else:
         parser = TrlParser(dataclass_types, prog=prog, description=__doc__.split("\n\n")[1].strip())
-    parser.set_defaults(**DEMO_DEFAULTS)
+    parser.set_defaults_with_config(**(read_config(DEMO_CONFIG) if config is None else config))
     return parser
 
 
+def load_settings(args: list[str]) -> tuple[dict, list[str]]:
+    """``(config, rest of args)``: the demo's config, then the `--config` file's, then the command line's sections."""
+    config, args = read_config(DEMO_CONFIG), list(args)
+    if "--config" in args:
+        at = args.index("--config")
+        config = merge_configs(config, read_config(args[at + 1]))
+        del args[at : at + 2]
+    for key in SECTIONS:
+        for value in _pop_option(args, key):
+            config = merge_configs(config, {key: value})
+    for key, value in config.pop("env", {}).items():  # as TrlParser does with a config's `env`
+        os.environ[key] = str(value)
+    return config, args
+
+
+def _pop_option(args: list[str], key: str) -> list[dict]:
+    """Remove every ``--key VALUE`` (or ``--key=VALUE``, dashes for underscores) from ``args``; their JSON values."""
+    spellings = {f"--{key}", f"--{key.replace('_', '-')}"}
+    values, rest = [], []
+    items = iter(args)
+    for item in items:
+        name, equals, value = item.partition("=")
+        if name not in spellings:
+            rest.append(item)
+            continue
+        value = value if equals else next(items, "")
+        try:
+            values.append(json.loads(value))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"`{name}` takes a JSON object, e.g. {name} '{{\"key\": 1}}'; got {value!r}: {e}") from e
+    args[:] = rest
+    return values
+
+
 def parse_args(args: list[str] | None = None):
-    """``(script_args, training_args, model_args, method_args)`` from ``args`` (default: the command line) and any ``--config``.
+    """``(script_args, training_args, model_args, method_args)`` from ``args`` (default: the command line) over the
+    demo's config (:data:`DEMO_CONFIG`) and any ``--config``.
 
     A key that no argument dataclass has, in the YAML or on the command line, is an error: a typo would otherwise
     leave its setting at the default without a word.
     """
-    parser = make_parser()
-    *parsed, from_config, from_command_line = parser.parse_args_and_config(
-        args, return_remaining_strings=True, separate_remaining_strings=True
-    )
+    config, args = load_settings(sys.argv[1:] if args is None else args)
+    parser = make_parser(config=config)
+    *parsed, from_command_line = parser.parse_args_into_dataclasses(args, return_remaining_strings=True)
     known = sorted(action.dest for action in parser._actions)
 
     def describe(key: str) -> str:
         close = difflib.get_close_matches(key, known, n=1)
         return f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else "")
 
-    # TrlParser returns the unused config entries as ["--key", "value", ...].
-    unknown = [f"{describe(key[2:])} in the --config file" for key in from_config[0::2]]
+    unknown = [f"{describe(key)} in the --config file" for key in config if key not in known]
     # argparse leaves an unknown option and its value; name the option.
     options = [item for item in from_command_line if item.startswith("-")] or from_command_line
     unknown += [f"{describe(item.lstrip('-'))} on the command line" for item in options]

@@ -42,7 +42,7 @@ def common_argv(model_dir, data, out):
     return [
         "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
         "--num_improver_prompts", "4", "--num_sgpo_prompts", "4", "--max_steps", "1", "--max_new_tokens", "6",
-        "--improver_sft_epochs", "1", "--ppl_max_ratio", "1000", "--logging_steps", "1", "--sample_batch_size", "4",
+        "--improver_sft", '{"num_train_epochs": 1}', "--ppl_max_ratio", "1000", "--logging_steps", "1", "--sample_batch_size", "4",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
     ]  # fmt: skip
 

@@ -65,18 +65,35 @@ def test_every_recipe_setting_is_placed_and_every_listed_name_exists():
     assert every >= OUTPUT_NEUTRAL, sorted(OUTPUT_NEUTRAL - every)
 
 
-def test_deprecated_aliases_resolve_to_the_one_name():
-    with pytest.warns(FutureWarning, match="`target_model` is deprecated; use `writer_model`"):
-        args = SGPOScriptArguments(target_model="gpt-x", offline_fraction=0.25)
-    assert (args.writer_model, args.step_fraction, args.target_model, args.offline_fraction) == (
-        "gpt-x",
-        0.25,
-        None,
-        None,
-    )
-    assert script_fingerprint(args, "targets") == script_fingerprint(
-        SGPOScriptArguments(writer_model="gpt-x", step_fraction=0.25), "targets"
-    )
+def test_the_improver_sft_section_is_recorded_under_the_recipe_setting_names():
+    # The keys of earlier runs' stage folders: a finished run stays finished.
+    base = SGPOScriptArguments()
+    assert {k: v for k, v in script_fingerprint(base, "improver_sft").items() if k.startswith("improver_sft")} == {
+        "improver_sft_max_length": 768,
+        "improver_sft_epochs": 2.0,
+        "improver_sft_learning_rate": 1e-5,
+        "improver_sft_batch_size": 2,
+        "improver_sft_gradient_accumulation_steps": 4,
+    }
+    # max_length changes the filter (it scores rows that long) and the stages after it; the others improver SFT on.
+    shorter = SGPOScriptArguments(improver_sft={"max_length": 256})
+    assert [s for s in STAGE_ORDER if script_fingerprint(base, s) != script_fingerprint(shorter, s)] == [
+        "filter",
+        "improver_sft",
+        "sgpo",
+    ]
+    faster = SGPOScriptArguments(improver_sft='{"learning_rate": 1e-3}')
+    changed = [s for s in STAGE_ORDER if script_fingerprint(base, s) != script_fingerprint(faster, s)]
+    assert changed == ["improver_sft", "sgpo"] and faster.improver_sft["max_length"] == 768
+
+
+def test_the_improver_sft_section_takes_improver_sft_config_fields_only():
+    with pytest.raises(ValueError, match=r"`improver_sft` has `learning_rat` \(did you mean `learning_rate`\?\)"):
+        SGPOScriptArguments(improver_sft={"learning_rat": 1e-3})
+    with pytest.raises(ValueError, match="`improver_sft` may not set `output_dir`"):
+        SGPOScriptArguments(improver_sft={"output_dir": "x"})
+    with pytest.raises(ValueError, match="`improver_sft` must be a JSON object"):
+        SGPOScriptArguments(improver_sft="{learning_rate: 1}")
 
 
 def test_lora_settings_count_for_training_stages_of_lora_runs_only():
@@ -105,3 +122,18 @@ def test_the_held_out_size_changes_every_stage():
     other = dataclasses.replace(base, num_eval_prompts=base.num_eval_prompts + 1)
     for stage in STAGE_ORDER:
         assert script_fingerprint(base, stage) != script_fingerprint(other, stage), stage
+
+
+def test_stage_folders_keep_the_names_finished_runs_have():
+    from trl_sgpo.pipeline.stages import STAGE_FOLDERS, stage_folder
+
+    # A rerun finds its finished stages by these names: another name would redo that stage in every existing run.
+    assert [stage_folder(name) for name in STAGE_FOLDERS if name != "sgpo"] == [
+        "01_sample",
+        "02_targets",
+        "03_filter",
+        "04_improver_sft",
+        "06_evaluation",
+    ]
+    assert stage_folder("sgpo", method="sppo", iteration=2) == "05_sppo_iter2"
+    assert STAGE_ORDER == ("sample", "targets", "filter", "improver_sft", "sgpo")

@@ -60,8 +60,8 @@ def base_argv(model_dir, data, out):
         "2",
         "--max_new_tokens",
         "8",
-        "--improver_sft_epochs",
-        "1",
+        "--improver_sft",
+        '{"num_train_epochs": 1}',
         "--ppl_max_ratio",
         "1000",
         "--logging_steps",
@@ -213,10 +213,11 @@ def test_redoing_a_stage_redoes_the_stages_after_it(recipe, tiny_model_dir, prom
     [
         (["--dataset_config", "other"], "sample", "dataset_config: None -> 'other'"),
         (["--model_revision", "v2"], "sample", "model_revision: 'main' -> 'v2'"),
-        (["--improver_sft_max_length", "256"], "filter", "improver_sft_max_length: 768 -> 256"),
+        (["--improver_sft", '{"max_length": 256}'], "filter", "improver_sft_max_length: 768 -> 256"),
         (["--lr_scheduler_type", "constant"], "sgpo iteration 1", "lr_scheduler_type: 'linear' -> 'constant'"),
         (["--warmup_steps", "1"], "sgpo iteration 1", "warmup_steps: 0 -> 1"),
         (["--max_grad_norm", "0.5"], "sgpo iteration 1", "max_grad_norm: 1.0 -> 0.5"),
+        (["--improver_sft", '{"max_grad_norm": 0.5}'], "improver_sft", "improver_sft.max_grad_norm: 1.0 -> 0.5"),
     ],
 )
 def test_changed_settings_are_refused_at_the_first_stage_they_change(recipe, finished_run, change, stage, setting):
@@ -485,12 +486,16 @@ def test_full_data_config_trains_on_every_row_not_held_out(recipe):
         "output_dir",
         "num_improver_prompts",
         "num_sgpo_prompts",
-        "improver_sft_epochs",
+        "improver_sft",
         "sample_batch_size",
     }
     train, _ = split_held_out(load_default_dataset(), bare[0].num_eval_prompts, bare[1].seed)
     assert full[0].num_improver_prompts == len(train)
-    assert (full[0].num_sgpo_prompts, full[0].improver_sft_epochs, full[0].sample_batch_size) == (64, 2, 64)
+    assert (full[0].num_sgpo_prompts, full[0].improver_sft["num_train_epochs"], full[0].sample_batch_size) == (
+        64,
+        2,
+        64,
+    )
     assert full[1].output_dir == "outputs/sgpo-smollm2-135m-full"
 
 
@@ -623,3 +628,51 @@ def test_summary_prints_the_finished_share_of_drafts_and_improvements(recipe):
     assert "drafts finished within max_new_tokens: 6/8 (75%)" in text
     assert "sgpo_iter1 finished within budget: drafts 8/10 (80%), improvements 5/10 (50%)" in text
     assert "kept 4 (40% of prompts gave a trained pair)" in text
+
+
+def test_improver_sft_takes_every_sft_setting_over_the_demo_section(recipe, tmp_path):
+    from trl_sgpo.pipeline.run import improver_sft_config
+
+    sft = '{"lr_scheduler_type": "constant", "warmup_steps": 3, "max_grad_norm": 0.5, "seed": 7}'
+    script_args, training_args, *_ = parse(recipe, "--improver_sft", sft, "--learning_rate", "0.5")
+    config = improver_sft_config(script_args, training_args, tmp_path / "sft")
+    assert (config.lr_scheduler_type, config.warmup_steps, config.max_grad_norm, config.seed) == (
+        "constant",
+        3,
+        0.5,
+        7,
+    )
+    # The command line changes the keys it names: the demo's others stay, and the rounds' learning rate is their own.
+    assert (config.learning_rate, config.per_device_train_batch_size, config.num_train_epochs) == (3e-4, 1, 1)
+    assert config.output_dir == str(tmp_path / "sft") and config.report_to == training_args.report_to
+    # A --config file's section is merged over the demo's in the same way.
+    extra = tmp_path / "sft.yaml"
+    extra.write_text("improver_sft:\n  warmup_steps: 2\n")
+    script_args = parse(recipe, "--config", str(extra))[0]
+    assert script_args.improver_sft["warmup_steps"] == 2 and script_args.improver_sft["learning_rate"] == 3e-4
+
+
+def test_settings_a_method_does_not_use_are_refused(recipe, tiny_model_dir, prompt_file, tmp_path):
+    argv = [*base_argv(tiny_model_dir, prompt_file, tmp_path / "run"), "--method", "sppo", "--judge", "similarity"]
+    with pytest.raises(ValueError, match=r"`beta` \(0.5\) does not apply to --method sppo.*\"sppo\": \{\"beta\""):
+        recipe.main(*parse(recipe, *argv, "--beta", "0.5"))
+    with pytest.raises(ValueError, match=r"`loss_type` \('ipo'\) does not apply to --method sso"):
+        recipe.main(
+            *parse(
+                recipe,
+                *base_argv(tiny_model_dir, prompt_file, tmp_path / "r2"),
+                "--method",
+                "sso",
+                "--loss_type",
+                "ipo",
+            )
+        )
+    assert not (tmp_path / "run").exists() and not (tmp_path / "r2").exists()
+    # method_args is keyed by method, as in recipes/compare.py.
+    with pytest.raises(ValueError, match=r"`method_args` has settings for \['sso'\], but --method is sppo"):
+        parse(recipe, *argv, "--method_args", '{"sso": {"beta": 0.1}}')
+    with pytest.raises(ValueError, match="`method_args` must map method names to objects of settings"):
+        parse(recipe, *argv, "--method_args", '{"num_samples": 4}')
+    assert parse(recipe, *argv, "--method_args", '{"sppo": {"num_samples": 4}}')[3].parsed_method_args() == {
+        "num_samples": 4
+    }

@@ -103,15 +103,12 @@ def _merge_shards(rows: Dataset, shards: Path, pattern: str) -> Dataset:
     return rows_in_order(rows, done)
 
 
+@contextmanager
 def _sharded_stage(
-    stage: Stage,
-    peers: Peers,
-    state: PartialState,
-    message: str,
-    work: Callable[[tuple[int, int], Path], None],
-    merge: Callable[[], dict[str, Any]],
-) -> None:
-    """Run ``work(shard, shard_file_folder)`` on every process, then ``merge()`` (returns the summary) on the main."""
+    stage: Stage, peers: Peers, state: PartialState, message: str, merge: Callable[[], dict[str, Any]]
+) -> Iterator[tuple[tuple[int, int], Path]]:
+    """Around this process's share of a stage's work (the ``with`` block, given ``(shard, shard_file_folder)``): mark
+    the stage started, then, once every process did its share, ``merge()`` (returns the summary) on the main."""
     name = stage.root.name
     if state.is_main_process:
         started = stage.start()
@@ -120,7 +117,7 @@ def _sharded_stage(
     peers.wait(f"{name}-start", [0])
     shards = stage.root / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    work((peers.index, peers.count), shards)
+    yield (peers.index, peers.count), shards
     peers.signal(f"{name}-shard")
     if state.is_main_process:
         peers.wait(f"{name}-shard")
@@ -136,123 +133,123 @@ def run_data_stages(
     policy: Callable[[], tuple[Any, Any]],
     rows: Dataset,
     stages: list[Stage],
-    summary: dict[str, Any],
+    max_length: int,
     sync_dir: Path,
 ) -> Stage | None:
     """Stages 1-3 (``stages``: the sample, targets and filter :class:`Stage`) on every process.
 
-    ``sync_dir`` is a folder every process sees, for the signals of :class:`Peers`.
+    ``max_length`` bounds the rows the filter scores (improver SFT's). ``sync_dir`` is a folder every process sees,
+    for the signals of :class:`Peers`. The summaries of the stages that ran are in their :class:`Stage`.
 
     ``policy()`` loads the policy and its tokenizer on this process's device (once). Returns the finished filter
     stage, or ``None`` when ``--stop_after`` stops the run at or before it.
     """
     state = PartialState()
     peers = Peers(sync_dir, state)
+    sample, targets, filtered = stages
     with peers.guard("the data stages"):
-        return _run(script_args, training_args, policy, rows, stages, summary, state, peers)
+        rows = ensure_row_ids(rows)
+        if not sample.check():
+            _sample(sample, script_args, training_args, policy, rows, state, peers)
+        if script_args.stop_after == "sample":
+            return None
+        if not targets.check():
+            _targets(targets, sample, script_args, state, peers)
+        if script_args.stop_after == "targets":
+            return None
+        if not filtered.check():
+            _filter(filtered, targets, script_args, policy, max_length, state, peers)
+        if script_args.stop_after == "filter":
+            return None
+        return filtered
 
 
-def _run(script_args, training_args, policy, rows, stages, summary, state, peers) -> Stage | None:
-    from ..data.perplexity import REPORT_FILE, PerplexityFilterConfig, apply_filter, score_targets
+def _sample(sample: Stage, script_args, training_args, policy, rows: Dataset, state, peers) -> None:
+    """Stage 1: the policy's answers, each process its share."""
     from ..data.sampling import sample_responses
 
-    sample, targets, filtered = stages
-    rows = ensure_row_ids(rows)
-    progress = state.is_local_main_process
+    def merge_answers():
+        answered = _merge_shards(rows, sample.root / "shards", "responses.*.jsonl")
+        write_jsonl_atomic(sample.root / "responses.jsonl", answered.to_list())
+        finished = sum(answered["response_finished"]) if len(answered) else 0
+        return {"rows": len(answered), "finished": finished, "finished_frac": finished / max(1, len(answered))}
 
-    if not sample.check():
+    message = f"[1/5] sampling the policy's answers to {len(rows)} prompts on {state.num_processes} process(es)"
+    with _sharded_stage(sample, peers, state, message, merge_answers) as (shard, shards):
+        sample_responses(
+            *policy(),
+            rows,
+            shards / f"responses.{shard[0]}-of-{shard[1]}.jsonl",
+            batch_size=script_args.sample_batch_size,
+            max_new_tokens=training_args.max_new_tokens,
+            temperature=training_args.temperature,
+            top_p=training_args.top_p,
+            top_k=training_args.top_k,
+            seed=training_args.seed,
+            show_progress=state.is_local_main_process,
+            shard=shard,
+            before_batch=peers.check,
+        )
 
-        def answer(shard, shards):
-            sample_responses(
-                *policy(),
-                rows,
-                shards / f"responses.{shard[0]}-of-{shard[1]}.jsonl",
-                batch_size=script_args.sample_batch_size,
-                max_new_tokens=training_args.max_new_tokens,
-                temperature=training_args.temperature,
-                top_p=training_args.top_p,
-                top_k=training_args.top_k,
-                seed=training_args.seed,
-                show_progress=progress,
-                shard=shard,
-                before_batch=peers.check,
+
+def _targets(targets: Stage, sample: Stage, script_args, state, peers) -> None:
+    """Stage 2: the target writer on the main process; the others wait."""
+    if state.is_main_process:
+        started = targets.start()
+        answered = load_rows(sample.root / "responses.jsonl")
+        if script_args.writer_model:
+            writer = target_writers.OpenAITargetWriter(
+                model=script_args.writer_model,
+                base_url=script_args.base_url,
+                api_key_env=script_args.api_key_env,
+                max_concurrency=script_args.max_concurrency,
+                timeout=script_args.request_timeout,
             )
+        else:
+            writer = target_writers.ReferenceStepWriter(fraction=script_args.step_fraction)
+        print(f"[2/5] writing improver targets with {writer.name}", flush=True)
+        progress = state.is_local_main_process
+        target_writers.write_targets(writer, answered, targets.root / "targets.jsonl", show_progress=progress)
+        targets.finish(started, **writer.stats.as_dict())
+        peers.signal("targets-done")
+    peers.wait("targets-done", [0])
+    targets.check()
 
-        def merge_answers():
-            answered = _merge_shards(rows, sample.root / "shards", "responses.*.jsonl")
-            write_jsonl_atomic(sample.root / "responses.jsonl", answered.to_list())
-            finished = sum(answered["response_finished"]) if len(answered) else 0
-            return {"rows": len(answered), "finished": finished, "finished_frac": finished / max(1, len(answered))}
 
-        message = f"[1/5] sampling the policy's answers to {len(rows)} prompts on {state.num_processes} process(es)"
-        _sharded_stage(sample, peers, state, message, answer, merge_answers)
-    summary["stages"]["sample"] = sample.summary
-    if script_args.stop_after == "sample":
-        return None
+def _filter(filtered: Stage, targets: Stage, script_args, policy, max_length: int, state, peers) -> None:
+    """Stage 3: the perplexity filter, each process scoring its share."""
+    from ..data.perplexity import REPORT_FILE, PerplexityFilterConfig, apply_filter, score_targets
 
-    if not targets.check():
-        if state.is_main_process:
-            started = targets.start()
-            answered = load_rows(sample.root / "responses.jsonl")
-            if script_args.writer_model:
-                writer = target_writers.OpenAITargetWriter(
-                    model=script_args.writer_model,
-                    base_url=script_args.base_url,
-                    api_key_env=script_args.api_key_env,
-                    max_concurrency=script_args.max_concurrency,
-                    timeout=script_args.request_timeout,
-                )
-            else:
-                writer = target_writers.ReferenceStepWriter(fraction=script_args.step_fraction)
-            print(f"[2/5] writing improver targets with {writer.name}", flush=True)
-            target_writers.write_targets(writer, answered, targets.root / "targets.jsonl", show_progress=progress)
-            targets.finish(started, **writer.stats.as_dict())
-            peers.signal("targets-done")
-        peers.wait("targets-done", [0])
-        targets.check()
-    summary["stages"]["targets"] = targets.summary
-    if script_args.stop_after == "targets":
-        return None
+    written = load_rows(targets.root / "targets.jsonl")
 
-    if not filtered.check():
-        written = load_rows(targets.root / "targets.jsonl")
-
-        def score(shard, shards):
-            score_targets(
-                *policy(),
-                written,
-                shards / f"scores.{shard[0]}-of-{shard[1]}.jsonl",
-                # A few rows per forward: the completions' logits over the whole vocabulary are the filter's peak
-                # memory (16 rows: about 3 GB for SmolLM2's 49k tokens), and a CPU gains little from larger batches.
-                batch_size=min(script_args.sample_batch_size, SCORE_BATCH_ROWS),
-                max_length=script_args.improver_sft_max_length,
-                show_progress=progress,
-                shard=shard,
-                before_batch=peers.check,
+    def merge_scores():
+        scored = _merge_shards(written, filtered.root / "shards", "scores.*.jsonl")
+        write_jsonl_atomic(filtered.root / "scores.jsonl", scored.to_list())
+        # Offline targets at step_fraction 1 are the references by definition: asked for, so not dropped as copies.
+        offline = script_args.writer_model is None
+        writes_references = offline and target_writers.ReferenceStepWriter(script_args.step_fraction).writes_references
+        config = PerplexityFilterConfig(
+            max_ratio=script_args.ppl_max_ratio, drop_reference_copies=not writes_references
+        )
+        kept, report = apply_filter(scored, filtered.root, config)
+        if len(kept) == 0:
+            raise ValueError(
+                f"The perplexity filter dropped every target ({report['dropped_by_reason']}); see "
+                f"{filtered.root / REPORT_FILE}. Raise --ppl_max_ratio or use a stronger target writer."
             )
+        return {k: report[k] for k in ("rows", "kept", "dropped", "dropped_by_reason")}
 
-        def merge_scores():
-            scored = _merge_shards(written, filtered.root / "shards", "scores.*.jsonl")
-            write_jsonl_atomic(filtered.root / "scores.jsonl", scored.to_list())
-            # Offline targets at step_fraction 1 are the references by definition: asked for, so not dropped as copies.
-            offline = script_args.writer_model is None
-            writes_references = (
-                offline and target_writers.ReferenceStepWriter(script_args.step_fraction).writes_references
-            )
-            config = PerplexityFilterConfig(
-                max_ratio=script_args.ppl_max_ratio, drop_reference_copies=not writes_references
-            )
-            kept, report = apply_filter(scored, filtered.root, config)
-            if len(kept) == 0:
-                raise ValueError(
-                    f"The perplexity filter dropped every target ({report['dropped_by_reason']}); see "
-                    f"{filtered.root / REPORT_FILE}. Raise --ppl_max_ratio or use a stronger target writer."
-                )
-            return {k: report[k] for k in ("rows", "kept", "dropped", "dropped_by_reason")}
-
-        message = f"[3/5] perplexity filter on {state.num_processes} process(es)"
-        _sharded_stage(filtered, peers, state, message, score, merge_scores)
-    summary["stages"]["filter"] = filtered.summary
-    if script_args.stop_after == "filter":
-        return None
-    return filtered
+    message = f"[3/5] perplexity filter on {state.num_processes} process(es)"
+    with _sharded_stage(filtered, peers, state, message, merge_scores) as (shard, shards):
+        score_targets(
+            *policy(),
+            written,
+            shards / f"scores.{shard[0]}-of-{shard[1]}.jsonl",
+            # A few rows per forward: the completions' logits over the whole vocabulary are the filter's peak
+            # memory (16 rows: about 3 GB for SmolLM2's 49k tokens), and a CPU gains little from larger batches.
+            batch_size=min(script_args.sample_batch_size, SCORE_BATCH_ROWS),
+            max_length=max_length,
+            show_progress=state.is_local_main_process,
+            shard=shard,
+            before_batch=peers.check,
+        )

@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .stages import TRAINING_STAGES
 
-STAGE_ORDER = ("sample", "targets", "filter", "improver_sft", "sgpo")
+
+STAGE_ORDER = TRAINING_STAGES
 
 OUTPUT_NEUTRAL = frozenset(
     {
@@ -134,9 +136,6 @@ OUTPUT_NEUTRAL = frozenset(
         "judge_price_out",
         "eval_max_new_tokens",
         "eval_improver",
-        # deprecated aliases, resolved into their new names before any fingerprint is taken
-        "target_model",
-        "offline_fraction",
     }
 )
 """Settings that change no stage's output: where outputs go, logging, saving and pushing, evaluation, the device,
@@ -154,17 +153,24 @@ SCRIPT_SETTINGS = {
     "writer_model": "targets",
     "step_fraction": "targets",
     "ppl_max_ratio": "filter",
-    "improver_sft_max_length": "filter",  # the filter scores rows truncated to this length
+    "improver_sft": "filter",  # recorded as IMPROVER_SFT_SETTINGS, each from its own stage on
     "improver_data": "improver_sft",
     "skip_improver_sft": "improver_sft",
-    "improver_sft_epochs": "improver_sft",
-    "improver_sft_learning_rate": "improver_sft",
-    "improver_sft_batch_size": "improver_sft",
-    "improver_sft_gradient_accumulation_steps": "improver_sft",
     "num_sgpo_prompts": "sgpo",
 }
 """The first stage each recipe setting (:class:`~trl_sgpo.pipeline.SGPOScriptArguments`) changes. A setting that is
 neither here nor in :data:`OUTPUT_NEUTRAL` is in every stage's fingerprint."""
+
+IMPROVER_SFT_SETTINGS = {
+    "max_length": ("improver_sft_max_length", "filter"),  # the filter scores rows truncated to this length
+    "num_train_epochs": ("improver_sft_epochs", "improver_sft"),
+    "learning_rate": ("improver_sft_learning_rate", "improver_sft"),
+    "per_device_train_batch_size": ("improver_sft_batch_size", "improver_sft"),
+    "gradient_accumulation_steps": ("improver_sft_gradient_accumulation_steps", "improver_sft"),
+}
+"""Keys of the recipe's ``improver_sft`` section recorded in the recipe settings, as ``{key: (name, stage)}``. The
+improver-SFT stage records its whole ``ImproverSFTConfig`` as well (``improver_sft.<field>``); these names keep the
+stage folders of runs made before the section existed valid, and place ``max_length`` in the filter stage."""
 
 SAMPLING_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
 """The ``SGPOConfig`` fields stage 1 samples with (so that its answers come from SGPO's own policy distribution)."""
@@ -181,10 +187,16 @@ def fingerprint(config, prefix: str = "", neutral: frozenset[str] = OUTPUT_NEUTR
 def script_fingerprint(script_args, stage: str) -> dict[str, Any]:
     """The recipe settings that change ``stage``'s output or that of a stage before it."""
     upto = STAGE_ORDER[: STAGE_ORDER.index(stage) + 1]
+    settings = fingerprint(script_args)
+    placed = dict(SCRIPT_SETTINGS)
+    section = settings.pop("improver_sft", None) or {}
+    for key, (name, first) in IMPROVER_SFT_SETTINGS.items():
+        if key in section:
+            settings[name], placed[name] = section[key], first
     return {
         name: value
-        for name, value in fingerprint(script_args).items()
-        if SCRIPT_SETTINGS.get(name, stage) in upto  # unlisted: in every stage
+        for name, value in settings.items()
+        if placed.get(name, stage) in upto  # unlisted: in every stage
     }
 
 

@@ -76,6 +76,27 @@ class Method:
             values.pop(derived, None)
         return config_class(**values)
 
+    def own_defaults(self, training_args) -> dict[str, Any]:
+        """The values ``training_args`` holds for ``own_fields`` when they are not set (their defaults)."""
+        values = {}
+        for f in dataclasses.fields(training_args):
+            if f.name in self.own_fields:
+                value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                # OnlineDPOConfig keeps a single `beta` as a float, its default being the list [0.1].
+                values[f.name] = value[0] if isinstance(value, list) and len(value) == 1 else value
+        return values
+
+    def refuse_unused_settings(self, training_args) -> None:
+        """Raise when ``training_args`` sets a field this method takes from its own defaults (``own_fields``): the
+        value would do nothing."""
+        for name, default in self.own_defaults(training_args).items():
+            value = getattr(training_args, name)
+            if value != default:
+                raise ValueError(
+                    f"`{name}` ({value!r}) does not apply to --method {self.name}, which keeps its own default; drop "
+                    f'it, or set it for this method with `method_args`, e.g. {{"{self.name}": {{"{name}": ...}}}}.'
+                )
+
     def build_trainer(self, model, tokenizer, args, train_dataset: Dataset, peft_config=None, judge=None):
         """One round's trainer. ``judge`` is a judge of :mod:`trl_sgpo.evaluation` (or ``None``)."""
         if self.judge == "required" and judge is None:
@@ -245,12 +266,13 @@ class MethodArguments:
             "choices": list(METHODS),
         },
     )
-    method_args: str | None = field(
+    method_args: dict[str, Any] | str | None = field(
         default=None,
         metadata={
-            "help": "JSON object of settings of the method's config that differ from the shared training arguments, "
-            'e.g. \'{"num_samples": 4, "beta": 0.01}\' for SPPO (its `beta` and `loss_type` otherwise keep the '
-            "method's defaults)."
+            "help": "Settings of the method's config that differ from the shared training arguments, keyed by method "
+            '(a YAML mapping, or JSON on the command line), e.g. \'{"sppo": {"num_samples": 4, "beta": 0.01}}\' '
+            "(SPPO's and SSO's `beta` and `loss_type` otherwise keep the method's defaults). The same shape as "
+            "`recipes/compare.py`'s `method_args`."
         },
     )
     judge: str = field(
@@ -282,17 +304,15 @@ class MethodArguments:
         self.parsed_method_args()  # bad JSON fails here, before any model loads
 
     def parsed_method_args(self) -> dict[str, Any]:
-        if self.method_args is None:
-            return {}
-        if isinstance(self.method_args, dict):
-            return dict(self.method_args)
-        try:
-            value = json.loads(self.method_args)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"`method_args` must be a JSON object, got {self.method_args!r}: {e}") from e
-        if not isinstance(value, dict):
-            raise ValueError(f"`method_args` must be a JSON object, got {self.method_args!r}.")
-        return value
+        """The settings ``method_args`` holds for ``method`` (``{}`` when none)."""
+        value = parse_method_args(self.method_args)
+        stray = sorted(set(value) - {self.method})
+        if stray:
+            raise ValueError(
+                f"`method_args` has settings for {stray}, but --method is {self.method}; key them by {self.method!r} "
+                f"or drop them."
+            )
+        return dict(value.get(self.method, {}))
 
     def build_judge(self, script_args=None):
         """The judge of :mod:`trl_sgpo.evaluation` named by ``judge`` (``None`` for ``"none"``). The openai judge
@@ -320,6 +340,26 @@ class MethodArguments:
         )
         judge.read_api_key()
         return judge
+
+
+def parse_method_args(value: dict[str, Any] | str | None) -> dict[str, dict[str, Any]]:
+    """``method_args`` as ``{method: {setting: value}}``, from a mapping or its JSON text."""
+    if not value:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"`method_args` must be a JSON object, got {value!r}: {e}") from e
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError(
+            f'`method_args` must map method names to objects of settings, e.g. {{"sppo": {{"num_samples": 4}}}}; '
+            f"got {value!r}."
+        )
+    unknown = sorted(set(value) - set(METHODS))
+    if unknown:
+        raise ValueError(f"`method_args` names unknown method(s) {unknown}; choose among {sorted(METHODS)}.")
+    return value
 
 
 def round_figures(trainer) -> dict[str, Any]:

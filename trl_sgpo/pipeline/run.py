@@ -21,12 +21,14 @@ on the main process (:mod:`.data_stages`); the trainers use every process.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import gc
 import json
 import logging
 import re
 import shutil
-import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,21 +50,55 @@ from .evaluation_stage import EvaluationArguments, run_evaluation_stage, split_h
 from .fingerprints import SAMPLING_SETTINGS, fingerprint, model_fingerprint, script_fingerprint
 from .items_dataset import collect_items, push_items
 from .memory import TrimHeapCallback, limit_heap_fragmentation
-from .methods import MethodArguments, get_method, method_prompts, round_figures
-from .stages import Stage
+from .methods import Method, MethodArguments, get_method, method_prompts, round_figures
+from .stages import TRAINING_STAGES, Stage, stage_folder
 
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("sample", "targets", "filter", "improver_sft", "sgpo")
+STAGES = TRAINING_STAGES
+
+IMPROVER_SFT_DEFAULTS = {
+    "num_train_epochs": 2.0,
+    "learning_rate": 1e-5,
+    "per_device_train_batch_size": 2,
+    # An optimizer step sees batch size x this x processes rows: small batches bound the memory the logits over the
+    # vocabulary take.
+    "gradient_accumulation_steps": 4,
+    "max_length": 768,
+}
+"""The recipe's improver-SFT settings where its ``improver_sft`` section leaves them unset."""
+
+RUN_WIDE = (
+    "seed",
+    "optim",
+    "bf16",
+    "fp16",
+    "use_cpu",
+    "activation_checkpointing",
+    "logging_steps",
+    "report_to",
+    "project",
+    "save_steps",
+    "save_total_limit",
+    "disable_tqdm",
+    "dataloader_num_workers",
+)
+"""Training arguments improver SFT shares with the method's rounds unless its ``improver_sft`` section sets them."""
+
+SET_BY_THE_PIPELINE = {
+    "output_dir": "the stage folder under --output_dir",
+    "run_name": "--run_name",
+    "improver_instruction": "--improver_instruction, which SGPO's improver uses too",
+    "push_to_hub": "--push_to_hub",
+}
 
 
 @dataclass
 class SGPOScriptArguments(EvaluationArguments):
     """Arguments of ``recipes/sgpo.py`` beyond the training ones (``SGPOConfig``) and the model ones (``ModelConfig``).
 
-    The demo's settings (``recipes/sgpo.py``) finish on 2 CPU cores in 16-31 minutes, depending on the machine, with the
-    embedded default model.
+    The defaults are the library's; the recipe's demo sets its own in ``recipes/configs/sgpo_smollm2.yaml``.
     """
 
     dataset_name: str | None = field(
@@ -138,7 +174,6 @@ class SGPOScriptArguments(EvaluationArguments):
             "Unset: the offline writer (`step_fraction`)."
         },
     )
-    target_model: str | None = field(default=None, metadata={"help": "Deprecated alias of `writer_model`."})
     api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key."}
     )
@@ -152,24 +187,21 @@ class SGPOScriptArguments(EvaluationArguments):
             "(the filter then keeps reference copies)."
         },
     )
-    offline_fraction: float | None = field(default=None, metadata={"help": "Deprecated alias of `step_fraction`."})
     # stage 3
     ppl_max_ratio: float = field(
         default=3.0,
         metadata={"help": "Keep a target when its perplexity is at most this times the answer's own perplexity."},
     )
     # stage 4
-    improver_sft_epochs: float = field(default=2.0, metadata={"help": "Epochs of improver SFT."})
-    improver_sft_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of improver SFT."})
-    improver_sft_batch_size: int = field(default=2, metadata={"help": "Per-device batch size of improver SFT."})
-    improver_sft_gradient_accumulation_steps: int = field(
-        default=4,
+    improver_sft: dict[str, Any] | str | None = field(
+        default=None,
         metadata={
-            "help": "Batches per optimizer step of improver SFT (an optimizer step sees batch size x this x "
-            "processes rows; small batches bound the memory the logits over the vocabulary take)."
+            "help": "Improver SFT's settings: any `ImproverSFTConfig` (TRL `SFTConfig`) field, as a YAML mapping under "
+            "`improver_sft:` or a JSON object on the command line, which changes the keys it names. Unset keys: "
+            f"{IMPROVER_SFT_DEFAULTS}, and {list(RUN_WIDE)} from the training arguments. `max_length` also bounds "
+            "the rows the perplexity filter scores."
         },
     )
-    improver_sft_max_length: int = field(default=768, metadata={"help": "Max tokens per improver-SFT row."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -177,11 +209,7 @@ class SGPOScriptArguments(EvaluationArguments):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be >= 1, or None for every row not held out; got {value}.")
-        for old, new in (("target_model", "writer_model"), ("offline_fraction", "step_fraction")):
-            if getattr(self, old) is not None:
-                warnings.warn(f"`{old}` is deprecated; use `{new}`.", FutureWarning, stacklevel=2)
-                setattr(self, new, getattr(self, old))
-                setattr(self, old, None)
+        self.improver_sft = {**IMPROVER_SFT_DEFAULTS, **_improver_sft_section(self.improver_sft)}
         if self.base_url and not self.writer_model:
             raise ValueError("`--base_url` needs `--writer_model` (the model name at that endpoint).")
         # A --config YAML sets defaults, which argparse does not check against `choices`.
@@ -198,6 +226,183 @@ class SGPOScriptArguments(EvaluationArguments):
                 f"`--stop_after {self.stop_after}` names a stage that `{skipped[self.stop_after]}` skips, so the run "
                 f"would never stop there. Stop after one of {runs}, or drop `{skipped[self.stop_after]}`."
             )
+
+
+def _improver_sft_section(value: dict[str, Any] | str | None) -> dict[str, Any]:
+    """The ``improver_sft`` section as a mapping, its keys checked against ``ImproverSFTConfig``."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"`improver_sft` must be a JSON object of ImproverSFTConfig fields: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"`improver_sft` must map ImproverSFTConfig fields to values, got {value!r}.")
+    names = [f.name for f in dataclasses.fields(ImproverSFTConfig) if f.init]
+    for key in value:
+        if key in SET_BY_THE_PIPELINE:
+            raise ValueError(f"`improver_sft` may not set `{key}`: it comes from {SET_BY_THE_PIPELINE[key]}.")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise ValueError(f"`improver_sft` has `{key}`{hint}, which is no ImproverSFTConfig field.")
+    return dict(value)
+
+
+@dataclass
+class Rows:
+    """The dataset, split before anything trains: held-out rows first, then improver and method rows."""
+
+    total: int
+    held_out: Dataset | None
+    improver: Dataset
+    prompts: Dataset  # the method rounds' prompts
+
+
+@dataclass
+class StageOutput:
+    """What a finished stage hands on: its summary entry, the stage the next one is made from, its model."""
+
+    key: str
+    summary: dict[str, Any]
+    stage: Stage | None = None
+    model: str | None = None
+
+
+@dataclass
+class Run:
+    """What the stages of one run share: its arguments, method, process state and model loading."""
+
+    script_args: SGPOScriptArguments
+    training_args: SGPOConfig
+    model_args: Any
+    method: Method
+    state: PartialState
+    heap: bool  # whether the trainers trim the heap after each step (see memory.py)
+    rows: Rows
+
+    @property
+    def model_name(self) -> str:
+        return self.model_args.model_name_or_path or DEFAULT_MODEL
+
+    @property
+    def out(self) -> Path:
+        return Path(self.training_args.output_dir)
+
+    def folder(self, stage: str, **fields) -> Path:
+        return self.out / "stages" / stage_folder(stage, **fields)
+
+    def print(self, message: str) -> None:
+        if self.state.is_main_process:
+            print(message, flush=True)
+
+    def load(self, path: str):
+        kwargs = {
+            "revision": self.model_args.model_revision,
+            "trust_remote_code": self.training_args.trust_remote_code,
+        }
+        if self.model_args.dtype not in (None, "auto"):
+            import torch
+
+            kwargs["dtype"] = getattr(torch, self.model_args.dtype)
+        model, tokenizer = load_model_and_tokenizer(path, **kwargs)
+        # Stage outputs are local folders; cards and pushes should name the model the run started from.
+        model.config._name_or_path = HUB_ID if self.model_name == DEFAULT_MODEL else self.model_name
+        return model, tokenizer
+
+    def load_base(self, path: str):
+        # LoRA runs merge each stage's adapter into the model it was trained on; plain runs need no base.
+        return (lambda: self.load(path)[0]) if self.model_args.use_peft else None
+
+    def callbacks(self) -> list:
+        return [TrimHeapCallback()] if self.heap else []
+
+    def settings(self, stage: str, config=None, prefix: str = "") -> dict[str, Any]:
+        """What ``stage``'s output depends on (see fingerprints.py): recorded in its stage.json, compared on rerun."""
+        return {
+            **model_fingerprint(self.model_args, self.model_name, with_lora=stage in ("improver_sft", "sgpo")),
+            **script_fingerprint(self.script_args, stage),
+            "data": self.script_args.dataset_name or "trl-sgpo default prompts",
+            "improver_rows": len(self.rows.improver),
+            **({} if config is None else fingerprint(config, prefix)),
+        }
+
+
+def run_pipeline(
+    script_args: SGPOScriptArguments,
+    training_args: SGPOConfig,
+    model_args,
+    method_args: MethodArguments | None = None,
+    judge=None,
+) -> dict[str, Any]:
+    """Run the stages in order and return the summary (also written to ``<output_dir>/sgpo_summary.json``).
+
+    ``method_args`` picks the training method of stage 5 (default SGPO), see :mod:`trl_sgpo.pipeline.methods`;
+    ``judge`` (a judge object) replaces the one ``method_args`` names.
+    """
+    method_args = method_args or MethodArguments()
+    run = prepare_run(script_args, training_args, model_args, method_args, judge)
+    done: list[StageOutput] = []
+    if not run.script_args.skip_improver_sft:
+        done += improver_data(run)
+        if run.script_args.stop_after in ("sample", "targets", "filter"):
+            return finish(run, done)
+        done.append(improver_sft(run, done[-1]))
+        if run.script_args.stop_after == "improver_sft":
+            return finish(run, done)
+    judge = judge if judge is not None else method_args.build_judge(run.script_args)
+    last = done[-1] if done else StageOutput("start", {}, model=run.model_name)
+    for iteration in range(1, run.script_args.iterations + 1):
+        last = method_round(run, method_args, judge, iteration, last)
+        done.append(last)
+    summary = make_summary(run, done)
+    eval_files = evaluation(run, summary, done[-1].stage)
+    rounds = [output.stage.root for output in done if output.key.startswith(f"{run.method.name}_iter")]
+    summary.update(publish(run, done[-1].model, eval_files, rounds))
+    return finish(run, done, summary)
+
+
+def prepare_run(script_args, training_args, model_args, method_args: MethodArguments, judge) -> Run:
+    """The run's method, threads, heap setting and rows, checked before any model loads."""
+    state = PartialState()
+    method = get_method(method_args.method)
+    method.refuse_unused_settings(training_args)
+    # Methods other than SGPO train without an improver: the improver stages are skipped, and say so.
+    if not method.needs_improver_sft and not script_args.skip_improver_sft:
+        if state.is_main_process:
+            print(f"{method.title} needs no improver: skipping stages sample, targets, filter and improver_sft")
+        script_args = dataclasses.replace(script_args, skip_improver_sft=True)
+    set_cpu_threads(script_args.num_threads)
+    heap = bool(script_args.limit_heap_fragmentation and limit_heap_fragmentation())  # see memory.py
+    rows = split_rows(script_args, training_args.seed)
+    if judge is None and method_args.judge == "similarity" and "reference" not in rows.prompts.column_names:
+        # Found now rather than at the first training step, after the improver stages.
+        raise ValueError(
+            "--judge similarity scores answers against each row's `reference`, and the dataset has no `reference` "
+            "column. Add references, pick another judge (--judge reward-model / openai), or pass --judge none."
+        )
+    return Run(script_args, training_args, model_args, method, state, heap, rows)
+
+
+def split_rows(script_args: SGPOScriptArguments, seed: int) -> Rows:
+    """Load the rows and split them; bad columns fail here, before any model is loaded."""
+    dataset = _load_rows(script_args.dataset_name, script_args.dataset_config, script_args.dataset_split)
+    dataset = _with_reference(dataset, script_args.reference_column)
+    hint = " (rename yours with `dataset.rename_column`)"
+    check_columns(dataset, ("prompt",), "dataset", hint)
+    train_rows, eval_rows = _hold_out(dataset, script_args.num_eval_prompts, seed)
+    if script_args.num_eval_prompts and eval_rows is None:
+        logger.warning(
+            "No held-out evaluation: the dataset has %d rows, fewer than twice --num_eval_prompts %d. All rows train.",
+            len(dataset),
+            script_args.num_eval_prompts,
+        )
+    improver_rows, method_rows = _split(train_rows, script_args, seed)
+    check_non_empty(method_rows, ("prompt",), "dataset")
+    if not script_args.skip_improver_sft and script_args.improver_data is None:
+        check_columns(improver_rows, ("prompt", "reference"), "dataset", hint)  # the target writer edits toward it
+    return Rows(len(dataset), eval_rows, improver_rows, method_rows)
 
 
 def _load_rows(name: str | None, config: str | None, split: str) -> Dataset:
@@ -263,293 +468,235 @@ def _split(dataset: Dataset, script_args: SGPOScriptArguments, seed: int) -> tup
     return dataset.select(range(n_improver)), dataset.select(order[:n_sgpo])
 
 
-def _improver_sft_args(training_args: SGPOConfig, script_args: SGPOScriptArguments, output_dir: Path):
-    shared = {
-        k: getattr(training_args, k)
-        for k in (
-            "seed",
-            "optim",
-            "bf16",
-            "fp16",
-            "use_cpu",
-            "activation_checkpointing",
-            "logging_steps",
-            "report_to",
-            "project",
-            "save_steps",
-            "save_total_limit",
-            "disable_tqdm",
-            "dataloader_num_workers",
-        )
-    }
+def improver_data(run: Run) -> list[StageOutput]:
+    """Stages 1-3 on every process (see :mod:`.data_stages`), or the given ``--improver_data``: what finished, the
+    last one holding the improver-SFT rows (``model``: their file)."""
+    from .data_stages import run_data_stages
+
+    script_args, training_args = run.script_args, run.training_args
+    if script_args.improver_data is not None:
+        rows = load_rows(script_args.improver_data)
+        return [StageOutput("improver_data", {"rows": len(rows), "source": script_args.improver_data})]
+    sampling = {name: getattr(training_args, name) for name in SAMPLING_SETTINGS}
+    sample = Stage(run.folder("sample"), "sample", {**run.settings("sample"), **sampling})
+    writer = "openai" if script_args.writer_model else "reference-step"
+    targets = Stage(run.folder("targets"), "targets", {**run.settings("targets"), "writer": writer}, after=sample)
+    filtered = Stage(run.folder("filter"), "filter", run.settings("filter"), after=targets)
+    loaded = []
+
+    def policy():
+        if not loaded:
+            model, tokenizer = run.load(run.model_name)
+            loaded.append((model.to(run.state.device), tokenizer))
+        return loaded[0]
+
+    try:
+        max_length = script_args.improver_sft["max_length"]
+        stages = [sample, targets, filtered]
+        run_data_stages(script_args, training_args, policy, run.rows.improver, stages, max_length, run.out / ".sync")
+    finally:
+        loaded.clear()  # the policy of stages 1 and 3 is gone before improver SFT loads its own
+        gc.collect()
+    return [StageOutput(s.name, s.summary, s) for s in (sample, targets, filtered) if s.run_id is not None]
+
+
+def improver_sft_config(script_args, training_args, output_dir: Path) -> ImproverSFTConfig:
+    """Improver SFT's config: the run-wide training arguments, then the recipe's ``improver_sft`` section."""
     return ImproverSFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=script_args.improver_sft_epochs,
-        learning_rate=script_args.improver_sft_learning_rate,
-        per_device_train_batch_size=script_args.improver_sft_batch_size,
-        gradient_accumulation_steps=script_args.improver_sft_gradient_accumulation_steps,
-        max_length=script_args.improver_sft_max_length,
-        improver_instruction=training_args.improver_instruction,
-        save_strategy="steps",
-        run_name=_run_name(training_args, "improver_sft"),
-        **shared,
+        **{
+            **{name: getattr(training_args, name) for name in RUN_WIDE},
+            "save_strategy": "steps",
+            **script_args.improver_sft,
+            "output_dir": str(output_dir),
+            "improver_instruction": training_args.improver_instruction,
+            "run_name": _run_name(training_args, "improver_sft"),
+        }
     )
+
+
+def improver_sft(run: Run, data: StageOutput) -> StageOutput:
+    """Stage 4: teach the model the improver role on the filtered targets (or ``--improver_data``)."""
+    from trl import get_peft_config
+
+    source = run.script_args.improver_data or data.stage.root / "improver_sft"
+    rows = load_rows(source)
+    args = improver_sft_config(run.script_args, run.training_args, run.folder("improver_sft"))
+    settings = {**run.settings("improver_sft", args, "improver_sft."), "improver_data_rows": len(rows)}
+    stage = Stage(run.folder("improver_sft"), "improver_sft", settings, after=data.stage)
+    with run_stage(run, stage, f"[4/5] improver SFT on {len(rows)} rows") as todo:
+        if todo is not None:  # not finished yet
+            model, tokenizer = run.load(run.model_name)
+            trainer = ImproverSFTTrainer(
+                model,
+                args=args,
+                train_dataset=rows,
+                processing_class=tokenizer,
+                peft_config=get_peft_config(run.model_args),
+                callbacks=run.callbacks() or None,
+            )
+            _train_and_save(trainer, tokenizer, stage.root, run.state, run.load_base(run.model_name))
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            todo.update(
+                rows=len(trainer.train_dataset),
+                first_loss=losses[0] if losses else None,
+                last_loss=losses[-1] if losses else None,
+            )
+            del trainer, model  # the model holds reference cycles: freed (run_stage collects) before the next loads
+    return StageOutput("improver_sft", stage.summary, stage, str(stage.root / "model"))
+
+
+def method_settings(run: Run, method_args: MethodArguments) -> dict[str, Any]:
+    """The method's settings in the rounds' fingerprints: only when set, so that plain SGPO runs keep theirs."""
+    settings = {"method": run.method.name, "method_args": method_args.parsed_method_args(), "judge": method_args.judge}
+    settings = {k: v for k, v in settings.items() if v}
+    if settings == {"method": "sgpo", "judge": "none"}:
+        return {}
+    if method_args.judge != "none":  # the judge's own settings change which items train
+        settings.update(
+            reward_model=method_args.reward_model, similarity_temperature=method_args.similarity_temperature
+        )
+    return settings
+
+
+def method_round(run: Run, method_args: MethodArguments, judge, iteration: int, last: StageOutput) -> StageOutput:
+    """Stage 5: one round of the method, made from ``last``'s model (the previous round's, so the reference
+    re-anchors)."""
+    from trl import get_peft_config
+
+    method, training_args, iterations = run.method, run.training_args, run.script_args.iterations
+    rows = method_prompts(method, run.rows.prompts, iteration, iterations)
+    settings = {
+        **run.settings("sgpo", training_args),
+        "start": run.model_name if run.script_args.skip_improver_sft else "improver_sft",
+        # The round's own prompts: SPPO deals disjoint shares over `iterations`, so they depend on it.
+        "prompts": stable_hash(list(rows["prompt"])),
+        **method_settings(run, method_args),
+    }
+    root = run.folder("sgpo", method=method.name, iteration=iteration)
+    stage = Stage(root, f"{method.name} iteration {iteration}", settings, after=last.stage)
+    message = f"[5/5] {method.name} iteration {iteration}/{iterations} on {len(rows)} prompts"
+    with run_stage(run, stage, message) as todo:
+        if todo is not None:  # not finished yet
+            model, tokenizer = run.load(last.model)
+            args = method.make_config(
+                training_args,
+                method_args.parsed_method_args(),
+                output_dir=str(stage.root),
+                push_to_hub=False,
+                run_name=_run_name(training_args, f"{method.name}_iter{iteration}"),
+            )
+            columns = ["prompt"] + (["reference"] if judge is not None and "reference" in rows.column_names else [])
+            peft_config = get_peft_config(run.model_args)
+            trainer = method.build_trainer(model, tokenizer, args, rows.select_columns(columns), peft_config, judge)
+            for callback in run.callbacks():
+                trainer.add_callback(callback)
+            _train_and_save(trainer, tokenizer, stage.root, run.state, run.load_base(last.model))
+            if run.state.is_main_process:
+                # The card is written now, while the trainer holds the figures; `_push` uploads it as it is.
+                trainer.hub_model_id = training_args.hub_model_id or run.out.name
+                trainer.create_model_card(model_name=run.out.name, dataset_name=run.script_args.dataset_name)
+                todo.update(round_figures(trainer))
+            del trainer, model  # freed (run_stage collects) before the next round loads its own
+    return StageOutput(f"{method.name}_iter{iteration}", stage.summary, stage, str(stage.root / "model"))
+
+
+@contextmanager
+def run_stage(run: Run, stage: Stage, message: str) -> Iterator[dict[str, Any] | None]:
+    """One stage's bookkeeping on every process around its work (the ``with`` block).
+
+    Yields ``None`` when the stage already finished with these settings (the block does nothing); else marks it
+    started, prints ``message`` and yields the dict the block fills with the stage's figures. After the block the
+    main process marks the stage finished with them, the others read the marker, and the freed model is collected.
+    """
+    state = run.state
+    if stage.check():
+        yield None
+        return
+    started = stage.start() if state.is_main_process else 0.0
+    state.wait_for_everyone()
+    run.print(message)
+    figures: dict[str, Any] = {}
+    yield figures
+    if state.is_main_process:
+        stage.finish(started, **figures)
+    state.wait_for_everyone()
+    stage.check()
+    gc.collect()  # the model holds reference cycles: free it before the next stage loads its own
+
+
+def evaluation(run: Run, summary: dict[str, Any], last: Stage | None) -> list[str]:
+    """Stage 6: win rates on held-out prompts; adds a section to the final card and files under
+    output_dir/evaluation. A dataset may repeat a prompt in several rows, and a given --improver_data was trained on
+    too: any held-out row whose prompt training used is left out."""
+    trained = [run.rows.improver, run.rows.prompts]
+    if run.script_args.improver_data is not None:
+        trained.append(load_rows(run.script_args.improver_data))
+    stages_dir = run.out / "stages"
+    return run_evaluation_stage(
+        run.script_args,
+        run.training_args,
+        run.rows.held_out,
+        trained,
+        run.rows.total,
+        run.model_name,
+        stages_dir,
+        summary,
+        run.state,
+        last,
+        method=run.method.name,
+    )
+
+
+def publish(run: Run, final_model: str, eval_files: list[str], rounds: list[Path]) -> dict[str, Any]:
+    """The final model and its card in output_dir, and on the Hub: the summary's ``saved_to`` (and ``pushed_to``).
+    The items each round (folders ``rounds``) trained on are joined in ``<output_dir>/items/``, and pushed as a
+    dataset beside the model."""
+    out, final_dir = run.out, Path(final_model)
+    card = final_dir.parent / "README.md"
+    files = sorted(item.name for item in final_dir.iterdir()) + (["README.md"] if card.is_file() else [])
+    files += eval_files
+    published = {"saved_to": str(out)}
+    if run.state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        for item in final_dir.iterdir():
+            shutil.copy2(item, out / item.name)
+        if card.is_file():
+            shutil.copy2(card, out / "README.md")
+        args = run.training_args
+        items = collect_items(out, rounds, run.method.name, args.hub_model_id or out.name)
+        if items is not None:
+            published["items"] = str(items / "items.jsonl")
+        if args.push_to_hub:
+            published["pushed_to"], published["push_commit"] = _push(out, files, args)
+            if items is not None:  # the items each round trained on, as a dataset beside the model
+                published["items_pushed_to"] = push_items(hub_api(), published["pushed_to"], items, args)
+    run.state.wait_for_everyone()
+    return published
+
+
+def make_summary(run: Run, done: list[StageOutput]) -> dict[str, Any]:
+    return {
+        "model": run.model_name,
+        "output_dir": str(run.out),
+        "heap_fragmentation_limited": run.heap,
+        "stages": {output.key: output.summary for output in done},
+    }
+
+
+def finish(run: Run, done: list[StageOutput], summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the summary (made from ``done`` unless given) to ``<output_dir>/sgpo_summary.json`` and return it."""
+    summary = summary if summary is not None else make_summary(run, done)
+    if run.state.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        with open(run.out / "sgpo_summary.json", "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary
 
 
 def _run_name(training_args: SGPOConfig, stage: str) -> str:
     """The name a stage's trainer logs under (trackio, wandb, ...): ``<run_name or output_dir name>-<stage>``, so that
     the trainers of one recipe run are told apart and grouped."""
     return f"{training_args.run_name or Path(training_args.output_dir).name}-{stage}"
-
-
-def _print(state: PartialState, message: str) -> None:
-    if state.is_main_process:
-        print(message, flush=True)
-
-
-def run_pipeline(
-    script_args: SGPOScriptArguments,
-    training_args: SGPOConfig,
-    model_args,
-    method_args: MethodArguments | None = None,
-    judge=None,
-) -> dict[str, Any]:
-    """Run the stages in order and return the summary (also written to ``<output_dir>/sgpo_summary.json``).
-
-    ``method_args`` picks the training method of stage 5 (default SGPO), see :mod:`trl_sgpo.pipeline.methods`;
-    ``judge`` (a judge object) replaces the one ``method_args`` names.
-    """
-    from trl import get_peft_config
-
-    state = PartialState()
-    # Methods other than SGPO train without an improver: the improver stages are skipped, and say so.
-    method_args = method_args or MethodArguments()
-    method = get_method(method_args.method)
-    if not method.needs_improver_sft and not script_args.skip_improver_sft:
-        _print(state, f"{method.title} needs no improver: skipping stages sample, targets, filter and improver_sft")
-        script_args = dataclasses.replace(script_args, skip_improver_sft=True)
-    set_cpu_threads(script_args.num_threads)
-    heap = script_args.limit_heap_fragmentation and limit_heap_fragmentation()  # see memory.py
-    out = Path(training_args.output_dir)
-    stages_dir = out / "stages"
-    model_name = model_args.model_name_or_path or DEFAULT_MODEL
-    model_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
-    if model_args.dtype not in (None, "auto"):
-        import torch
-
-        model_kwargs["dtype"] = getattr(torch, model_args.dtype)
-    base_id = HUB_ID if model_name == DEFAULT_MODEL else model_name
-
-    def load(path: str):
-        model, tokenizer = load_model_and_tokenizer(path, **model_kwargs)
-        # Stage outputs are local folders; cards and pushes should name the model the run started from.
-        model.config._name_or_path = base_id
-        return model, tokenizer
-
-    summary: dict[str, Any] = {
-        "model": model_name,
-        "output_dir": str(out),
-        "heap_fragmentation_limited": bool(heap),
-        "stages": {},
-    }
-    data_source = script_args.dataset_name or "trl-sgpo default prompts"
-
-    def done(name: str) -> bool:
-        return script_args.stop_after == name
-
-    # Data first: bad columns fail before any model is loaded.
-    dataset = _load_rows(script_args.dataset_name, script_args.dataset_config, script_args.dataset_split)
-    dataset = _with_reference(dataset, script_args.reference_column)
-    hint = " (rename yours with `dataset.rename_column`)"
-    check_columns(dataset, ("prompt",), "dataset", hint)
-    train_rows, eval_rows = _hold_out(dataset, script_args.num_eval_prompts, training_args.seed)
-    if script_args.num_eval_prompts and eval_rows is None:
-        logger.warning(
-            "No held-out evaluation: the dataset has %d rows, fewer than twice --num_eval_prompts %d. All rows train.",
-            len(dataset),
-            script_args.num_eval_prompts,
-        )
-    improver_rows, sgpo_rows = _split(train_rows, script_args, training_args.seed)
-    check_non_empty(sgpo_rows, ("prompt",), "dataset")
-    if not script_args.skip_improver_sft and script_args.improver_data is None:
-        check_columns(improver_rows, ("prompt", "reference"), "dataset", hint)  # the target writer edits toward it
-    if judge is None and method_args.judge == "similarity" and "reference" not in dataset.column_names:
-        # Found now rather than at the first training step, after the improver stages.
-        raise ValueError(
-            "--judge similarity scores answers against each row's `reference`, and the dataset has no `reference` "
-            "column. Add references, pick another judge (--judge reward-model / openai), or pass --judge none."
-        )
-
-    def settings(stage: str, config=None, prefix: str = "") -> dict[str, Any]:
-        # What the stage's output depends on (see fingerprints.py): recorded in its stage.json, compared on rerun.
-        return {
-            **model_fingerprint(model_args, model_name, with_lora=stage in ("improver_sft", "sgpo")),
-            **script_fingerprint(script_args, stage),
-            "data": data_source,
-            "improver_rows": len(improver_rows),
-            **({} if config is None else fingerprint(config, prefix)),
-        }
-
-    def load_base(path: str):
-        # LoRA runs merge each stage's adapter into the model it was trained on; plain runs need no base.
-        return (lambda: load(path)[0]) if model_args.use_peft else None
-
-    improver_model_path: str | None = None
-    last: Stage | None = None  # the stage whose output the next one starts from
-    if not script_args.skip_improver_sft:
-        if script_args.improver_data is not None:
-            improver_data = load_rows(script_args.improver_data)
-            summary["stages"]["improver_data"] = {"rows": len(improver_data), "source": script_args.improver_data}
-        else:
-            last = _data_stages(
-                script_args, training_args, settings, load, model_name, improver_rows, stages_dir, summary
-            )
-            if last is None:  # stopped early
-                return _finish(summary, out, state)
-            improver_data = load_rows(last.root / "improver_sft")
-
-        sft_args = _improver_sft_args(training_args, script_args, stages_dir / "04_improver_sft")
-        stage = Stage(
-            stages_dir / "04_improver_sft",
-            "improver_sft",
-            {**settings("improver_sft", sft_args, "improver_sft."), "improver_data_rows": len(improver_data)},
-            after=last,
-        )
-        if not stage.check():
-            started = stage.start() if state.is_main_process else 0.0
-            state.wait_for_everyone()
-            _print(state, f"[4/5] improver SFT on {len(improver_data)} rows")
-            model, tokenizer = load(model_name)
-            trainer = ImproverSFTTrainer(
-                model,
-                args=sft_args,
-                train_dataset=improver_data,
-                processing_class=tokenizer,
-                peft_config=get_peft_config(model_args),
-                callbacks=[TrimHeapCallback()] if heap else None,
-            )
-            _train_and_save(trainer, tokenizer, stage.root, state, load_base(model_name))
-            if state.is_main_process:
-                losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-                stage.finish(
-                    started,
-                    rows=len(trainer.train_dataset),
-                    first_loss=losses[0] if losses else None,
-                    last_loss=losses[-1] if losses else None,
-                )
-            state.wait_for_everyone()
-            stage.check()
-            del trainer, model
-            gc.collect()  # the model holds reference cycles: free it before SGPO loads the next one
-        summary["stages"]["improver_sft"] = stage.summary
-        improver_model_path = str(stage.root / "model")
-        last = stage
-        if done("improver_sft"):
-            return _finish(summary, out, state)
-
-    # Stage 5: rounds of the method, each made from the previous round's model (so the reference re-anchors).
-    start_model = improver_model_path or model_name
-    judge = judge if judge is not None else method_args.build_judge(script_args)
-    extra = method_args.parsed_method_args()
-    # Recorded only when set, so that plain SGPO runs keep their stage fingerprints.
-    method_settings = {
-        k: v for k, v in {"method": method.name, "method_args": extra, "judge": method_args.judge}.items() if v
-    }
-    if method_settings == {"method": "sgpo", "judge": "none"}:
-        method_settings = {}
-    elif method_args.judge != "none":  # the judge's own settings change which items train
-        method_settings.update(
-            reward_model=method_args.reward_model, similarity_temperature=method_args.similarity_temperature
-        )
-    round_dirs = []  # each round's folder, where its trainer wrote items.jsonl
-    for iteration in range(1, script_args.iterations + 1):
-        rows = method_prompts(method, sgpo_rows, iteration, script_args.iterations)
-        stage = Stage(
-            stages_dir / f"05_{method.name}_iter{iteration}",
-            f"{method.name} iteration {iteration}",
-            {
-                **settings("sgpo", training_args),
-                "start": "improver_sft" if improver_model_path else model_name,
-                # The round's own prompts: SPPO deals disjoint shares over `iterations`, so they depend on it.
-                "prompts": stable_hash(list(rows["prompt"])),
-                **method_settings,
-            },
-            after=last,
-        )
-        if not stage.check():
-            started = stage.start() if state.is_main_process else 0.0
-            state.wait_for_everyone()
-            _print(state, f"[5/5] {method.name} iteration {iteration}/{script_args.iterations} on {len(rows)} prompts")
-            model, tokenizer = load(start_model)
-            args = method.make_config(
-                training_args,
-                extra,
-                output_dir=str(stage.root),
-                push_to_hub=False,
-                run_name=_run_name(training_args, f"{method.name}_iter{iteration}"),
-            )
-            columns = ["prompt"] + (["reference"] if judge is not None and "reference" in rows.column_names else [])
-            trainer = method.build_trainer(
-                model, tokenizer, args, rows.select_columns(columns), get_peft_config(model_args), judge
-            )
-            if heap:
-                trainer.add_callback(TrimHeapCallback())
-            _train_and_save(trainer, tokenizer, stage.root, state, load_base(start_model))
-            if state.is_main_process:
-                # The card is written now, while the trainer holds the figures; `_push` uploads it as it is.
-                trainer.hub_model_id = training_args.hub_model_id or out.name
-                trainer.create_model_card(model_name=out.name, dataset_name=script_args.dataset_name)
-                stage.finish(started, **round_figures(trainer))
-            state.wait_for_everyone()
-            stage.check()
-            del trainer, model
-            gc.collect()  # as above: free this round's model before the next round loads its own
-        summary["stages"][f"{method.name}_iter{iteration}"] = stage.summary
-        start_model = str(stage.root / "model")
-        round_dirs.append(stage.root)
-        last = stage
-
-    # Win rates on held-out prompts; adds a section to the final card and files under output_dir/evaluation. A
-    # dataset may repeat a prompt in several rows, and a given --improver_data was trained on too: any held-out row
-    # whose prompt training used is left out.
-    trained = [improver_rows, sgpo_rows]
-    if script_args.improver_data is not None:
-        trained.append(load_rows(script_args.improver_data))
-    eval_files = run_evaluation_stage(
-        script_args,
-        training_args,
-        eval_rows,
-        trained,
-        len(dataset),
-        model_name,
-        stages_dir,
-        summary,
-        state,
-        last,
-        method=method.name,
-    )
-
-    # Stage 6: the final model and its card in output_dir, and on the Hub.
-    final_dir = Path(start_model)
-    card = final_dir.parent / "README.md"
-    files = sorted(item.name for item in final_dir.iterdir()) + (["README.md"] if card.is_file() else [])
-    files += eval_files
-    summary["saved_to"] = str(out)
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        for item in final_dir.iterdir():
-            shutil.copy2(item, out / item.name)
-        if card.is_file():
-            shutil.copy2(card, out / "README.md")
-        items = collect_items(out, round_dirs, method.name, training_args.hub_model_id or out.name)
-        if items is not None:
-            summary["items"] = str(items / "items.jsonl")
-        if training_args.push_to_hub:
-            summary["pushed_to"], summary["push_commit"] = _push(out, files, training_args)
-            if items is not None:  # the items each round trained on, as a dataset beside the model
-                summary["items_pushed_to"] = push_items(hub_api(), summary["pushed_to"], items, training_args)
-    state.wait_for_everyone()
-    return _finish(summary, out, state)
 
 
 def hub_api() -> HfApi:
@@ -606,39 +753,3 @@ def _train_and_save(trainer, tokenizer, root: Path, state: PartialState, load_ba
         if getattr(trainer, "improver_template", None) is not None:  # SGPO and improver SFT: the model is an improver
             save_improver_template(trainer, root / "model")  # the next stage and users rebuild the same prompt
     state.wait_for_everyone()
-
-
-def _finish(summary: dict[str, Any], out: Path, state: PartialState) -> dict[str, Any]:
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "sgpo_summary.json", "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, default=str)
-    return summary
-
-
-def _data_stages(script_args, training_args, settings, load, model_name, rows, stages_dir, summary):
-    """Stages 1-3 on every process (see :mod:`.data_stages`): the finished filter stage, or ``None`` when the run stops
-    at or before it."""
-    from .data_stages import run_data_stages
-
-    sampling = {name: getattr(training_args, name) for name in SAMPLING_SETTINGS}
-    sample = Stage(stages_dir / "01_sample", "sample", {**settings("sample"), **sampling})
-    writer = "openai" if script_args.writer_model else "reference-step"
-    targets = Stage(stages_dir / "02_targets", "targets", {**settings("targets"), "writer": writer}, after=sample)
-    filtered = Stage(stages_dir / "03_filter", "filter", settings("filter"), after=targets)
-    state = PartialState()
-    loaded = []
-
-    def policy():
-        if not loaded:
-            model, tokenizer = load(model_name)
-            loaded.append((model.to(state.device), tokenizer))
-        return loaded[0]
-
-    try:
-        return run_data_stages(
-            script_args, training_args, policy, rows, [sample, targets, filtered], summary, stages_dir.parent / ".sync"
-        )
-    finally:
-        loaded.clear()  # the policy of stages 1 and 3 is gone before improver SFT loads its own
-        gc.collect()

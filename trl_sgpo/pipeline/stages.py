@@ -26,6 +26,24 @@ from .memory import peak_figures, reset_peak
 
 MARKER = "stage.json"
 
+STAGE_FOLDERS = {
+    "sample": "01_sample",
+    "targets": "02_targets",
+    "filter": "03_filter",
+    "improver_sft": "04_improver_sft",
+    "sgpo": "05_{method}_iter{iteration}",  # one folder per round of the method (`sgpo` names the rounds of any)
+    "evaluation": "06_evaluation",
+}
+"""Every stage of the recipe, in the order it runs, and its folder under ``<output_dir>/stages/``."""
+
+TRAINING_STAGES = tuple(name for name in STAGE_FOLDERS if name != "evaluation")
+"""The stages ``--stop_after`` names and recipe settings are placed in (:mod:`.fingerprints`)."""
+
+
+def stage_folder(name: str, method: str = "sgpo", iteration: int = 1) -> str:
+    """The folder of stage ``name`` (a round's: of ``method``'s round ``iteration``)."""
+    return STAGE_FOLDERS[name].format(method=method, iteration=iteration)
+
 
 class StageConfigMismatchError(ValueError):
     """A stage folder was written with other settings than the ones of this run."""
