@@ -231,7 +231,7 @@ def test_bad_input_is_named_and_empty_responses_are_recorded(tmp_path, stub, api
 
 
 class FillingDisk:
-    """Files opened for appending by trl_sgpo.io.jsonl whose writes fail with ENOSPC once ``budget`` writes are spent."""
+    """Files opened for appending by io.jsonl whose writes fail with ENOSPC once ``budget`` writes are spent."""
 
     def __init__(self, budget):
         self.budget = budget

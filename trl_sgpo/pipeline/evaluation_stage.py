@@ -2,8 +2,8 @@
 SGPO round, against the start model, and of each as improver of its own answers.
 
 Held-out rows (``num_eval_prompts``, 64 by default) are drawn from the dataset before any stage takes its rows
-(:func:`~trl_sgpo.data.splits.split_held_out`), so training never sees them; with a dataset under twice that size none are held out and
-the stage is skipped, saying why.
+(:func:`~trl_sgpo.data.splits.split_held_out`), so training never sees them; with a dataset under twice that size
+none are held out and the stage is skipped, saying why.
 The judge is the OpenAI-compatible one with ``--judge_model`` (at ``--base_url``, or api.openai.com; its cost is in
 the report, priced by ``--judge_price_in/--judge_price_out`` or a known model's list price), else the offline
 reference-similarity judge; rows with a ``reference`` are also judged by ROUGE-L against it, a second score.

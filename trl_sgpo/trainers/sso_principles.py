@@ -1,10 +1,10 @@
 """SSO's principles: pairs of good and bad guidelines that steer the policy's answers, and how they reach the prompt.
 
 SSO (arXiv 2410.17131) samples ``y+`` with a good principle and ``y-`` with the matching bad one as the **system
-message** (paper version 2, footnote 3; both code releases). The shipped set (``resources/sso_principles.jsonl``) covers
-the same ground as the official version-1 features (helpfulness, accuracy, logic, completeness, safety, engagement,
-concision) plus clarity, written for this project. Each row has ``name``, ``good_adjective``, ``bad_adjective``,
-``good`` and ``bad``; a file of the same shape can replace it (``SSOConfig.principles_file``).
+message** (paper version 2, footnote 3; both code releases). The shipped set (``resources/sso_principles.jsonl``)
+covers the same ground as the official version-1 features (helpfulness, accuracy, logic, completeness, safety,
+engagement, concision) plus clarity, written for this project. Each row has ``name``, ``good_adjective``,
+``bad_adjective``, ``good`` and ``bad``; a file of the same shape can replace it (``SSOConfig.principles_file``).
 """
 
 from __future__ import annotations
