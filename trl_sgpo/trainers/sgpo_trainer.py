@@ -14,8 +14,8 @@ from trl.data_utils import apply_chat_template, is_conversational
 
 from ..templates import SavesImproverTemplate, improver_prompt, improver_template_for, render_prompt
 from ..utils import SGPO_PAPER
+from .generation import generate_ids_transformers, generate_ids_vllm
 from .onpolicy import Items, OnPolicyTrainer, Sequences
-from .sampling import generate_ids_transformers, generate_ids_vllm
 from .sgpo_config import SGPOConfig
 
 
