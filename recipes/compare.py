@@ -137,21 +137,19 @@ class CompareArguments:
 
 def evaluation_judge(compare_args, script_args, judge):
     """The comparison's judge: ``judge`` (the training one) unless ``eval_judge`` or ``judge_style`` asks for
-    another."""
+    another, made by the same factory (:func:`trl_sgpo.evaluation.judges.build_judge`)."""
+    from trl_sgpo.evaluation.judges import build_judge
+
     if compare_args.eval_judge == "local":
-        from trl_sgpo.evaluation.local_judge import LocalPairwiseJudge
-
-        return LocalPairwiseJudge(compare_args.local_judge_model)
+        return build_judge("local", model=compare_args.local_judge_model)
     if compare_args.judge_style == "arena-hard":
-        from trl_sgpo.evaluation.arena_hard import ArenaHardJudge
-
-        arena = ArenaHardJudge(
-            script_args.judge_model,
-            script_args.base_url,
+        return build_judge(
+            "openai",
+            model=script_args.judge_model,
+            base_url=script_args.base_url,
+            style="arena-hard",
             api_key_env=getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
         )
-        arena.read_api_key()
-        return arena
     return judge
 
 

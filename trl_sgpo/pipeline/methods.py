@@ -252,6 +252,7 @@ def method_prompts(method: Method, prompts: Dataset, round_index: int, num_round
     return round_prompts(prompts, round_index, num_rounds) if method.disjoint_rounds else prompts
 
 
+# The kinds of trl_sgpo.evaluation.judges.build_judge a method trains with.
 JUDGES = ("none", "similarity", "reward-model", "openai")
 
 
@@ -315,31 +316,22 @@ class MethodArguments:
         return dict(value.get(self.method, {}))
 
     def build_judge(self, script_args=None):
-        """The judge of :mod:`trl_sgpo.evaluation` named by ``judge`` (``None`` for ``"none"``). The openai judge
-        takes its endpoint from ``script_args`` (``judge_model``, ``base_url``, ``api_key_env``, ``judge_price_in``,
-        ``judge_price_out``), the settings the recipe's evaluation stage uses too."""
-        if self.judge == "none":
-            return None
-        from ..evaluation.judges import OpenAIPairwiseJudge, ReferenceSimilarityJudge, RewardModelJudge
+        """The judge of :mod:`trl_sgpo.evaluation` named by ``judge`` (``None`` for ``"none"``), made by
+        :func:`trl_sgpo.evaluation.judges.build_judge`. The openai judge takes its endpoint from ``script_args``
+        (``judge_model``, ``base_url``, ``api_key_env``, ``judge_price_in``, ``judge_price_out``), the settings the
+        recipe's evaluation stage uses too."""
+        from ..evaluation.judges import build_judge
 
-        if self.judge == "similarity":
-            return ReferenceSimilarityJudge(temperature=self.similarity_temperature)
-        if self.judge == "reward-model":
-            if not self.reward_model:
-                raise ValueError("--judge reward-model needs --reward_model (Hub id or folder of the reward model).")
-            return RewardModelJudge(self.reward_model)
-        judge_model = getattr(script_args, "judge_model", None)
-        if not judge_model:
-            raise ValueError("--judge openai needs --judge_model (the model name at --base_url).")
-        judge = OpenAIPairwiseJudge(
-            judge_model,
-            getattr(script_args, "base_url", None),
+        return build_judge(
+            self.judge,
+            model=getattr(script_args, "judge_model", None),
+            base_url=getattr(script_args, "base_url", None),
+            reward_model=self.reward_model,
+            similarity_temperature=self.similarity_temperature,
             api_key_env=getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
             price_input_per_1m=getattr(script_args, "judge_price_in", None),
             price_output_per_1m=getattr(script_args, "judge_price_out", None),
         )
-        judge.read_api_key()
-        return judge
 
 
 def parse_method_args(value: dict[str, Any] | str | None) -> dict[str, dict[str, Any]]:
