@@ -4,7 +4,7 @@ Runs the recipe's stages by hand on the shipped prompt/reference set with the em
 stage cached under ``--out/cache`` by a key of the settings it depends on, so that settings can be compared without
 regenerating what they share. Every finished setting appends one line to ``--out/results.jsonl``.
 
-Held-out split: the recipe's (``trl_sgpo.pipeline.evaluation_stage.split_held_out``, 64 rows, seed 42, its default);
+Held-out split: the recipe's (``trl_sgpo.data.splits.split_held_out``, 64 rows, seed 42, its default);
 ``test`` (64 rows) is never trained on, ``train`` (164 rows) feeds improver SFT and SGPO.
 
 Judges (kept here until the evaluation package replaces them):
@@ -54,12 +54,12 @@ warnings.filterwarnings("ignore")
 logging.basicConfig(level=logging.WARNING)
 
 from trl_sgpo.data.checks import load_default_dataset
-from trl_sgpo.data.jsonl import read_jsonl, stable_hash
 from trl_sgpo.data.sampling import generate_completions
+from trl_sgpo.data.splits import split_held_out
 from trl_sgpo.data.target_writers import reference_step
 from trl_sgpo.evaluation.judges import ReferenceRougeJudge
+from trl_sgpo.io.jsonl import read_jsonl, stable_hash
 from trl_sgpo.models import load_model_and_tokenizer
-from trl_sgpo.pipeline.evaluation_stage import split_held_out
 from trl_sgpo.templates import improver_prompt, render_prompt
 
 

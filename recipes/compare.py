@@ -161,8 +161,8 @@ def split_rows(script_args, compare_args, seed: int):
     from datasets import load_dataset
 
     from trl_sgpo.data.checks import check_columns, load_default_dataset
-    from trl_sgpo.data.jsonl import load_rows
-    from trl_sgpo.pipeline.evaluation_stage import split_held_out
+    from trl_sgpo.data.splits import split_held_out
+    from trl_sgpo.io.jsonl import load_rows
 
     name = script_args.dataset_name
     if name is None:

@@ -11,7 +11,7 @@ from datasets import load_from_disk
 
 from helpers.openai_stub import OpenAIStub
 from trl_sgpo.cli import main
-from trl_sgpo.data.jsonl import read_jsonl
+from trl_sgpo.io.jsonl import read_jsonl
 
 
 def write_prompts(path, n=4, reference=True):

@@ -1,4 +1,4 @@
-"""Checks on the prompt/reference set shipped inside the package (trl_sgpo/data/sgpo_default.jsonl)."""
+"""Checks on the prompt/reference set shipped inside the package (trl_sgpo/resources/sgpo_default.jsonl)."""
 
 import json
 import re
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 
-DATA_FILE = Path(__file__).resolve().parents[1] / "trl_sgpo" / "data" / "sgpo_default.jsonl"
+DATA_FILE = Path(__file__).resolve().parents[1] / "trl_sgpo" / "resources" / "sgpo_default.jsonl"
 
 
 def _normalize(text: str) -> str:

@@ -45,7 +45,7 @@ def data_stage_argv(model_dir, out):
 def test_data_stages_share_the_rows_over_processes_and_merge_what_one_process_makes(tmp_path, tiny_model_dir):
     import importlib.util
 
-    from trl_sgpo.data.jsonl import read_jsonl
+    from trl_sgpo.io.jsonl import read_jsonl
 
     two = tmp_path / "two"
     proc = launch("dist_pipeline_script.py", tmp_path, "--", *data_stage_argv(tiny_model_dir, two), port=29519)

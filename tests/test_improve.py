@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from trl_sgpo.cli import main
-from trl_sgpo.data.jsonl import read_jsonl
 from trl_sgpo.improve import improve
+from trl_sgpo.io.jsonl import read_jsonl
 from trl_sgpo.templates import (
     DEFAULT_TEMPLATE,
     TEMPLATE_FILE,

@@ -4,8 +4,8 @@ import json
 import pytest
 from datasets import Dataset
 
-from trl_sgpo.data import jsonl
-from trl_sgpo.data.jsonl import (
+from trl_sgpo.io import jsonl
+from trl_sgpo.io.jsonl import (
     ROW_ID,
     JsonlWriter,
     batch_seed,

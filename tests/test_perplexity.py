@@ -6,7 +6,6 @@ import torch
 from datasets import Dataset, load_from_disk
 
 from helpers.tiny import build_tiny_model
-from trl_sgpo.data.jsonl import read_jsonl
 from trl_sgpo.data.perplexity import (
     PerplexityFilterConfig,
     _encode,
@@ -16,6 +15,7 @@ from trl_sgpo.data.perplexity import (
     perplexities,
     score_targets,
 )
+from trl_sgpo.io.jsonl import read_jsonl
 
 
 KNOWN = "The quick brown fox jumps over the lazy dog."

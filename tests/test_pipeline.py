@@ -478,7 +478,7 @@ def test_yaml_config_spells_out_the_defaults_and_the_command_line_wins(recipe):
 
 def test_full_data_config_trains_on_every_row_not_held_out(recipe):
     from trl_sgpo.data.checks import load_default_dataset
-    from trl_sgpo.pipeline.evaluation_stage import split_held_out
+    from trl_sgpo.data.splits import split_held_out
 
     config = str(RECIPE.parent / "configs" / "sgpo_smollm2_full.yaml")
     full, bare = parse(recipe, "--config", config), parse(recipe)
@@ -535,7 +535,7 @@ def test_evaluation_stage_compares_every_model_on_held_out_prompts(recipe, tiny_
     rows = [json.loads(line) for line in open(prompt_file)]
     from datasets import Dataset
 
-    from trl_sgpo.pipeline.evaluation_stage import split_held_out
+    from trl_sgpo.data.splits import split_held_out
 
     assert evaluated == set(split_held_out(Dataset.from_list(rows), 2, seed=42)[1]["prompt"])  # the recipe's seed
     assert len(all_prompts - sampled - evaluated) == 4  # the SGPO prompts, also not evaluated
@@ -551,7 +551,7 @@ def test_evaluation_stage_compares_every_model_on_held_out_prompts(recipe, tiny_
 def test_a_prompt_repeated_in_a_training_row_is_not_evaluated(recipe, tiny_model_dir, tmp_path):
     from datasets import Dataset
 
-    from trl_sgpo.pipeline.evaluation_stage import split_held_out
+    from trl_sgpo.data.splits import split_held_out
 
     base = [{"prompt": f"What is {i} plus {i}?", "reference": f"It is {2 * i}."} for i in range(12)]
     # Repeat one prompt (another reference) so that one copy is held out and the other trains.
@@ -587,7 +587,7 @@ def test_eval_improver_names_the_models_judged_as_improvers():
 def test_held_out_rows_are_drawn_first_and_training_rows_wrap_around(recipe):
     from datasets import Dataset
 
-    from trl_sgpo.pipeline.evaluation_stage import held_out_rows, split_held_out
+    from trl_sgpo.data.splits import held_out_rows, split_held_out
     from trl_sgpo.pipeline.run import SGPOScriptArguments, _hold_out, _split
 
     data = Dataset.from_dict({"prompt": [f"q{i}" for i in range(12)], "reference": ["r"] * 12})

@@ -2,8 +2,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from trl_sgpo.data.jsonl import ROW_ID, read_jsonl
 from trl_sgpo.data.sampling import check_prompt_reference, generate_completions, sample_responses
+from trl_sgpo.io.jsonl import ROW_ID, read_jsonl
 from trl_sgpo.templates import render_prompt
 
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from trl_sgpo.trainers.sso_loss import preference_loss, sso_loss, sso_weight
+from trl_sgpo.trainers.sgpo_loss import preference_loss
+from trl_sgpo.trainers.sso_loss import sso_loss, sso_weight
 
 
 def sigmoid(z):

@@ -8,8 +8,8 @@ import torch
 
 from helpers.trainer_args import chat_prompts, tiny_config
 from trl_sgpo import SSOConfig, SSOTrainer
-from trl_sgpo.principles import load_principles, steer, supports_system_role
 from trl_sgpo.templates import render_prompt
+from trl_sgpo.trainers.sso_principles import load_principles, steer, supports_system_role
 
 
 RAISES_ON_SYSTEM = (

@@ -8,8 +8,6 @@ import pytest
 from datasets import Dataset
 
 from helpers.openai_stub import OpenAIStub
-from trl_sgpo.data import jsonl
-from trl_sgpo.data.jsonl import ROW_ID, read_jsonl, stable_hash
 from trl_sgpo.data.target_prompts import (
     MalformedTargetError,
     TargetPromptConfig,
@@ -25,6 +23,8 @@ from trl_sgpo.data.target_writers import (
     split_sentences,
     write_targets,
 )
+from trl_sgpo.io import jsonl
+from trl_sgpo.io.jsonl import ROW_ID, read_jsonl, stable_hash
 
 
 KEY = "sk-test-SECRET-0123456789"
@@ -231,7 +231,7 @@ def test_bad_input_is_named_and_empty_responses_are_recorded(tmp_path, stub, api
 
 
 class FillingDisk:
-    """Files opened for appending by trl_sgpo.data.jsonl whose writes fail with ENOSPC once ``budget`` writes are spent."""
+    """Files opened for appending by io.jsonl whose writes fail with ENOSPC once ``budget`` writes are spent."""
 
     def __init__(self, budget):
         self.budget = budget

@@ -35,27 +35,13 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_common import add_model_arguments, load_input, load_model
+
 
 DESCRIPTION = "SGPO tools: build improver-SFT data (sample answers, write improved targets, filter them by perplexity), use a trained model as an improver, and evaluate models by win rates."
 
 
 # --------------------------------------------------------------------------------------------- arguments
-
-
-def _add_model(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("policy model")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="Policy: Hub id, local folder, or smollm2-135m-instruct (the embedded default, used when unset).",
-    )
-    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bfloat16 on GPU, float32 on CPU.",
-    )
 
 
 def _add_sample(p: argparse.ArgumentParser) -> None:
@@ -162,21 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prompt/reference JSONL, JSON or save_to_disk folder (default: the set shipped with trl-sgpo).",
     )
     p.add_argument("--output", required=True, help="Output JSONL (resumed if it exists).")
-    _add_model(p)
+    add_model_arguments(p)
     _add_sample(p)
 
     p = sub.add_parser("targets", help="Write an improved target for every answer (adds `target`).", **defaults)
     p.add_argument("--input", required=True, help="JSONL with prompt, response, reference (from `sample`).")
     p.add_argument("--output", required=True, help="Output JSONL (resumed if it exists).")
     _add_targets(p)
-    _add_model(p)  # only used by --writer transformers
+    add_model_arguments(p)  # only used by --writer transformers
 
     p = sub.add_parser(
         "filter", help="Keep the targets the policy could plausibly write (perplexity filter).", **defaults
     )
     p.add_argument("--input", required=True, help="JSONL with prompt, response, target (from `targets`).")
     p.add_argument("--output-dir", required=True, help="Folder for scores, kept set, dropped rows and report.")
-    _add_model(p)
+    add_model_arguments(p)
     _add_filter(p)
 
     p = sub.add_parser("improver-data", help="sample, targets and filter in order, into one folder.", **defaults)
@@ -186,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prompt/reference JSONL, JSON or save_to_disk folder (default: the set shipped with trl-sgpo).",
     )
     p.add_argument("--output-dir", required=True, help="Folder for every stage's files (resumed if they exist).")
-    _add_model(p)
+    add_model_arguments(p)
     _add_sample(p)
     _add_targets(p)
     _add_filter(p)
@@ -202,29 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------- building blocks
-
-
-def _load_input(path):
-    from .data.jsonl import load_rows
-
-    if path is None:
-        from .data.checks import load_default_dataset
-
-        return load_default_dataset()
-    return load_rows(path)
-
-
-def _load_model(name, device: str, dtype: str):
-    import torch
-
-    from .models import load_model_and_tokenizer
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    model, tokenizer = load_model_and_tokenizer(name, dtype=getattr(torch, dtype))
-    return model.to(device), tokenizer
 
 
 def _sample(args, model, tokenizer, dataset, output):
@@ -301,7 +264,7 @@ def _writer(args, choice, policy=None):
         if args.writer_model is None and policy is not None:
             model, tokenizer = policy  # the policy writes its own targets (smoke runs only)
         else:
-            model, tokenizer = _load_model(args.writer_model or args.model, args.device, args.dtype)
+            model, tokenizer = load_model(args.writer_model or args.model, args.device, args.dtype)
         return TransformersTargetWriter(
             model,
             tokenizer,
@@ -357,8 +320,8 @@ def _filter(args, model, tokenizer, dataset, output_dir, writer=None):
 
 def run(args) -> None:
     """Run one parsed command (see :func:`build_parser`)."""
-    from .data.jsonl import load_rows
     from .data.perplexity import KEPT_DIR
+    from .io.jsonl import load_rows
 
     if getattr(args, "run", None) is not None:  # subcommands that bring their own runner (e.g. `eval`)
         return args.run(args)
@@ -367,24 +330,24 @@ def run(args) -> None:
 
         improve.run(args)
     elif args.command == "sample":
-        model, tokenizer = _load_model(args.model, args.device, args.dtype)
-        rows = _sample(args, model, tokenizer, _load_input(args.input), args.output)
+        model, tokenizer = load_model(args.model, args.device, args.dtype)
+        rows = _sample(args, model, tokenizer, load_input(args.input), args.output)
         print(f"sample: {len(rows)} responses -> {args.output}", file=sys.stderr)
     elif args.command == "targets":
         choice = _writer_choice(args)
         _targets(args, load_rows(args.input), args.output, choice)
     elif args.command == "filter":
-        model, tokenizer = _load_model(args.model, args.device, args.dtype)
+        model, tokenizer = load_model(args.model, args.device, args.dtype)
         _filter(args, model, tokenizer, load_rows(args.input), args.output_dir)
     elif args.command == "improver-data":
         from .data.sampling import check_prompt_reference
         from .data.target_writers import sibling_path
 
         out = Path(args.output_dir)
-        dataset = _load_input(args.input)
+        dataset = load_input(args.input)
         check_prompt_reference(dataset)  # fail before any compute is spent
         choice = _writer_choice(args)
-        model, tokenizer = _load_model(args.model, args.device, args.dtype)
+        model, tokenizer = load_model(args.model, args.device, args.dtype)
         start = time.perf_counter()
         responses = _sample(args, model, tokenizer, dataset, out / "responses.jsonl")
         print(f"sample: {len(responses)} responses -> {out / 'responses.jsonl'}", file=sys.stderr)

@@ -136,7 +136,7 @@ def _improve_round(model, tokenizer, batch, rows, round_: int, template, budget:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``improve`` to ``trl-sgpo``'s subcommands."""
-    from .cli import _add_model
+    from .cli_common import add_model_arguments as _add_model
 
     p = subparsers.add_parser(
         "improve",
@@ -173,9 +173,9 @@ def run(args) -> None:
     batch finishes."""
     from tqdm.auto import tqdm
 
-    from .cli import _load_model
+    from .cli_common import load_model as _load_model
     from .data.checks import check_rows
-    from .data.jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, load_rows
+    from .io.jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, load_rows
     from .models import DEFAULT_MODEL, resolve_model_path
     from .templates import DEFAULT_TEMPLATE, TEMPLATE_FILE, improver_template_for
 

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .data.jsonl import JsonlWriter, read_jsonl
+from .io.jsonl import JsonlWriter, read_jsonl
 
 
 logger = logging.getLogger(__name__)

@@ -1,2 +1,4 @@
-"""Data stages and their helpers: dataset checks, resumable JSONL, policy sampling, target prompts and writers, and the
-perplexity filter. ``sgpo_default.jsonl`` is the prompt/reference set shipped with the package."""
+"""The improver data, stages 1-3: policy answers (``sampling``), target prompts and writers (``target_prompts``,
+``target_writers``), the perplexity filter (``perplexity``), with dataset checks (``checks``) and the held-out split
+(``splits``). The shipped prompt/reference set lives in :mod:`trl_sgpo.resources`, resumable JSONL in
+:mod:`trl_sgpo.io`."""

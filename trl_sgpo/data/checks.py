@@ -27,7 +27,7 @@ def load_default_dataset(conversational: bool = True, concise: bool = True) -> D
     instruct models see their chat template; TRL uses plain-string prompts as raw text. With ``concise=True`` each
     prompt ends with :data:`CONCISE_INSTRUCTION`.
     """
-    path = resources.files("trl_sgpo") / "data" / DEFAULT_DATASET_FILE
+    path = resources.files("trl_sgpo.resources") / DEFAULT_DATASET_FILE
     with resources.as_file(path) as local:
         dataset = load_dataset("json", data_files=str(local), split="train")
     if concise:

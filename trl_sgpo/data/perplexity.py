@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from ..io.jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_done, rows_in_order, shard_order, write_jsonl_atomic
 from ..templates import end_of_turn_text, render_prompt
 from .checks import check_rows
-from .jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_done, rows_in_order, shard_order, write_jsonl_atomic
 
 
 logger = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def score_targets(
         batch_size: Rows per batch (each row is two sequences: response and target).
         max_length: Most tokens per scored sequence (prompt + completion).
         shard: ``(index, count)``: score only this process's share of the rows, into its own ``output_path``
-            (see :func:`~trl_sgpo.data.jsonl.shard_order`).
+            (see :func:`~trl_sgpo.io.jsonl.shard_order`).
         before_batch: Called before each batch; it may raise to stop (the recipe stops when another process failed).
 
     Returns:

@@ -18,9 +18,9 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from ..io.jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, rows_in_order, shard_order
 from ..templates import render_prompt
 from .checks import check_rows
-from .jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, rows_in_order, shard_order
 
 
 logger = logging.getLogger(__name__)

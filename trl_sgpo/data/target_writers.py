@@ -33,6 +33,7 @@ from typing import Any
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from ..io.jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, rows_in_order, stable_hash
 from ..openai_client import (  # run_coroutine: re-exported for existing imports
     ChatRun,
     ClientStats,
@@ -43,7 +44,6 @@ from ..openai_client import (  # run_coroutine: re-exported for existing imports
 )
 from ..templates import render_prompt
 from .checks import check_rows
-from .jsonl import ROW_ID, JsonlWriter, batch_seed, ensure_row_ids, load_done, rows_in_order, stable_hash
 from .sampling import generate_completions
 from .target_prompts import (
     DEFAULT_TARGET_PROMPT,

@@ -24,7 +24,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from ..data.checks import check_rows
-from ..data.jsonl import (
+from ..io.jsonl import (
     ROW_ID,
     JsonlWriter,
     batch_seed,

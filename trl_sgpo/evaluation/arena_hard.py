@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.jsonl import stable_hash
+from ..io.jsonl import stable_hash
 from ..openai_client import ChatRun, ClientStats, RowFailure
 from .judges import OpenAIPairwiseJudge, _check_lengths, _text
 

@@ -8,7 +8,7 @@ import os
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from ..data.jsonl import ensure_row_ids, load_rows
+from ..io.jsonl import ensure_row_ids, load_rows
 from .answers import TransformersGenerator
 from .judges import PairwiseJudge
 from .scores import compare_scores

@@ -200,7 +200,7 @@ def build_judge(args):
 
 def run(args) -> dict:
     """Run ``trl-sgpo eval`` with parsed ``args``; print the table; return the report."""
-    from ..cli import _load_input
+    from ..cli_common import load_input as _load_input
     from .compare import evaluate_models
     from .reports import cost_text, text_table
 

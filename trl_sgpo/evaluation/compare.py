@@ -31,7 +31,7 @@ from typing import Any
 from datasets import Dataset
 
 from ..data.checks import check_rows
-from ..data.jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_rows, read_jsonl, stable_hash
+from ..io.jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_rows, read_jsonl, stable_hash
 from ..openai_client import OpenAIEndpoint, cost_summary
 from .answers import TransformersGenerator, generate_answers
 from .identity import identity_hash, rerun_line, weights_identity

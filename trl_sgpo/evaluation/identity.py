@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..data.jsonl import stable_hash
+from ..io.jsonl import stable_hash
 
 
 # Files that can change what a model computes: weights, configs, tokenizer and chat-template files, remote code.

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data.jsonl import stable_hash
+from ..io.jsonl import stable_hash
 from ..openai_client import ChatRun, ClientStats, OpenAIEndpoint, RowFailure
 from ..templates import question_text
 from .identity import weights_identity

@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..data.jsonl import stable_hash
+from ..io.jsonl import stable_hash
 from .identity import weights_identity
 from .judges import (
     DEFAULT_JUDGE_SYSTEM_PROMPT,

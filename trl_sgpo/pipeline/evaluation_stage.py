@@ -2,8 +2,8 @@
 SGPO round, against the start model, and of each as improver of its own answers.
 
 Held-out rows (``num_eval_prompts``, 64 by default) are drawn from the dataset before any stage takes its rows
-(:func:`split_held_out`), so training never sees them; with a dataset under twice that size none are held out and
-the stage is skipped, saying why.
+(:func:`~trl_sgpo.data.splits.split_held_out`), so training never sees them; with a dataset under twice that size
+none are held out and the stage is skipped, saying why.
 The judge is the OpenAI-compatible one with ``--judge_model`` (at ``--base_url``, or api.openai.com; its cost is in
 the report, priced by ``--judge_price_in/--judge_price_out`` or a known model's list price), else the offline
 reference-similarity judge; rows with a ``reference`` are also judged by ROUGE-L against it, a second score.
@@ -25,8 +25,8 @@ from typing import Any
 from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..data.jsonl import stable_hash
-from .data_stages import Peers
+from ..data.splits import held_out_rows
+from ..io.peers import Peers
 from .stages import Stage, stage_folder
 
 
@@ -110,24 +110,6 @@ class EvaluationArguments:
                 f"`eval_improver` {self.eval_improver!r} names {sorted(unknown)}; use names among "
                 f"{IMPROVER_CHOICES}, separated by commas, or `all` or `none`."
             )
-
-
-def split_held_out(dataset: Dataset, n: int, seed: int) -> tuple[Dataset, Dataset]:
-    """``(train, held_out)``: ``n`` rows drawn at random (``seed``) before anything trains, and the rest.
-
-    The one rule for the recipe, ``recipes/compare.py`` and ``benchmarks/quality.py``, so that their held-out figures
-    are taken on the same prompts. ``n`` of 0 holds nothing out.
-    """
-    if not n:
-        return dataset, dataset.select([])
-    parts = dataset.train_test_split(test_size=n, seed=seed)
-    return parts["train"], parts["test"]
-
-
-def held_out_rows(dataset: Dataset, used: list[Dataset]) -> Dataset:
-    """The rows of ``dataset`` whose prompt is in none of ``used``."""
-    seen = {stable_hash(p) for part in used for p in part["prompt"]}
-    return dataset.select([i for i, p in enumerate(dataset["prompt"]) if stable_hash(p) not in seen])
 
 
 def _judge(script_args, out: Path):

@@ -39,14 +39,15 @@ from huggingface_hub import HfApi
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.checks import check_columns, check_non_empty, load_default_dataset
-from ..data.jsonl import load_rows, stable_hash
+from ..data.splits import split_held_out
+from ..io.jsonl import load_rows, stable_hash
 from ..models import DEFAULT_MODEL, HUB_ID, load_model_and_tokenizer
 from ..templates import save_improver_template
 from ..trainers.improver_sft_config import ImproverSFTConfig
 from ..trainers.improver_sft_trainer import ImproverSFTTrainer
 from ..trainers.sgpo_config import SGPOConfig
 from ..utils import set_cpu_threads
-from .evaluation_stage import EvaluationArguments, run_evaluation_stage, split_held_out
+from .evaluation_stage import EvaluationArguments, run_evaluation_stage
 from .fingerprints import SAMPLING_SETTINGS, fingerprint, model_fingerprint, script_fingerprint
 from .items_dataset import collect_items, push_items
 from .memory import TrimHeapCallback, limit_heap_fragmentation

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -14,9 +13,10 @@ from trl.data_utils import apply_chat_template, is_conversational
 
 from ..templates import SavesImproverTemplate, improver_prompt, improver_template_for, render_prompt
 from ..utils import SGPO_PAPER
+from .generation import generate_ids_transformers, generate_ids_vllm
 from .onpolicy import Items, OnPolicyTrainer, Sequences
-from .sampling import generate_ids_transformers, generate_ids_vllm
 from .sgpo_config import SGPOConfig
+from .sgpo_loss import sgpo_loss
 
 
 # Pair counts beside each checkpoint: TrainerState does not hold them, and a resumed run should report totals.
@@ -309,23 +309,7 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
 
     def item_losses(self, items, logps, ref_logps):
         """DPO (sigmoid) or IPO loss of each pair, as OnlineDPO defines them, and the usual reward statistics."""
-        chosen, rejected = logps["chosen"], logps["rejected"]
-        chosen_ratio = chosen - ref_logps["chosen"]
-        rejected_ratio = rejected - ref_logps["rejected"]
-        logits = chosen_ratio - rejected_ratio
-        if self.args.loss_type == "sigmoid":
-            losses = -F.logsigmoid(self.beta * logits)
-        else:
-            losses = (logits - 1 / (2 * self.beta)) ** 2
-        margins = self.beta * logits.detach()
-        metrics = {
-            "logps/chosen": chosen.detach(),
-            "logps/rejected": rejected.detach(),
-            "rewards/chosen": self.beta * chosen_ratio.detach(),
-            "rewards/rejected": self.beta * rejected_ratio.detach(),
-            "rewards/margins": margins,
-            "rewards/accuracies": (margins > 0).float(),
-        }
+        losses, metrics = sgpo_loss(logps, ref_logps, self.beta, self.args.loss_type)
         if "judge_margin" in items.values:
             metrics["objective/scores_margin"] = items.values["judge_margin"].float()
         return losses, metrics

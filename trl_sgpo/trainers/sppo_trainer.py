@@ -11,8 +11,8 @@ from trl.models.utils import unwrap_model_for_generation
 
 from ..templates import question_text, render_prompt
 from ..utils import SPPO_PAPER
+from .generation import PolicySampler
 from .onpolicy import Items, OnPolicyTrainer, Sequences
-from .sampling import PolicySampler
 from .sppo_config import SPPOConfig
 from .sppo_loss import estimated_win_rates, judge_win_probabilities, sppo_loss
 

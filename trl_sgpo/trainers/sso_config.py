@@ -32,7 +32,7 @@ class SSOConfig(OnPolicyConfig):
             length-normalized log-prob under the plain prompt.
         principles_file (`str`, *optional*):
             JSON-lines file of principles (fields `name`, `good_adjective`, `bad_adjective`, `good`, `bad`). Defaults
-            to the set shipped in `trl_sgpo/data/sso_principles.jsonl`.
+            to the set shipped in `trl_sgpo/resources/sso_principles.jsonl`.
         system_role_fallback (`str`, *optional*, defaults to `"error"`):
             What to do when the chat template has no system role (it raises on one or drops it): `"error"` stops with
             an explanation; `"user_turn"` puts the principle above the user's message instead (a deviation from the

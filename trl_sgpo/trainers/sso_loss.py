@@ -16,20 +16,8 @@ rejected answer near the policy's own distribution.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def preference_loss(logits: torch.Tensor, beta: float, loss_type: str) -> torch.Tensor:
-    """DPO (``"sigmoid"``) or IPO (``"ipo"``) loss of ``logits = (log pi/pi_ref)(chosen) - (log pi/pi_ref)(rejected)``.
-
-    The same two losses as TRL's ``OnlineDPOTrainer``: ``-log sigmoid(beta * logits)`` and
-    ``(logits - 1 / (2 * beta)) ** 2``.
-    """
-    if loss_type == "sigmoid":
-        return -F.logsigmoid(beta * logits)
-    if loss_type == "ipo":
-        return (logits - 1 / (2 * beta)) ** 2
-    raise ValueError(f"`loss_type` must be 'sigmoid' or 'ipo', got {loss_type!r}.")
+from .sgpo_loss import preference_loss
 
 
 def sso_weight(mean_logp_chosen: torch.Tensor, mean_logp_rejected: torch.Tensor, alpha: float) -> torch.Tensor:

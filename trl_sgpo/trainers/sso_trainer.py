@@ -8,13 +8,13 @@ from typing import Any
 import torch
 from trl.data_utils import is_conversational
 
-from ..principles import load_principles, steer, supports_system_role
 from ..templates import render_prompt
 from ..utils import SSO_PAPER
+from .generation import PolicySampler
 from .onpolicy import Items, OnPolicyTrainer, Sequences
-from .sampling import PolicySampler
 from .sso_config import SSOConfig
 from .sso_loss import sso_loss
+from .sso_principles import load_principles, steer, supports_system_role
 
 
 # Sequence name -> (prompt, answer): x is the plain prompt, x+ / x- carry the good / bad principle.
@@ -33,7 +33,7 @@ class SSOTrainer(PolicySampler, OnPolicyTrainer):
     Trainer for Self-Steering Optimization (SSO, [arXiv 2410.17131](https://huggingface.co/papers/2410.17131)),
     paper version 1: the policy itself is trained on its own principle-steered answers, on-policy.
 
-    For each prompt `x` a principle is drawn from the set (shipped in `trl_sgpo/data/sso_principles.jsonl`, or
+    For each prompt `x` a principle is drawn from the set (shipped in `trl_sgpo/resources/sso_principles.jsonl`, or
     `args.principles_file`); the model answers `x+` (the good principle as system message) with `y+`, `x-` (the bad
     one) with `y-`, and the plain `x` with `y_o`. The loss, against the reference (a frozen copy of the start model,
     or the adapter-disabled model under PEFT), is

@@ -1,9 +1,9 @@
 """Append-only JSONL files that survive interruption, and the stable row ids the pipeline resumes by.
 
-Every stage of the improver-data pipeline (:mod:`~trl_sgpo.sampling`, :mod:`~trl_sgpo.target_writers`,
-:mod:`~trl_sgpo.perplexity`) writes one JSON object per finished row and fsyncs it, so a crash, a Ctrl-C or a full disk
-loses at most the rows in flight. A rerun reads the file back, skips the rows whose ``row_id`` is already there and
-appends the rest. A process killed mid-write can leave a torn last line; :class:`JsonlWriter` cuts it off before
+Every stage of the improver-data pipeline (:mod:`~trl_sgpo.data.sampling`, :mod:`~trl_sgpo.data.target_writers`,
+:mod:`~trl_sgpo.data.perplexity`) writes one JSON object per finished row and fsyncs it, so a crash, a Ctrl-C or a full
+disk loses at most the rows in flight. A rerun reads the file back, skips the rows whose ``row_id`` is already there
+and appends the rest. A process killed mid-write can leave a torn last line; :class:`JsonlWriter` cuts it off before
 appending and :func:`read_jsonl` ignores it, so the file never holds a broken line in the middle.
 """
 

@@ -1,10 +1,10 @@
 """SSO's principles: pairs of good and bad guidelines that steer the policy's answers, and how they reach the prompt.
 
 SSO (arXiv 2410.17131) samples ``y+`` with a good principle and ``y-`` with the matching bad one as the **system
-message** (paper version 2, footnote 3; both code releases). The shipped set (``data/sso_principles.jsonl``) covers
-the same ground as the official version-1 features (helpfulness, accuracy, logic, completeness, safety, engagement,
-concision) plus clarity, written for this project. Each row has ``name``, ``good_adjective``, ``bad_adjective``,
-``good`` and ``bad``; a file of the same shape can replace it (``SSOConfig.principles_file``).
+message** (paper version 2, footnote 3; both code releases). The shipped set (``resources/sso_principles.jsonl``)
+covers the same ground as the official version-1 features (helpfulness, accuracy, logic, completeness, safety,
+engagement, concision) plus clarity, written for this project. Each row has ``name``, ``good_adjective``,
+``bad_adjective``, ``good`` and ``bad``; a file of the same shape can replace it (``SSOConfig.principles_file``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from importlib import resources
 
 from trl.data_utils import is_conversational
 
-from .templates import Prompt
+from ..templates import Prompt
 
 
 PRINCIPLES_FILE = "sso_principles.jsonl"
@@ -44,8 +44,8 @@ class Principle:
 def load_principles(path: str | None = None) -> list[Principle]:
     """The principles in ``path`` (JSON lines with the fields of :class:`Principle`), or the shipped set."""
     if path is None:
-        text = resources.files("trl_sgpo.data").joinpath(PRINCIPLES_FILE).read_text(encoding="utf-8")
-        where = f"trl_sgpo/data/{PRINCIPLES_FILE}"
+        text = resources.files("trl_sgpo.resources").joinpath(PRINCIPLES_FILE).read_text(encoding="utf-8")
+        where = f"trl_sgpo/resources/{PRINCIPLES_FILE}"
     else:
         with open(path, encoding="utf-8") as f:
             text = f.read()

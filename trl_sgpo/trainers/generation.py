@@ -1,4 +1,5 @@
-"""Sampling answers from the policy for the on-policy trainers that have a single role (SPPO, SSO)."""
+"""Generation inside the on-policy trainers, with transformers or vLLM: completions for token-id prompts (SGPO), and
+:class:`PolicySampler` for the trainers that have a single role (SPPO, SSO)."""
 
 from __future__ import annotations
 
