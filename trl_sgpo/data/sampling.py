@@ -125,7 +125,7 @@ def sample_responses(
         id_column: Column to take ``row_id`` from when present (see :func:`~trl_sgpo.jsonl.ensure_row_ids`).
         show_progress: Show a tqdm progress bar.
         shard: ``(index, count)``: answer only this process's share of the rows (see
-            :func:`~trl_sgpo.data.jsonl.shard_order`), into its own ``output_path``; the shares of ``count``
+            :func:`~trl_sgpo.io.jsonl.shard_order`), into its own ``output_path``; the shares of ``count``
             processes hold the same batches as one process's run, so the merged answers do not depend on ``count``.
         before_batch: Called before each batch; it may raise to stop (the recipe stops when another process failed).
 
