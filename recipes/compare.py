@@ -140,8 +140,8 @@ class CompareArguments(JudgeArguments):
 
 def evaluation_judge(compare_args, script_args, judge):
     """The comparison's judge: ``judge`` (the training one) unless ``eval_judge`` or ``judge_style`` asks for
-    another, made by the same factory (:func:`trl_sgpo.evaluation.judges.build_judge`)."""
-    from trl_sgpo.evaluation.judges import build_judge
+    another, made by the same factory (:func:`trl_sgpo.evaluation.judge_factory.build_judge`)."""
+    from trl_sgpo.evaluation.judge_factory import build_judge
 
     if compare_args.eval_judge == "local":
         return build_judge("local", model=compare_args.local_judge_model)

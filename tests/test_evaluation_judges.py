@@ -216,7 +216,7 @@ def test_the_recipe_passes_judge_prices_to_its_evaluation_judge(tmp_path):
 
 def test_one_judge_factory_builds_every_kind_and_names_the_missing_option(monkeypatch):
     from trl_sgpo.evaluation.arena_hard import ArenaHardJudge
-    from trl_sgpo.evaluation.judges import build_judge
+    from trl_sgpo.evaluation.judge_factory import build_judge
 
     endpoint = dict(model="j", base_url="http://localhost:1/v1", api_key_env="SGPO_FACTORY_KEY")
     assert build_judge("none") is None

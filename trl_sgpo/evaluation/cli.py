@@ -177,7 +177,7 @@ def _add_report_args(g) -> None:
 
 def build_judge(args):
     """The judge named by ``--judge`` (checks its arguments, and reads the API key, before any model is loaded)."""
-    from .judges import build_judge as judge_factory
+    from .judge_factory import build_judge as judge_factory
 
     return judge_factory(
         args.judge,

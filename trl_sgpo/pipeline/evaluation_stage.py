@@ -115,7 +115,7 @@ class EvaluationArguments:
 def _judge(script_args, out: Path):
     """The evaluation's judge: the OpenAI-compatible ``judge_model`` when set (its key read on first use), else the
     reference-similarity one."""
-    from ..evaluation.judges import build_judge
+    from ..evaluation.judge_factory import build_judge
 
     if not script_args.judge_model:
         return build_judge("similarity")

@@ -252,14 +252,14 @@ def method_prompts(method: Method, prompts: Dataset, round_index: int, num_round
     return round_prompts(prompts, round_index, num_rounds) if method.disjoint_rounds else prompts
 
 
-# The kinds of trl_sgpo.evaluation.judges.build_judge a method trains with.
+# The kinds of trl_sgpo.evaluation.judge_factory.build_judge a method trains with.
 JUDGES = ("none", "similarity", "reward-model", "openai")
 
 
 @dataclass
 class JudgeArguments:
     """The training judge's settings, the same in both recipes (``recipes/sgpo.py``, ``recipes/compare.py``); the
-    judge is made by :func:`trl_sgpo.evaluation.judges.build_judge`, its endpoint taken from the script arguments."""
+    judge is made by :func:`trl_sgpo.evaluation.judge_factory.build_judge`, its endpoint taken from the script arguments."""
 
     judge: str = field(
         default="none",
@@ -286,10 +286,10 @@ class JudgeArguments:
 
     def build_judge(self, script_args=None):
         """The judge of :mod:`trl_sgpo.evaluation` named by ``judge`` (``None`` for ``"none"``), made by
-        :func:`trl_sgpo.evaluation.judges.build_judge`. The openai judge takes its endpoint from ``script_args``
+        :func:`trl_sgpo.evaluation.judge_factory.build_judge`. The openai judge takes its endpoint from ``script_args``
         (``judge_model``, ``base_url``, ``api_key_env``, ``judge_price_in``, ``judge_price_out``), the settings the
         recipe's evaluation stage uses too."""
-        from ..evaluation.judges import build_judge
+        from ..evaluation.judge_factory import build_judge
 
         return build_judge(
             self.judge,
