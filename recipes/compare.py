@@ -42,10 +42,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trl_sgpo.pipeline.methods import JudgeArguments
+
 
 @dataclass
-class CompareArguments:
-    """Settings of the comparison beyond the training ones (shared by every method) and the model ones."""
+class CompareArguments(JudgeArguments):
+    """Settings of the comparison beyond the training ones (shared by every method) and the model ones; the judge's
+    (``judge``, ``reward_model``, ``similarity_temperature``) are those of ``recipes/sgpo.py``."""
 
     methods: list[str] = field(
         default_factory=lambda: ["sgpo", "sppo", "sso", "online_dpo"],
@@ -60,17 +63,13 @@ class CompareArguments:
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call in the evaluation."})
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the intervals."})
-    judge: str = field(
+    judge: str = field(  # the comparison always has a judge: a default other than sgpo.py's `none`
         default="similarity",
         metadata={
             "help": "Judge for training (SPPO, online DPO) and evaluation: similarity (offline), reward-model "
             "(--reward_model) or openai (--judge_model at --base_url).",
             "choices": ["similarity", "reward-model", "openai"],
         },
-    )
-    reward_model: str | None = field(default=None, metadata={"help": "reward-model judge: Hub id or folder."})
-    similarity_temperature: float = field(
-        default=0.05, metadata={"help": "similarity judge: P(a beats b) = sigmoid((sim_a - sim_b) / T)."}
     )
     judge_style: str = field(
         default="alpaca-eval",
@@ -96,6 +95,12 @@ class CompareArguments:
     def __post_init__(self):
         from trl_sgpo.pipeline.methods import METHODS
 
+        super().__post_init__()
+        if self.judge == "none":
+            raise ValueError(
+                "`judge none`: the comparison judges every method (and trains SPPO and online DPO with the judge); "
+                "choose similarity, reward-model or openai."
+            )
         if self.judge_style not in ("alpaca-eval", "arena-hard"):
             raise ValueError(f"`judge_style` must be alpaca-eval or arena-hard, got {self.judge_style!r}.")
         if self.judge_style == "arena-hard" and (self.judge != "openai" or self.eval_judge is not None):
@@ -129,29 +134,25 @@ class CompareArguments:
         return MethodArguments(
             method=method,
             method_args={method: self.per_method_args().get(method, {})},
-            judge=self.judge if uses_judge else "none",
-            reward_model=self.reward_model,
-            similarity_temperature=self.similarity_temperature,
+            **{**self.judge_settings(), "judge": self.judge if uses_judge else "none"},
         )
 
 
 def evaluation_judge(compare_args, script_args, judge):
     """The comparison's judge: ``judge`` (the training one) unless ``eval_judge`` or ``judge_style`` asks for
-    another."""
+    another, made by the same factory (:func:`trl_sgpo.evaluation.judge_factory.build_judge`)."""
+    from trl_sgpo.evaluation.judge_factory import build_judge
+
     if compare_args.eval_judge == "local":
-        from trl_sgpo.evaluation.local_judge import LocalPairwiseJudge
-
-        return LocalPairwiseJudge(compare_args.local_judge_model)
+        return build_judge("local", model=compare_args.local_judge_model)
     if compare_args.judge_style == "arena-hard":
-        from trl_sgpo.evaluation.arena_hard import ArenaHardJudge
-
-        arena = ArenaHardJudge(
-            script_args.judge_model,
-            script_args.base_url,
+        return build_judge(
+            "openai",
+            model=script_args.judge_model,
+            base_url=script_args.base_url,
+            style="arena-hard",
             api_key_env=getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
         )
-        arena.read_api_key()
-        return arena
     return judge
 
 
@@ -203,7 +204,7 @@ def main(compare_args, script_args, training_args, model_args, judge=None):
     state.wait_for_everyone()
 
     if judge is None:
-        judge = compare_args.method_arguments("sppo").build_judge(script_args)
+        judge = compare_args.build_judge(script_args)
     eval_judge = evaluation_judge(compare_args, script_args, judge)
     start = model_args.model_name_or_path or DEFAULT_MODEL
     results = {}

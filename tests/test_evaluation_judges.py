@@ -212,3 +212,53 @@ def test_the_recipe_passes_judge_prices_to_its_evaluation_judge(tmp_path):
     assert _judge(unpriced, tmp_path).price_input_per_1m is None  # unknown model: cost unknown, not $0
     with pytest.raises(ValueError, match="both `judge_price_in` and `judge_price_out`"):
         EvaluationArguments(judge_price_in=1.0)
+
+
+def test_one_judge_factory_builds_every_kind_and_names_the_missing_option(monkeypatch):
+    from trl_sgpo.evaluation.arena_hard import ArenaHardJudge
+    from trl_sgpo.evaluation.judge_factory import build_judge
+
+    endpoint = dict(model="j", base_url="http://localhost:1/v1", api_key_env="SGPO_FACTORY_KEY")
+    assert build_judge("none") is None
+    monkeypatch.delenv("SGPO_FACTORY_KEY", raising=False)
+    judge = build_judge("openai", **endpoint, read_api_key=False, max_retries=2, price_input_per_1m=1.0,
+                        price_output_per_1m=2.0)  # fmt: skip
+    assert type(judge) is OpenAIPairwiseJudge and judge.logprobs and judge.max_retries == 2
+    assert (judge.price_input_per_1m, judge.price_output_per_1m) == (1.0, 2.0)
+    with pytest.raises(ValueError, match="SGPO_FACTORY_KEY"):  # read before any answer is generated
+        build_judge("openai", **endpoint)
+    monkeypatch.setenv("SGPO_FACTORY_KEY", "x")
+    arena = build_judge("openai", **endpoint, style="arena-hard")
+    assert type(arena) is ArenaHardJudge and not arena.logprobs and arena.base_url == endpoint["base_url"]
+    assert build_judge("openai", **endpoint, logprobs=False).logprobs is False
+    with pytest.raises(ValueError, match="--judge openai needs --judge_model"):
+        build_judge("openai")
+    with pytest.raises(ValueError, match="--judge local needs --judge-model"):
+        build_judge("local", flag_separator="-")
+    with pytest.raises(ValueError, match="--judge reward-model needs --reward_model"):
+        build_judge("reward-model")
+    with pytest.raises(ValueError, match="applies to --judge openai only, not --judge similarity"):
+        build_judge("similarity", style="arena-hard")
+    with pytest.raises(ValueError, match="must be one of"):
+        build_judge("gpt")
+
+
+def test_the_recipes_share_the_judge_settings():
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    from trl_sgpo.pipeline.methods import JudgeArguments, MethodArguments
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare_recipe_judges", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    assert issubclass(compare.CompareArguments, JudgeArguments) and issubclass(MethodArguments, JudgeArguments)
+    compare_args = compare.CompareArguments(judge="reward-model", reward_model="rm", similarity_temperature=0.2)
+    method_args = compare_args.method_arguments("online_dpo")
+    judge_fields = [f.name for f in dataclasses.fields(JudgeArguments)]
+    assert [getattr(method_args, name) for name in judge_fields] == ["reward-model", "rm", 0.2]
+    assert compare_args.method_arguments("sso").judge == "none"
+    with pytest.raises(ValueError, match="the comparison judges every method"):
+        compare.CompareArguments(judge="none")

@@ -65,59 +65,70 @@ def improve(
     """
     import torch
 
-    from .data.sampling import generate_completions
-    from .templates import improver_prompt, improver_template_for, render_prompt
+    from .templates import improver_template_for
 
     if rounds < 0:
         raise ValueError(f"`rounds` must be >= 0, got {rounds}.")
     if responses is not None and len(responses) != len(prompts):
         raise ValueError(f"Got {len(responses)} responses for {len(prompts)} prompts; give one per prompt or none.")
     template = template or improver_template_for(model)
-
-    def generate(texts: list[str], budget: int, call_seed: int) -> list[tuple[str, bool]]:
-        outputs = generate_completions(
-            model,
-            tokenizer,
-            texts,
-            max_new_tokens=budget,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=call_seed,
-        )
-        return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), done) for ids, done in outputs]
-
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+    budgets = (max_new_tokens, improver_max_new_tokens or max_new_tokens)
     results = []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
+                given = responses[start : start + batch_size] if responses is not None else None
                 batch = prompts[start : start + batch_size]
-                if responses is None:
-                    drafts = generate([render_prompt(p, tokenizer) for p in batch], max_new_tokens, seed + start)
-                else:
-                    drafts = [(r.strip(), None) for r in responses[start : start + batch_size]]
-                rows = [
-                    {"response": text, "response_finished": done, "improvements": [], "improvements_finished": []}
-                    | {"improved": text, "improved_round": 0}
-                    for text, done in drafts
-                ]
+                rows = _draft_rows(model, tokenizer, batch, given, budgets[0], sampling, seed + start)
                 for round_ in range(1, rounds + 1):
-                    texts = [
-                        render_prompt(improver_prompt(p, row["improved"], template), tokenizer)
-                        for p, row in zip(batch, rows, strict=True)
-                    ]
-                    outputs = generate(texts, improver_max_new_tokens or max_new_tokens, seed + start + round_ * 7919)
-                    for row, (text, done) in zip(rows, outputs, strict=True):
-                        row["improvements"].append(text)
-                        row["improvements_finished"].append(done)
-                        if done and text:  # a cut or empty answer is not carried forward
-                            row["improved"], row["improved_round"] = text, round_
+                    round_seed = seed + start + round_ * 7919
+                    _improve_round(model, tokenizer, batch, rows, round_, template, budgets[1], sampling, round_seed)
                 results.extend(rows)
     finally:
         model.train(was_training)
     return results
+
+
+def _generate(model, tokenizer, texts: list[str], budget: int, sampling: dict, seed: int) -> list[tuple[str, bool]]:
+    """``(text, finished)`` per rendered prompt text."""
+    from .data.sampling import generate_completions
+
+    outputs = generate_completions(model, tokenizer, texts, max_new_tokens=budget, **sampling, seed=seed)
+    return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), done) for ids, done in outputs]
+
+
+def _draft_rows(model, tokenizer, batch, given, budget: int, sampling: dict, seed: int) -> list[dict[str, Any]]:
+    """One result row per prompt of ``batch``, its draft the ``given`` response or the model's answer."""
+    from .templates import render_prompt
+
+    if given is None:
+        drafts = _generate(model, tokenizer, [render_prompt(p, tokenizer) for p in batch], budget, sampling, seed)
+    else:
+        drafts = [(r.strip(), None) for r in given]
+    return [
+        {"response": text, "response_finished": done, "improvements": [], "improvements_finished": []}
+        | {"improved": text, "improved_round": 0}
+        for text, done in drafts
+    ]
+
+
+def _improve_round(model, tokenizer, batch, rows, round_: int, template, budget: int, sampling: dict, seed: int):
+    """Round ``round_``: each row's last finished answer improved; a cut or empty improvement is recorded but not
+    carried forward."""
+    from .templates import improver_prompt, render_prompt
+
+    texts = [
+        render_prompt(improver_prompt(p, row["improved"], template), tokenizer)
+        for p, row in zip(batch, rows, strict=True)
+    ]
+    for row, (text, done) in zip(rows, _generate(model, tokenizer, texts, budget, sampling, seed), strict=True):
+        row["improvements"].append(text)
+        row["improvements_finished"].append(done)
+        if done and text:
+            row["improved"], row["improved_round"] = text, round_
 
 
 # --------------------------------------------------------------------------------------------- trl-sgpo improve

@@ -125,13 +125,13 @@ def sample_responses(
         id_column: Column to take ``row_id`` from when present (see :func:`~trl_sgpo.jsonl.ensure_row_ids`).
         show_progress: Show a tqdm progress bar.
         shard: ``(index, count)``: answer only this process's share of the rows (see
-            :func:`~trl_sgpo.data.jsonl.shard_order`), into its own ``output_path``; the shares of ``count``
+            :func:`~trl_sgpo.io.jsonl.shard_order`), into its own ``output_path``; the shares of ``count``
             processes hold the same batches as one process's run, so the merged answers do not depend on ``count``.
         before_batch: Called before each batch; it may raise to stop (the recipe stops when another process failed).
 
     Returns:
-        The input rows (of the shard) that have a response, in input order, with ``row_id``, ``response`` (decoded without special
-        tokens, stripped), ``response_tokens`` and ``response_finished`` (``False`` when cut at ``max_new_tokens``).
+        The input rows (of the shard) that have a response, in input order, with ``row_id``, ``response`` (decoded
+        without special tokens, stripped), ``response_tokens`` and ``response_finished`` (``False`` when cut at ``max_new_tokens``).
     """
     check_rows(dataset, ("prompt",), ("prompt",), "dataset", " (a string, or a list of chat messages)")
     dataset = ensure_row_ids(dataset, id_column)
@@ -144,6 +144,7 @@ def sample_responses(
     if done:
         logger.info("Resuming %s: %d of %d rows already sampled.", output_path, len(mine) - len(pending), len(mine))
 
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     was_training = model.training
     model.eval()
     try:
@@ -157,34 +158,35 @@ def sample_responses(
             ) as bar,
         ):
             for start in range(0, len(pending), batch_size):
-                batch = pending[start : start + batch_size]
                 if before_batch is not None:
                     before_batch()
+                batch = pending[start : start + batch_size]
                 rows = [dataset[i] for i in batch]
-                outputs = generate_completions(
-                    model,
-                    tokenizer,
-                    [texts[i] for i in batch],
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=top_k,
-                    seed=batch_seed(seed, rows),
-                )
-                for row, (ids, finished) in zip(rows, outputs, strict=True):
-                    row["response"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                    row["response_tokens"] = len(ids)
-                    row["response_finished"] = finished
-                    done[row[ROW_ID]] = row
+                _answer_batch(model, tokenizer, rows, [texts[i] for i in batch], sampling, seed)
+                done.update((row[ROW_ID], row) for row in rows)
                 writer.write_many(rows)
                 bar.update(len(rows))
     finally:
         model.train(was_training)
 
     result = rows_in_order(dataset if shard is None else dataset.select(sorted(mine)), done)
+    _warn_empty(result)
+    return result
+
+
+def _warn_empty(result: Dataset) -> None:
     empty = sum(1 for r in result["response"] if not r) if len(result) else 0
     if empty:
         logger.warning(
             "%d of %d responses are empty; the target writers will record them as failures.", empty, len(result)
         )
-    return result
+
+
+def _answer_batch(model, tokenizer, rows: list[dict], texts: list[str], sampling: dict, seed: int) -> None:
+    """Sample one answer per row (seeded by ``seed`` and the rows' ids) and add ``response``, ``response_tokens`` and
+    ``response_finished`` to each."""
+    outputs = generate_completions(model, tokenizer, texts, **sampling, seed=batch_seed(seed, rows))
+    for row, (ids, finished) in zip(rows, outputs, strict=True):
+        row["response"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        row["response_tokens"] = len(ids)
+        row["response_finished"] = finished

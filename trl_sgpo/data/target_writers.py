@@ -153,7 +153,6 @@ def write_targets(
 
     writer.stats = stats = WriterStats(rows=len(pending))
     writer.prepare(output_path)
-    start = time.perf_counter()
     with (
         JsonlWriter(output_path) as out,
         JsonlWriter(failures_path) as failures,
@@ -164,32 +163,7 @@ def write_targets(
             disable=not show_progress,
         ) as bar,
     ):
-
-        def on_result(row: Job, result: TargetResult) -> None:
-            if result.target is not None:
-                row = {**row, "target": result.target, "target_writer": writer.name, **result.meta}
-                out.write(row)
-                done[row[ROW_ID]] = row
-                stats.written += 1
-            else:
-                failures.write(
-                    {ROW_ID: row[ROW_ID], "reason": result.error, "writer": writer.name, "time": time.time()}
-                )
-                stats.failed += 1
-            bar.update(1)
-            bar.set_postfix(failed=stats.failed, retries=stats.retries, cost=f"${stats.cost_usd:.3f}", refresh=False)
-
-        jobs = []
-        for row in pending:
-            if not str(row["response"] or "").strip():
-                on_result(row, TargetResult(error="empty response: the policy wrote nothing to improve"))
-            else:
-                jobs.append(row)
-        try:
-            writer.run(jobs, on_result)
-        finally:
-            stats.elapsed_s = time.perf_counter() - start
-            logger.info("Targets: %s", stats.summary())
+        _run_writer(writer, pending, _recorder(writer, out, failures, done, bar))
     if stats.failed:
         logger.warning(
             "%d of %d rows failed; reasons in %s. Rerun the same command to retry them.",
@@ -198,6 +172,43 @@ def write_targets(
             failures_path,
         )
     return rows_in_order(dataset, done)
+
+
+def _recorder(writer: TargetWriter, out: JsonlWriter, failures: JsonlWriter, done: dict, bar) -> Callable:
+    """The ``on_result`` callback of ``writer.run``: a target goes to ``out`` (and ``done``), a failure to
+    ``failures``; ``writer.stats`` and the progress bar count them."""
+    stats = writer.stats
+
+    def on_result(row: Job, result: TargetResult) -> None:
+        if result.target is not None:
+            row = {**row, "target": result.target, "target_writer": writer.name, **result.meta}
+            out.write(row)
+            done[row[ROW_ID]] = row
+            stats.written += 1
+        else:
+            failures.write({ROW_ID: row[ROW_ID], "reason": result.error, "writer": writer.name, "time": time.time()})
+            stats.failed += 1
+        bar.update(1)
+        bar.set_postfix(failed=stats.failed, retries=stats.retries, cost=f"${stats.cost_usd:.3f}", refresh=False)
+
+    return on_result
+
+
+def _run_writer(writer: TargetWriter, pending: list[Job], on_result: Callable) -> None:
+    """Run ``writer`` on the ``pending`` rows; an empty response is a failure without a request."""
+    stats = writer.stats
+    start = time.perf_counter()
+    jobs = []
+    for row in pending:
+        if not str(row["response"] or "").strip():
+            on_result(row, TargetResult(error="empty response: the policy wrote nothing to improve"))
+        else:
+            jobs.append(row)
+    try:
+        writer.run(jobs, on_result)
+    finally:
+        stats.elapsed_s = time.perf_counter() - start
+        logger.info("Targets: %s", stats.summary())
 
 
 # --------------------------------------------------------------------------------------------- OpenAI-compatible

@@ -6,6 +6,8 @@
 - :mod:`~trl_sgpo.evaluation.arena_hard`: ``ArenaHardJudge``, Arena-Hard style judging (own answer, five-level
   verdict, two games).
 - :mod:`~trl_sgpo.evaluation.local_judge`: ``LocalPairwiseJudge``, a causal LM judging in this process.
+- :mod:`~trl_sgpo.evaluation.judge_factory`: :func:`build_judge`, a judge by kind (the one factory of the CLI and the
+  recipes).
 - :mod:`~trl_sgpo.evaluation.ranking`: Bradley-Terry ranking of several models with bootstrap intervals.
 - :mod:`~trl_sgpo.evaluation.scores`: win rate with a bootstrap interval, length-controlled win rate, per category.
 - :mod:`~trl_sgpo.evaluation.win_rate_metric`: the same as an ``evaluate`` module (``evaluate.load(WIN_RATE_METRIC_PATH)``).
@@ -36,6 +38,7 @@ _EXPORTS = {
     "RewardModelJudge": "judges",
     "ReferenceSimilarityJudge": "judges",
     "ReferenceRougeJudge": "judges",
+    "build_judge": "judge_factory",
     "ArenaHardJudge": "arena_hard",
     "LocalPairwiseJudge": "local_judge",
     "bradley_terry": "ranking",

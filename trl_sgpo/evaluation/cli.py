@@ -53,6 +53,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_input_args(p)
+    _add_generation_args(p.add_argument_group("generation"))
+    _add_judge_args(p.add_argument_group("judge"))
+    _add_report_args(p.add_argument_group("report"))
+    p.set_defaults(run=run)
+    return p
+
+
+def _add_input_args(p) -> None:
     p.add_argument(
         "--model",
         action="append",
@@ -75,13 +84,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="Also judge each model's improvements of its own answers against those answers.",
     )
-    g = p.add_argument_group("generation")
+
+
+def _add_generation_args(g) -> None:
     g.add_argument("--max-new-tokens", type=int, default=256, help="Most tokens per answer (default: 256).")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0).")
     g.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (default: 8).")
     g.add_argument("--seed", type=int, default=0, help="Sampling and bootstrap seed (default: 0).")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available).")
-    g = p.add_argument_group("judge")
+
+
+def _add_judge_args(g) -> None:
     g.add_argument(
         "--judge",
         default="similarity",
@@ -140,7 +153,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=0.05,
         help="similarity: P(a beats b) = sigmoid((sim_a - sim_b) / T); 0 for hard verdicts (default: 0.05).",
     )
-    g = p.add_argument_group("report")
+
+
+def _add_report_args(g) -> None:
     g.add_argument("--n-bootstrap", type=int, default=1000, help="Bootstrap resamples for intervals (default: 1000).")
     g.add_argument("--confidence", type=float, default=0.95, help="Interval level (default: 0.95).")
     g.add_argument("--no-plots", action="store_true", help="Do not write the PNG figures.")
@@ -158,48 +173,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="A trainer_state.json to plot training curves from (repeatable).",
     )
-    p.set_defaults(run=run)
-    return p
 
 
 def build_judge(args):
-    """The judge named by ``--judge`` (checks its arguments before any model is loaded)."""
-    from .judges import OpenAIPairwiseJudge, ReferenceSimilarityJudge, RewardModelJudge
+    """The judge named by ``--judge`` (checks its arguments, and reads the API key, before any model is loaded)."""
+    from .judge_factory import build_judge as judge_factory
 
-    if getattr(args, "judge_style", "alpaca-eval") != "alpaca-eval" and args.judge != "openai":
-        raise ValueError(f"--judge-style {args.judge_style} applies to --judge openai only, not --judge {args.judge}.")
-    if args.judge == "local":
-        from .local_judge import LocalPairwiseJudge
-
-        if not args.judge_model:
-            raise ValueError("--judge local needs --judge-model (a Hub id or folder of a causal LM).")
-        return LocalPairwiseJudge(args.judge_model, device=args.device)
-    if args.judge == "openai":
-        if not args.judge_model:
-            raise ValueError("--judge openai needs --judge-model (the model name at the endpoint).")
-        style = {}
-        if getattr(args, "judge_style", "alpaca-eval") == "arena-hard":
-            from .arena_hard import ArenaHardJudge as judge_class
-        else:
-            judge_class, style = OpenAIPairwiseJudge, {"logprobs": not args.no_logprobs}
-        judge = judge_class(
-            args.judge_model,
-            args.base_url,
-            api_key_env=args.api_key_env,
-            **style,
-            max_concurrency=args.max_concurrency,
-            max_retries=args.max_retries,
-            timeout=args.timeout,
-            price_input_per_1m=args.judge_price_in,
-            price_output_per_1m=args.judge_price_out,
-        )
-        judge.read_api_key()  # a missing key is an error now, not after the answers are generated
-        return judge
-    if args.judge == "reward-model":
-        if not args.reward_model:
-            raise ValueError("--judge reward-model needs --reward-model (Hub id or folder of the reward model).")
-        return RewardModelJudge(args.reward_model, device=args.device)
-    return ReferenceSimilarityJudge(temperature=args.similarity_temperature)
+    return judge_factory(
+        args.judge,
+        model=args.judge_model,
+        base_url=args.base_url,
+        style=getattr(args, "judge_style", "alpaca-eval"),
+        logprobs=not args.no_logprobs,
+        reward_model=args.reward_model,
+        similarity_temperature=args.similarity_temperature,
+        device=args.device,
+        flag_separator="-",
+        api_key_env=args.api_key_env,
+        max_concurrency=args.max_concurrency,
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+        price_input_per_1m=args.judge_price_in,
+        price_output_per_1m=args.judge_price_out,
+    )
 
 
 def run(args) -> dict:

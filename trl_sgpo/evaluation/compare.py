@@ -24,6 +24,7 @@ import logging
 import math
 import os
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -218,134 +219,235 @@ def evaluate_models(
     """
     from .reports import write_report
 
+    improver = _check_models(models, improver)
+    out = Path(output_dir)
+    rows = _prompt_rows(prompts_dataset, reference_column, category_column)
+    if isinstance(judge, OpenAIPairwiseJudge) and judge.cache_path is None:
+        judge.cache_path = out / "judge_cache.jsonl"
+    generation = _Generation(max_new_tokens, temperature, batch_size, seed, device, show_progress)
+    answered = _answer_all(models, rows, out / "answers", generation, improver)
+    scoring = _Scoring(rows, answered, n_bootstrap, confidence, seed)
+    verdicts: dict[tuple[str, str], list[float]] = {}  # the main judge's, for the ranking
+    comparisons, improver_scores = scoring.judged_by(judge, out / "judgments", verdicts)
+    extra = _extra_judge_scores(scoring, extra_judges or {}, out / "judgments", bool(improver))
+    report = _report(judge, rows, answered, confidence, comparisons, improver_scores if improver else None, extra)
+    if len(models) >= 3:
+        report["ranking"] = _ranking(scoring, judge, out / "judgments", verdicts, rank_all_pairs)
+    _add_judge_cost(report, judge)
+    answer_lengths = {name: [len(a) for a in answers] for name, answers in answered.answers.items()}
+    return write_report(report, out, answer_lengths=answer_lengths, trainer_states=trainer_states, plots=plots)
+
+
+def _check_models(models: Mapping[str, Any], improver: bool | Collection[str]) -> bool | set[str]:
+    """``improver`` as ``True``/``False`` or the set of names it picks, after checking it and ``models``."""
     if not models:
         raise ValueError("`models` is empty: give at least a baseline and one model to compare with it.")
     if len(models) < 2 and not improver:
         raise ValueError("Need at least two models (the first is the baseline), or `improver=True`.")
-    if not isinstance(improver, bool):
-        if isinstance(improver, str):
-            raise TypeError(
-                f"`improver` takes True/False or a collection of model names, not a string: [{improver!r}]."
-            )
-        improver = set(improver)
-        if improver - set(models):
-            raise ValueError(
-                f"`improver` names {sorted(improver - set(models))}, not among the models {list(models)}."
-            )
-    out = Path(output_dir)
+    if isinstance(improver, bool):
+        return improver
+    if isinstance(improver, str):
+        raise TypeError(f"`improver` takes True/False or a collection of model names, not a string: [{improver!r}].")
+    improver = set(improver)
+    if improver - set(models):
+        raise ValueError(f"`improver` names {sorted(improver - set(models))}, not among the models {list(models)}.")
+    return improver
+
+
+@dataclass
+class _PromptRows:
+    """The prompt set and the columns the judges and the per-category table read."""
+
+    dataset: Dataset
+    prompts: list[Any]
+    row_ids: list[str]
+    references: list[str] | None
+    categories: list[str] | None
+
+
+def _prompt_rows(prompts_dataset, reference_column: str, category_column: str) -> _PromptRows:
     dataset = load_rows(prompts_dataset) if not isinstance(prompts_dataset, Dataset) else prompts_dataset
     check_rows(dataset, ("prompt",), ("prompt",), "prompts_dataset", " (a string, or a list of chat messages)")
     dataset = ensure_row_ids(dataset)
-    if isinstance(judge, OpenAIPairwiseJudge) and judge.cache_path is None:
-        judge.cache_path = out / "judge_cache.jsonl"
-    references = dataset[reference_column] if reference_column in dataset.column_names else None
-    categories = dataset[category_column] if category_column in dataset.column_names else None
-    prompts, row_ids = dataset["prompt"], dataset[ROW_ID]
+    return _PromptRows(
+        dataset,
+        dataset["prompt"],
+        dataset[ROW_ID],
+        dataset[reference_column] if reference_column in dataset.column_names else None,
+        dataset[category_column] if category_column in dataset.column_names else None,
+    )
 
-    names = list(models)
-    baseline = names[0]
-    answers: dict[str, list[str]] = {}
-    improvements: dict[str, list[str]] = {}
-    report_models: dict[str, Any] = {}
-    for name in names:
-        folder = out / "answers" / _safe(name)
-        generator, owned = _generator(models[name], max_new_tokens, temperature, device, name)
-        answered = generate_answers(
-            generator,
-            dataset,
-            folder / "answers.jsonl",
-            batch_size=batch_size,
-            seed=seed,
-            show_progress=show_progress,
-        )
-        answers[name] = answered["answer"]
-        entry = {
-            "answers": str(folder / "answers.jsonl"),
-            "model_outputs": str(folder / "model_outputs.json"),
-            "avg_length": sum(len(a) for a in answers[name]) / max(1, len(answers[name])),
-            "cut_at_budget": sum(1 for f in answered["answer_finished"] if not f),
-        }
-        if improver is True or (improver and name in improver):  # every model, or the named ones
-            drafts = answered.rename_column("answer", "draft").select_columns([ROW_ID, "prompt", "draft"])
-            improved = generate_answers(
-                generator,
-                drafts,
-                folder / "improvements.jsonl",
-                batch_size=batch_size,
-                seed=seed,
-                improve=True,
-                show_progress=show_progress,
-            )
-            improvements[name] = improved["answer"]
-            entry["improvements"] = str(folder / "improvements.jsonl")
-            entry["improvements_cut_at_budget"] = sum(1 for f in improved["answer_finished"] if not f)
-        report_models[name] = entry
+
+@dataclass
+class _Generation:
+    """How every model answers (see :func:`evaluate_models`)."""
+
+    max_new_tokens: int
+    temperature: float
+    batch_size: int
+    seed: int
+    device: str | None
+    show_progress: bool
+
+
+@dataclass
+class _Answers:
+    """Every model's answers (in the models' order, the baseline first), the improvers' improvements of their own
+    answers, and each model's entry of the report."""
+
+    answers: dict[str, list[str]] = field(default_factory=dict)
+    improvements: dict[str, list[str]] = field(default_factory=dict)
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def baseline(self) -> str:
+        return next(iter(self.answers))
+
+
+def _answer_all(
+    models: Mapping[str, Any], rows: _PromptRows, folder: Path, generation: _Generation, improver: bool | set[str]
+) -> _Answers:
+    """Each model's answers (and improvements, for the improvers), one model loaded at a time."""
+    answered = _Answers()
+    for name, spec in models.items():
+        generator, owned = _generator(spec, generation.max_new_tokens, generation.temperature, generation.device, name)
+        improve = improver is True or (bool(improver) and name in improver)  # every model, or the named ones
+        _answer_one(generator, name, rows.dataset, folder / _safe(name), generation, improve, answered)
         if owned:
             del generator
             gc.collect()
+    return answered
 
-    verdicts: dict[tuple[str, str], list[float]] = {}  # the main judge's, for the ranking
 
-    def judged_by(judge: PairwiseJudge, folder: Path, record: dict | None = None) -> tuple[dict, dict]:
+def _answer_one(
+    generator, name: str, dataset: Dataset, folder: Path, generation: _Generation, improve: bool, answered: _Answers
+) -> None:
+    """``name``'s answers (and, with ``improve``, its improvements of them) into ``answered``."""
+    settings = dict(batch_size=generation.batch_size, seed=generation.seed, show_progress=generation.show_progress)
+    answers = generate_answers(generator, dataset, folder / "answers.jsonl", **settings)
+    answered.answers[name] = answers["answer"]
+    entry = {
+        "answers": str(folder / "answers.jsonl"),
+        "model_outputs": str(folder / "model_outputs.json"),
+        "avg_length": sum(len(a) for a in answers["answer"]) / max(1, len(answers["answer"])),
+        "cut_at_budget": sum(1 for f in answers["answer_finished"] if not f),
+    }
+    if improve:
+        drafts = answers.rename_column("answer", "draft").select_columns([ROW_ID, "prompt", "draft"])
+        improved = generate_answers(generator, drafts, folder / "improvements.jsonl", improve=True, **settings)
+        answered.improvements[name] = improved["answer"]
+        entry["improvements"] = str(folder / "improvements.jsonl")
+        entry["improvements_cut_at_budget"] = sum(1 for f in improved["answer_finished"] if not f)
+    answered.entries[name] = entry
+
+
+@dataclass
+class _Scoring:
+    """Judges pairs of answers on the prompt rows and turns the verdicts into win-rate figures."""
+
+    rows: _PromptRows
+    answered: _Answers
+    n_bootstrap: int
+    confidence: float
+    seed: int
+
+    def score(
+        self, judge: PairwiseJudge, mine: list[str], theirs: list[str], path: Path, record=None, pair=()
+    ) -> dict[str, Any]:
+        """``mine`` against ``theirs`` by ``judge`` (verdicts resumed from ``path``; kept in ``record[pair]``)."""
+        rows = self.rows
+        preferences = judge_rows(judge, rows.prompts, mine, theirs, rows.row_ids, rows.references, path)
+        if record is not None and pair:
+            record[pair] = preferences
+        return compare_scores(
+            preferences,
+            mine,
+            theirs,
+            rows.categories,
+            n_bootstrap=self.n_bootstrap,
+            n_bootstrap_lc=self.n_bootstrap // 5,
+            confidence=self.confidence,
+            seed=self.seed,
+        )
+
+    def judged_by(self, judge: PairwiseJudge, folder: Path, record: dict | None = None) -> tuple[dict, dict]:
         """Each model against the baseline, and each improver against its own drafts."""
-
-        def score(mine: list[str], theirs: list[str], file: str, pair: tuple[str, str] = ()) -> dict[str, Any]:
-            preferences = judge_rows(judge, prompts, mine, theirs, row_ids, references, folder / file)
-            if record is not None and pair:
-                record[pair] = preferences
-            return compare_scores(
-                preferences,
-                mine,
-                theirs,
-                categories,
-                n_bootstrap=n_bootstrap,
-                n_bootstrap_lc=n_bootstrap // 5,
-                confidence=confidence,
-                seed=seed,
-            )
-
+        answers, baseline = self.answered.answers, self.answered.baseline
         versus_baseline = {
-            n: score(answers[n], answers[baseline], f"{_safe(n)}.jsonl", (n, baseline)) for n in names[1:]
+            n: self.score(judge, answers[n], answers[baseline], folder / f"{_safe(n)}.jsonl", record, (n, baseline))
+            for n in list(answers)[1:]
         }
-        versus_drafts = {n: score(improvements[n], answers[n], f"{_safe(n)}.improver.jsonl") for n in improvements}
+        versus_drafts = {
+            n: self.score(judge, improved, answers[n], folder / f"{_safe(n)}.improver.jsonl")
+            for n, improved in self.answered.improvements.items()
+        }
         return versus_baseline, versus_drafts
 
-    comparisons, improver_scores = judged_by(judge, out / "judgments", verdicts)
+
+def _extra_judge_scores(
+    scoring: _Scoring, extra_judges: Mapping[str, PairwiseJudge], folder: Path, improver: bool
+) -> dict[str, Any]:
+    """``{label: {judge, judge_settings, comparisons[, improver]}}``: the same pairs judged by each extra judge."""
     second = {}
-    for label, other in (extra_judges or {}).items():
-        other_comparisons, other_improver = judged_by(other, out / "judgments" / _safe(label))
+    for label, other in extra_judges.items():
+        other_comparisons, other_improver = scoring.judged_by(other, folder / _safe(label))
         second[label] = {"judge": other.name, "judge_settings": other.identity(), "comparisons": other_comparisons}
         if improver:
             second[label]["improver"] = other_improver
+    return second
 
+
+def _report(
+    judge: PairwiseJudge,
+    rows: _PromptRows,
+    answered: _Answers,
+    confidence: float,
+    comparisons: dict[str, Any],
+    improver_scores: dict[str, Any] | None,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     report: dict[str, Any] = {
-        "baseline": baseline,
+        "baseline": answered.baseline,
         "judge": judge.name,
         "judge_settings": judge.identity(),
-        "n_prompts": len(dataset),
+        "n_prompts": len(rows.dataset),
         "confidence": confidence,
-        "models": report_models,
+        "models": answered.entries,
         "comparisons": comparisons,
     }
-    if improver:
+    if improver_scores is not None:
         report["improver"] = improver_scores
-    if second:
-        report["extra_judges"] = second
-    if len(names) >= 3:
-        from .ranking import bradley_terry
+    if extra:
+        report["extra_judges"] = extra
+    return report
 
-        others = itertools.combinations(names[1:], 2) if rank_all_pairs else []
-        for a, b in others:
-            file = out / "judgments" / f"{_safe(a)}.vs.{_safe(b)}.jsonl"
-            verdicts[a, b] = judge_rows(judge, prompts, answers[a], answers[b], row_ids, references, file)
-        report["ranking"] = bradley_terry(
-            verdicts, names, n_bootstrap=min(n_bootstrap, 100), confidence=confidence, seed=seed
-        )
+
+def _ranking(
+    scoring: _Scoring,
+    judge: PairwiseJudge,
+    folder: Path,
+    verdicts: dict[tuple[str, str], list[float]],
+    rank_all_pairs: bool,
+) -> dict[str, Any]:
+    """The Bradley-Terry ranking from ``verdicts`` (each model against the baseline), plus every pair of
+    non-baseline models judged now with ``rank_all_pairs``."""
+    from .ranking import bradley_terry
+
+    rows, answers = scoring.rows, scoring.answered.answers
+    names = list(answers)
+    for a, b in itertools.combinations(names[1:], 2) if rank_all_pairs else []:
+        file = folder / f"{_safe(a)}.vs.{_safe(b)}.jsonl"
+        verdicts[a, b] = judge_rows(judge, rows.prompts, answers[a], answers[b], rows.row_ids, rows.references, file)
+    n_bootstrap = min(scoring.n_bootstrap, 100)
+    return bradley_terry(verdicts, names, n_bootstrap=n_bootstrap, confidence=scoring.confidence, seed=scoring.seed)
+
+
+def _add_judge_cost(report: dict[str, Any], judge: PairwiseJudge) -> None:
+    """The judge's request counts and, for an OpenAI-compatible judge, their cost (``None``, not $0, when no price
+    is known)."""
     stats = getattr(judge, "stats", None)
     if stats is not None and hasattr(stats, "as_dict"):
         report["judge_stats"] = stats.as_dict()
     if isinstance(judge, OpenAIEndpoint) and "judge_stats" in report:
         report["judge_cost"] = cost_summary(judge, stats)
-        report["judge_stats"]["cost_usd"] = report["judge_cost"]["usd"]  # None, not $0, when no price is known
-    answer_lengths = {name: [len(a) for a in answers[name]] for name in names}
-    return write_report(report, out, answer_lengths=answer_lengths, trainer_states=trainer_states, plots=plots)
+        report["judge_stats"]["cost_usd"] = report["judge_cost"]["usd"]

@@ -7,7 +7,8 @@ none are held out and the stage is skipped, saying why.
 The judge is the OpenAI-compatible one with ``--judge_model`` (at ``--base_url``, or api.openai.com; its cost is in
 the report, priced by ``--judge_price_in/--judge_price_out`` or a known model's list price), else the offline
 reference-similarity judge; rows with a ``reference`` are also judged by ROUGE-L against it, a second score.
-Everything goes to ``stages/06_evaluation/`` (resumable, see :func:`~trl_sgpo.evaluation.evaluate_models`); the report and figures are copied to ``<output_dir>/evaluation/``, the
+Everything goes to the evaluation stage's folder under ``stages/`` (:data:`~.stages.STAGE_FOLDERS`; resumable, see
+:func:`~trl_sgpo.evaluation.evaluate_models`); the report and figures are copied to ``<output_dir>/evaluation/``, the
 final model card gains an "Evaluation" section, and the run summary the table.
 """
 
@@ -26,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.splits import held_out_rows
 from ..io.peers import Peers
-from .stages import Stage
+from .stages import Stage, stage_folder
 
 
 logger = logging.getLogger(__name__)
@@ -112,20 +113,24 @@ class EvaluationArguments:
 
 
 def _judge(script_args, out: Path):
-    from ..evaluation.judges import OpenAIPairwiseJudge, ReferenceSimilarityJudge
+    """The evaluation's judge: the OpenAI-compatible ``judge_model`` when set (its key read on first use), else the
+    reference-similarity one."""
+    from ..evaluation.judge_factory import build_judge
 
-    if script_args.judge_model:
-        return OpenAIPairwiseJudge(
-            script_args.judge_model,
-            script_args.base_url,
-            api_key_env=script_args.api_key_env,
-            max_concurrency=script_args.max_concurrency,
-            timeout=script_args.request_timeout,
-            cache_path=out / "judge_cache.jsonl",
-            price_input_per_1m=script_args.judge_price_in,
-            price_output_per_1m=script_args.judge_price_out,
-        )
-    return ReferenceSimilarityJudge()
+    if not script_args.judge_model:
+        return build_judge("similarity")
+    return build_judge(
+        "openai",
+        model=script_args.judge_model,
+        base_url=script_args.base_url,
+        read_api_key=False,
+        api_key_env=script_args.api_key_env,
+        max_concurrency=script_args.max_concurrency,
+        timeout=script_args.request_timeout,
+        cache_path=out / "judge_cache.jsonl",
+        price_input_per_1m=script_args.judge_price_in,
+        price_output_per_1m=script_args.judge_price_out,
+    )
 
 
 def _card_section(report: dict[str, Any]) -> str:
@@ -161,13 +166,48 @@ def run_evaluation_stage(
     """Run the evaluation stage on the ``held_out`` rows (main process; the others wait) and return the files it
     added to ``output_dir`` (relative paths), for the Hub push. Rows whose prompt is in ``used`` (the datasets
     trained on: a prompt repeated in several rows can be on both sides of the split) are left out. ``held_out`` is
-    None when the dataset (``dataset_rows``) was too small to hold any out. Updates ``summary`` and the final card (``<last stage>/README.md``). ``method`` names the
-    training rounds' folders (``05_<method>_iter<k>``, see :mod:`.methods`)."""
-    from ..evaluation.reports import text_table
-
-    n = script_args.num_eval_prompts
-    if not n:
+    None when the dataset (``dataset_rows``) was too small to hold any out. Updates ``summary`` and the final card
+    (``<last stage>/README.md``). ``method`` names the training rounds' folders
+    (:func:`~trl_sgpo.pipeline.stages.stage_folder`)."""
+    if not script_args.num_eval_prompts:
         return []
+    rows = _rows_to_judge(script_args, held_out, used, dataset_rows, summary)
+    if rows is None:
+        return []
+    models, states = _trained_models(stages_dir, model_name, method, script_args.iterations)
+    settings = {
+        "models": list(models),
+        "num_eval_prompts": script_args.num_eval_prompts,
+        "judge": script_args.judge_model or "reference-similarity",
+        "judge_base_url": script_args.base_url if script_args.judge_model else None,
+        "max_new_tokens": script_args.eval_max_new_tokens or training_args.max_new_tokens,
+        "improver": improvers_to_judge(script_args.eval_improver, list(models)),
+        # A second, independent score where rows carry references, so a gain is not an artifact of one judge.
+        "extra_judges": ["rouge_l"] if "reference" in rows.column_names else [],
+        "seed": training_args.seed,
+    }
+    stage = Stage(stages_dir / stage_folder("evaluation"), "evaluation", settings, after=after)
+    report = None
+    # Only the main process evaluates; the others wait on signal files, so an error there ends them too, at once,
+    # with its message (a collective barrier would hold them until ddp_timeout).
+    peers = Peers(stages_dir.parent / ".sync", state)
+    if state.is_main_process:
+        with peers.guard("the evaluation stage"):
+            report = _evaluate_on_main(stage, models, rows, script_args, training_args, settings, states, state)
+        peers.signal("evaluated")
+    else:
+        peers.wait("evaluated", [0])
+    state.wait_for_everyone()
+    stage.check()
+    summary["stages"]["evaluation"] = stage.summary
+    if report is None:  # other processes: the main one wrote everything
+        return []
+    return _publish_report(report, stage, Path(training_args.output_dir), models, model_name, summary)
+
+
+def _rows_to_judge(script_args, held_out: Dataset | None, used: list[Dataset], dataset_rows: int, summary):
+    """The held-out rows to evaluate on, or ``None`` (the stage is skipped; ``summary`` says why)."""
+    n = script_args.num_eval_prompts
     rows = held_out_rows(held_out, used) if held_out is not None else None
     if not rows:
         message = (
@@ -180,7 +220,7 @@ def run_evaluation_stage(
         if held_out is not None:  # a dataset too small was warned about when the run started
             logger.warning("Evaluation %s", message)
         summary["evaluation"] = {"skipped": message}
-        return []
+        return None
     if len(rows) < len(held_out):
         logger.warning(
             "Evaluation: %d held-out prompts were also trained on (in another row or --improver_data): left out.",
@@ -191,47 +231,32 @@ def run_evaluation_stage(
             "The offline evaluation judge compares answers with each row's `reference`; the dataset has none. Pass "
             "--judge_model (and --base_url) for an LLM judge, or --num_eval_prompts 0 to skip the evaluation."
         )
+    return rows
+
+
+def _trained_models(stages_dir: Path, model_name: str, method: str, iterations: int):
+    """``(models, states)``: ``{name: model}`` of the start model and every model the run trained (improver SFT, each
+    round), and ``{name: trainer_state.json}`` of those with a checkpoint."""
     models = {"start": model_name}
     states = {}
-    for name, folder in [("improver_sft", "04_improver_sft")] + [
-        (f"{method}_iter{i}", f"05_{method}_iter{i}") for i in range(1, script_args.iterations + 1)
-    ]:
+    trained = [("improver_sft", stage_folder("improver_sft"))] + [
+        (f"{method}_iter{i}", stage_folder("sgpo", method, i)) for i in range(1, iterations + 1)
+    ]
+    for name, folder in trained:
         root = stages_dir / folder
         if (root / "model").is_dir():
             models[name] = str(root / "model")
             checkpoint = get_last_checkpoint(str(root))
             if checkpoint and (Path(checkpoint) / "trainer_state.json").is_file():
                 states[name] = str(Path(checkpoint) / "trainer_state.json")
-    settings = {
-        "models": list(models),
-        "num_eval_prompts": n,
-        "judge": script_args.judge_model or "reference-similarity",
-        "judge_base_url": script_args.base_url if script_args.judge_model else None,
-        "max_new_tokens": script_args.eval_max_new_tokens or training_args.max_new_tokens,
-        "improver": improvers_to_judge(script_args.eval_improver, list(models)),
-        # A second, independent score where rows carry references, so a gain is not an artifact of one judge.
-        "extra_judges": ["rouge_l"] if "reference" in rows.column_names else [],
-        "seed": training_args.seed,
-    }
-    stage = Stage(stages_dir / "06_evaluation", "evaluation", settings, after=after)
-    out = Path(training_args.output_dir)
-    report = None
-    # Only the main process evaluates; the others wait on signal files, so an error there ends them too, at once,
-    # with its message (a collective barrier would hold them until ddp_timeout).
-    peers = Peers(stages_dir.parent / ".sync", state)
-    if state.is_main_process:
-        with peers.guard("the evaluation stage"):
-            report = _evaluate_on_main(stage, models, rows, script_args, training_args, settings, states, state)
-        peers.signal("evaluated")
-    else:
-        peers.wait("evaluated", [0])
-    state.wait_for_everyone()
-    if report is None:  # other processes: the main one wrote everything
-        stage.check()
-        summary["stages"]["evaluation"] = stage.summary
-        return []
-    stage.check()
-    summary["stages"]["evaluation"] = stage.summary
+    return models, states
+
+
+def _publish_report(report, stage: Stage, out: Path, models: dict[str, str], model_name: str, summary) -> list[str]:
+    """Copy the report and figures to ``<out>/evaluation/``, add the table to the final card and ``summary``; return
+    the files added (relative paths)."""
+    from ..evaluation.reports import text_table
+
     target = out / EVAL_DIR
     target.mkdir(parents=True, exist_ok=True)
     added = []

@@ -49,10 +49,10 @@ def peak_figures() -> dict[str, float]:
 
 
 # glibc's malloc raises its mmap threshold each time a large block is freed, so the training step's large, short-lived
-# tensors end up in the heap, whose freed pages stay resident: on 2 CPU cores the SGPO stage's resident peak grew from
-# 2.9 GB (one step) to 3.7 GB (three steps) for a 135M model. A fixed 8 MB threshold keeps the largest tensors out of
-# the heap (smaller thresholds cost time: 1 MB made a step 40% slower), and trimming after each optimizer step gives
-# the freed heap pages back. Measured together over three steps: 2.9 GB instead of 3.7 GB, at the same speed.
+# tensors end up in the heap, whose freed pages stay resident and the resident peak grows step after step. A fixed
+# 8 MB threshold keeps the largest tensors out of the heap (a smaller one also maps the many mid-sized blocks, which
+# slows the step), and trimming after each optimizer step gives the freed heap pages back. Figures: benchmarks/README.md,
+# "Heap fragmentation".
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 8 * 1024 * 1024
 

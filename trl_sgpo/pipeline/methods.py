@@ -252,11 +252,59 @@ def method_prompts(method: Method, prompts: Dataset, round_index: int, num_round
     return round_prompts(prompts, round_index, num_rounds) if method.disjoint_rounds else prompts
 
 
+# The kinds of trl_sgpo.evaluation.judge_factory.build_judge a method trains with.
 JUDGES = ("none", "similarity", "reward-model", "openai")
 
 
 @dataclass
-class MethodArguments:
+class JudgeArguments:
+    """The training judge's settings, the same in both recipes (``recipes/sgpo.py``, ``recipes/compare.py``); the
+    judge is made by :func:`trl_sgpo.evaluation.judge_factory.build_judge`, its endpoint taken from the script arguments."""
+
+    judge: str = field(
+        default="none",
+        metadata={
+            "help": "Judge for methods that need one (sppo, online_dpo) or can use one (sgpo drops pairs): none, "
+            "similarity (offline; rows need a `reference`), reward-model (--reward_model) or openai "
+            "(--judge_model at --base_url, key from --api_key_env).",
+            "choices": list(JUDGES),
+        },
+    )
+    reward_model: str | None = field(default=None, metadata={"help": "reward-model judge: Hub id or folder."})
+    similarity_temperature: float = field(
+        default=0.05, metadata={"help": "similarity judge: P(a beats b) = sigmoid((sim_a - sim_b) / T)."}
+    )
+
+    def __post_init__(self):
+        # A --config YAML sets defaults, which argparse does not check against `choices`.
+        if self.judge not in JUDGES:
+            raise ValueError(f"`judge` must be one of {JUDGES}, got {self.judge!r}.")
+
+    def judge_settings(self) -> dict[str, Any]:
+        """The fields of :class:`JudgeArguments`, as keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(JudgeArguments)}
+
+    def build_judge(self, script_args=None):
+        """The judge of :mod:`trl_sgpo.evaluation` named by ``judge`` (``None`` for ``"none"``), made by
+        :func:`trl_sgpo.evaluation.judge_factory.build_judge`. The openai judge takes its endpoint from ``script_args``
+        (``judge_model``, ``base_url``, ``api_key_env``, ``judge_price_in``, ``judge_price_out``), the settings the
+        recipe's evaluation stage uses too."""
+        from ..evaluation.judge_factory import build_judge
+
+        return build_judge(
+            self.judge,
+            model=getattr(script_args, "judge_model", None),
+            base_url=getattr(script_args, "base_url", None),
+            reward_model=self.reward_model,
+            similarity_temperature=self.similarity_temperature,
+            api_key_env=getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
+            price_input_per_1m=getattr(script_args, "judge_price_in", None),
+            price_output_per_1m=getattr(script_args, "judge_price_out", None),
+        )
+
+
+@dataclass
+class MethodArguments(JudgeArguments):
     """Which method the recipe trains with (``recipes/sgpo.py --method``), its own settings and its judge."""
 
     method: str = field(
@@ -275,25 +323,11 @@ class MethodArguments:
             "`recipes/compare.py`'s `method_args`."
         },
     )
-    judge: str = field(
-        default="none",
-        metadata={
-            "help": "Judge for methods that need one (sppo, online_dpo) or can use one (sgpo drops pairs): none, "
-            "similarity (offline; rows need a `reference`), reward-model (--reward_model) or openai "
-            "(--judge_model at --base_url, key from --api_key_env).",
-            "choices": list(JUDGES),
-        },
-    )
-    reward_model: str | None = field(default=None, metadata={"help": "reward-model judge: Hub id or folder."})
-    similarity_temperature: float = field(
-        default=0.05, metadata={"help": "similarity judge: P(a beats b) = sigmoid((sim_a - sim_b) / T)."}
-    )
 
     def __post_init__(self):
         # A --config YAML sets defaults, which argparse does not check against `choices`.
         get_method(self.method)
-        if self.judge not in JUDGES:
-            raise ValueError(f"`judge` must be one of {JUDGES}, got {self.judge!r}.")
+        super().__post_init__()
         if METHODS[self.method].judge == "required" and self.judge == "none":
             raise ValueError(
                 f"--method {self.method} needs a judge: add `--judge similarity` (offline, prompts with references), "
@@ -313,33 +347,6 @@ class MethodArguments:
                 f"or drop them."
             )
         return dict(value.get(self.method, {}))
-
-    def build_judge(self, script_args=None):
-        """The judge of :mod:`trl_sgpo.evaluation` named by ``judge`` (``None`` for ``"none"``). The openai judge
-        takes its endpoint from ``script_args`` (``judge_model``, ``base_url``, ``api_key_env``, ``judge_price_in``,
-        ``judge_price_out``), the settings the recipe's evaluation stage uses too."""
-        if self.judge == "none":
-            return None
-        from ..evaluation.judges import OpenAIPairwiseJudge, ReferenceSimilarityJudge, RewardModelJudge
-
-        if self.judge == "similarity":
-            return ReferenceSimilarityJudge(temperature=self.similarity_temperature)
-        if self.judge == "reward-model":
-            if not self.reward_model:
-                raise ValueError("--judge reward-model needs --reward_model (Hub id or folder of the reward model).")
-            return RewardModelJudge(self.reward_model)
-        judge_model = getattr(script_args, "judge_model", None)
-        if not judge_model:
-            raise ValueError("--judge openai needs --judge_model (the model name at --base_url).")
-        judge = OpenAIPairwiseJudge(
-            judge_model,
-            getattr(script_args, "base_url", None),
-            api_key_env=getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
-            price_input_per_1m=getattr(script_args, "judge_price_in", None),
-            price_output_per_1m=getattr(script_args, "judge_price_out", None),
-        )
-        judge.read_api_key()
-        return judge
 
 
 def parse_method_args(value: dict[str, Any] | str | None) -> dict[str, dict[str, Any]]:

@@ -372,6 +372,57 @@ class OnPolicyTrainer(OnlineDPOTrainer):
     ) -> None:
         if args is None:
             raise ValueError("`args` is required (a subclass builds its default config).")
+        model, ref_model, processing_class = self._load_models(model, ref_model, processing_class, args, peft_config)
+        self._check_tokenizer(processing_class)
+        room = self.prompt_room(args)
+        train_dataset = check_prompt_dataset(train_dataset, processing_class, room, name="train_dataset")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                key: check_prompt_dataset(ds, processing_class, room, name=f"eval_dataset[{key!r}]")
+                for key, ds in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = check_prompt_dataset(eval_dataset, processing_class, room, name="eval_dataset")
+
+        self.has_judge = reward_funcs is not None and reward_funcs != []
+        colocate = args.use_vllm and args.vllm_mode == "colocate"
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            reward_funcs=reward_funcs if self.has_judge else _never_called,
+            args=self._online_dpo_args(args, colocate),
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            peft_config=peft_config,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self.args = args
+        self._check_window(train_dataset)
+        self.vllm_tp_group = None
+        if colocate:
+            self.use_vllm, self.vllm_mode = True, "colocate"
+            self._last_loaded_step = -1
+            self.vllm_tp_group = self.make_vllm_tp_group()
+            self.llm = self._build_vllm_engine(model)
+        if not self.has_judge:
+            self.reward_funcs = None
+        self._init_step_state()
+        # OnlineDPO sets use_cache = not gradient_checkpointing; generation runs with checkpointing switched off
+        # (unwrap_model_for_generation), so the KV cache is always safe, and generating without it is much slower.
+        if not self.use_vllm and "use_cache" not in (args.generation_kwargs or {}):
+            self.generation_kwargs["use_cache"] = True
+            self.generation_config.use_cache = True
+
+    @staticmethod
+    def _load_models(model, ref_model, processing_class, args: OnPolicyConfig, peft_config):
+        """``(model, ref_model, processing_class)``: the default model loaded, a model id's tokenizer, and under
+        DeepSpeed ZeRO-3 without PEFT the reference loaded from the policy's weights."""
         if model == DEFAULT_MODEL:
             # Loaded here rather than by OnlineDPO so the model card names the Hub model, not the cache folder.
             model, default_tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, **(args.model_init_kwargs or {}))
@@ -396,6 +447,10 @@ class OnPolicyTrainer(OnlineDPOTrainer):
                     "`trl_sgpo.load_model_and_tokenizer(folder)` from the folder it was saved to."
                 )
             ref_model = AutoModelForCausalLM.from_pretrained(source, **(args.model_init_kwargs or {}))
+        return model, ref_model, processing_class
+
+    def _check_tokenizer(self, processing_class) -> None:
+        """A text tokenizer is required; one without a pad token pads with its EOS token."""
         if processing_class is None:
             raise ValueError("`processing_class` (the tokenizer) is required when `model` is not a model id or path.")
         if not isinstance(processing_class, PreTrainedTokenizerBase):
@@ -408,20 +463,11 @@ class OnPolicyTrainer(OnlineDPOTrainer):
                 raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
             processing_class.pad_token = processing_class.eos_token
 
-        room = self.prompt_room(args)
-        train_dataset = check_prompt_dataset(train_dataset, processing_class, room, name="train_dataset")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                key: check_prompt_dataset(ds, processing_class, room, name=f"eval_dataset[{key!r}]")
-                for key, ds in eval_dataset.items()
-            }
-        elif eval_dataset is not None:
-            eval_dataset = check_prompt_dataset(eval_dataset, processing_class, room, name="eval_dataset")
-
-        self.has_judge = reward_funcs is not None and reward_funcs != []
-        # The colocated vLLM engine is built here, not by OnlineDPO: its `max_model_len` must cover this method's
-        # longest prompt (`vllm_max_model_len`), and it must load the local weights, not a card name.
-        colocate = args.use_vllm and args.vllm_mode == "colocate"
+    @staticmethod
+    def _online_dpo_args(args: OnPolicyConfig, colocate: bool) -> OnPolicyConfig:
+        """The config OnlineDPO's ``__init__`` is given: without vLLM in colocate mode, whose engine is built here
+        (its ``max_model_len`` must cover this method's longest prompt, ``vllm_max_model_len``, and it must load the
+        local weights, not a card name)."""
         tp = args.vllm_tensor_parallel_size
         if colocate and args.world_size % tp:
             raise ValueError(
@@ -434,44 +480,23 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             init_args.use_vllm = False
         elif args.use_vllm:  # OnlineDPO builds its (unused) server-mode SamplingParams from `generation_kwargs`
             init_args.generation_kwargs = args.vllm_sampling_kwargs
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            reward_funcs=reward_funcs if self.has_judge else _never_called,
-            args=init_args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            peft_config=peft_config,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
-        self.args = args
+        return init_args
+
+    def _check_window(self, train_dataset) -> None:
+        """The sampler yields whole windows only: fewer prompts than one window would train nothing, silently."""
         window = self._window_size() * self.accelerator.num_processes
-        if (
-            train_dataset is not None
-            and not isinstance(train_dataset, IterableDataset)
-            and len(train_dataset) < window
-        ):
-            # The sampler yields whole windows only: fewer prompts than one window would train nothing, silently.
-            raise ValueError(
-                f"`train_dataset` has {len(train_dataset)} prompts, fewer than one optimizer step takes "
-                f"(per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
-                f"{args.gradient_accumulation_steps} x {self.accelerator.num_processes} process(es) = {window}). "
-                "Give more prompts or lower those settings."
-            )
-        self.vllm_tp_group = None
-        if colocate:
-            self.use_vllm, self.vllm_mode = True, "colocate"
-            self._last_loaded_step = -1
-            self.vllm_tp_group = self.make_vllm_tp_group()
-            self.llm = self._build_vllm_engine(model)
-        if not self.has_judge:
-            self.reward_funcs = None
+        if train_dataset is None or isinstance(train_dataset, IterableDataset) or len(train_dataset) >= window:
+            return
+        args = self.args
+        raise ValueError(
+            f"`train_dataset` has {len(train_dataset)} prompts, fewer than one optimizer step takes "
+            f"(per_device_train_batch_size {args.per_device_train_batch_size} x gradient_accumulation_steps "
+            f"{args.gradient_accumulation_steps} x {self.accelerator.num_processes} process(es) = {window}). "
+            "Give more prompts or lower those settings."
+        )
+
+    def _init_step_state(self) -> None:
+        """Metrics, counts and the window buffer of the step, and the callbacks that watch it."""
         self.stats = {}  # OnlineDPO's per-step stats are replaced by `_metrics` (logged by `log`)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._window_sums: dict[str, torch.Tensor] = {}
@@ -485,12 +510,6 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         self.add_callback(EmptyWindowGuard(self))
         self._items_log = ItemsLog(self)  # writes <output_dir>/items.jsonl at the end of each optimizer step
         self.add_callback(self._items_log)
-
-        # OnlineDPO sets use_cache = not gradient_checkpointing; generation runs with checkpointing switched off
-        # (unwrap_model_for_generation), so the cache is always safe and about 6x faster.
-        if not self.use_vllm and "use_cache" not in (args.generation_kwargs or {}):
-            self.generation_kwargs["use_cache"] = True
-            self.generation_config.use_cache = True
 
     # ------------------------------------------------------------------ what a method provides
 
