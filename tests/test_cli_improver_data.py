@@ -37,7 +37,7 @@ def command(input_path, out, model_dir, *extra):
         str(model_dir),
         "--max-new-tokens",
         "8",
-        "--batch-size",
+        "--sample-batch-size",
         "2",
         *extra,
     ]
@@ -45,7 +45,7 @@ def command(input_path, out, model_dir, *extra):
 
 def test_offline_improver_data_then_resume(tmp_path, tiny_model_dir, tiny_tokenizer):
     out = tmp_path / "out"
-    assert main(command(write_prompts(tmp_path / "p.jsonl"), out, tiny_model_dir, "--max-ratio", "100")) == 0
+    assert main(command(write_prompts(tmp_path / "p.jsonl"), out, tiny_model_dir, "--ppl-max-ratio", "100")) == 0
     for name in ("responses.jsonl", "targets.jsonl", "scores.jsonl", "improver_sft.jsonl", "filter_report.json"):
         assert (out / name).is_file(), name
     report = json.loads((out / "filter_report.json").read_text())
@@ -56,7 +56,7 @@ def test_offline_improver_data_then_resume(tmp_path, tiny_model_dir, tiny_tokeni
 
     # Rerun: every stage resumes from its file; nothing is sampled, written or scored again.
     before = {p.name: p.read_text() for p in out.glob("*.jsonl")}
-    assert main(command(tmp_path / "p.jsonl", out, tiny_model_dir, "--max-ratio", "100")) == 0
+    assert main(command(tmp_path / "p.jsonl", out, tiny_model_dir, "--ppl-max-ratio", "100")) == 0
     assert {p.name: p.read_text() for p in out.glob("*.jsonl")} == before
 
     # The kept set trains the improver as is.
@@ -93,7 +93,7 @@ def test_base_url_uses_an_openai_compatible_server(tmp_path, tiny_model_dir, mon
                 "stub-model",
                 "--max-concurrency",
                 "2",
-                "--max-ratio",
+                "--ppl-max-ratio",
                 "0",
             )
         )
@@ -135,7 +135,7 @@ def test_console_script(tmp_path, tiny_model_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "out"
     result = subprocess.run(
-        cmd + command(write_prompts(tmp_path / "p.jsonl", n=2), out, tiny_model_dir, "--max-ratio", "0"),
+        cmd + command(write_prompts(tmp_path / "p.jsonl", n=2), out, tiny_model_dir, "--ppl-max-ratio", "0"),
         capture_output=True,
         text=True,
         env=env,

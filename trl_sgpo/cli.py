@@ -1,8 +1,7 @@
 """``trl-sgpo``: build the improver-SFT set from a prompt/reference set, from the command line.
 
 Options have the names of the recipe's settings (``--writer-model`` here is ``--writer_model`` or ``--writer-model``
-there); ``--batch-size``, ``--timeout`` and ``--max-ratio`` are older spellings of ``--sample-batch-size``,
-``--request-timeout`` and ``--ppl-max-ratio``.
+there).
 
 Subcommands (each writes as it goes and resumes from its output when rerun with the same arguments):
 
@@ -46,7 +45,7 @@ DESCRIPTION = "SGPO tools: build improver-SFT data (sample answers, write improv
 
 def _add_sample(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (use your SGPOConfig's values so answers match SGPO's policy generation)")
-    g.add_argument("--sample-batch-size", "--batch-size", type=int, default=8, help="Prompts per generate call.")
+    g.add_argument("--sample-batch-size", type=int, default=8, help="Prompts per generate call.")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.9, help="0 for greedy.")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -75,7 +74,7 @@ def _add_targets(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-concurrency", type=int, default=32, help="Most requests in flight.")
     g.add_argument("--max-retries", type=int, default=5, help="Retries per row on 429/5xx/timeouts/malformed answers.")
-    g.add_argument("--request-timeout", "--timeout", type=float, default=120.0, help="Seconds per request attempt.")
+    g.add_argument("--request-timeout", type=float, default=120.0, help="Seconds per request attempt.")
     g.add_argument("--writer-temperature", type=float, default=0.7)
     g.add_argument("--max-tokens", type=int, default=2048, help="Most tokens per target (max_new_tokens locally).")
     g.add_argument("--price-input", type=float, default=0.0, help="USD per 1M prompt tokens, for the cost figure.")
@@ -115,7 +114,6 @@ def _add_filter(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("perplexity filter (see trl_sgpo.perplexity)")
     g.add_argument(
         "--ppl-max-ratio",
-        "--max-ratio",
         type=float,
         default=3.0,
         help="Keep targets with ppl <= this x the response's ppl; 0 disables.",

@@ -131,7 +131,6 @@ def _add_judge_args(g) -> None:
     )
     g.add_argument(
         "--judge-price-in",
-        "--price-input",
         dest="judge_price_in",
         type=float,
         default=None,
@@ -140,7 +139,6 @@ def _add_judge_args(g) -> None:
     )
     g.add_argument(
         "--judge-price-out",
-        "--price-output",
         dest="judge_price_out",
         type=float,
         default=None,
