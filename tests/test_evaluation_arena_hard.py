@@ -155,3 +155,14 @@ def test_cli_eval_arena_hard_end_to_end_against_the_stub(tmp_path, tiny_tokenize
     bad = ["eval", "--model", "a=x", "--model", "b=y", "--output-dir", "o", "--judge-style", "arena-hard"]
     assert main(bad) == 1
     assert "applies to --judge openai only" in capsys.readouterr().err
+
+
+def test_the_request_cache_tells_endpoints_apart(tmp_path):
+    # Two servers serving a model of the same name, one cache file: the second server's judge must be asked, not
+    # answered from the first one's replies.
+    with OpenAIStub(api_key=KEY, reply=lambda body: "[[A>>B]]") as first:
+        assert judge(first, tmp_path).judge(["Q"], ["x"], ["y"]) == [0.5]  # a position-biased judge, both games
+    with OpenAIStub(api_key=KEY, reply=lambda body: "[[A=B]]") as second:
+        j = judge(second, tmp_path)
+        assert j.judge(["Q"], ["x"], ["y"]) == [0.5]
+        assert len(second.requests) == 2 and j.stats.verdicts["A=B"] == 2

@@ -195,7 +195,7 @@ class ArenaHardJudge(OpenAIPairwiseJudge):
 
         async def process(run: ChatRun, job):
             try:
-                entry, _ = await run.answer(job[2], stable_hash(job[2]))
+                entry, _ = await run.answer(job[2], self.request_key(job[2]))
             except RowFailure:
                 return None
             return entry.get("content") or ""
