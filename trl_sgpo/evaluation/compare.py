@@ -18,6 +18,8 @@ settings changed and the verdicts whose judge or texts changed, see :mod:`~trl_s
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gc
 import itertools
 import logging
@@ -220,6 +222,7 @@ def evaluate_models(
     from .reports import write_report
 
     improver = _check_models(models, improver)
+    stats_before = _snapshot(getattr(judge, "stats", None))  # a judge used before (in training) has counted already
     out = Path(output_dir)
     rows = _prompt_rows(prompts_dataset, reference_column, category_column)
     if isinstance(judge, OpenAIPairwiseJudge) and judge.cache_path is None:
@@ -233,7 +236,7 @@ def evaluate_models(
     report = _report(judge, rows, answered, confidence, comparisons, improver_scores if improver else None, extra)
     if len(models) >= 3:
         report["ranking"] = _ranking(scoring, judge, out / "judgments", verdicts, rank_all_pairs)
-    _add_judge_cost(report, judge)
+    _add_judge_cost(report, judge, stats_before)
     answer_lengths = {name: [len(a) for a in answers] for name, answers in answered.answers.items()}
     return write_report(report, out, answer_lengths=answer_lengths, trainer_states=trainer_states, plots=plots)
 
@@ -442,11 +445,33 @@ def _ranking(
     return bradley_terry(verdicts, names, n_bootstrap=n_bootstrap, confidence=scoring.confidence, seed=scoring.seed)
 
 
-def _add_judge_cost(report: dict[str, Any], judge: PairwiseJudge) -> None:
-    """The judge's request counts and, for an OpenAI-compatible judge, their cost (``None``, not $0, when no price
-    is known)."""
+def _snapshot(stats: Any) -> Any:
+    return copy.deepcopy(stats) if dataclasses.is_dataclass(stats) else None
+
+
+def _stats_since(before: Any, after: Any) -> Any:
+    """The counts ``after`` gathered since ``before`` (same dataclass): numbers and per-key counts subtracted; a peak
+    is not a count and stays as it is."""
+    if before is None:
+        return after
+    delta = {}
+    for f in dataclasses.fields(after):
+        old, new = getattr(before, f.name), getattr(after, f.name)
+        if f.name.startswith("peak"):
+            delta[f.name] = new
+        elif isinstance(new, dict):
+            delta[f.name] = {k: v - old.get(k, 0) for k, v in new.items()}
+        elif isinstance(new, (int, float)) and not isinstance(new, bool):
+            delta[f.name] = new - old
+    return dataclasses.replace(after, **delta)
+
+
+def _add_judge_cost(report: dict[str, Any], judge: PairwiseJudge, before: Any = None) -> None:
+    """The judge's request counts in this run (since ``before``, a snapshot of its ``stats``) and, for an
+    OpenAI-compatible judge, their cost (``None``, not $0, when no price is known)."""
     stats = getattr(judge, "stats", None)
     if stats is not None and hasattr(stats, "as_dict"):
+        stats = _stats_since(before, stats)
         report["judge_stats"] = stats.as_dict()
     if isinstance(judge, OpenAIEndpoint) and "judge_stats" in report:
         report["judge_cost"] = cost_summary(judge, stats)
