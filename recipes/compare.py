@@ -142,17 +142,12 @@ def evaluation_judge(compare_args, script_args, judge):
     """The comparison's judge: ``judge`` (the training one) unless ``eval_judge`` or ``judge_style`` asks for
     another, made by the same factory (:func:`trl_sgpo.evaluation.judge_factory.build_judge`)."""
     from trl_sgpo.evaluation.judge_factory import build_judge
+    from trl_sgpo.pipeline.methods import judge_endpoint
 
     if compare_args.eval_judge == "local":
         return build_judge("local", model=compare_args.local_judge_model)
     if compare_args.judge_style == "arena-hard":
-        return build_judge(
-            "openai",
-            model=script_args.judge_model,
-            base_url=script_args.base_url,
-            style="arena-hard",
-            api_key_env=getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
-        )
+        return build_judge("openai", style="arena-hard", **judge_endpoint(script_args))
     return judge
 
 

@@ -109,10 +109,17 @@ def test_compare_evaluation_judge_options(monkeypatch, tiny_model_dir):
     base = ["--output_dir", "o", "--judge", "openai", "--judge_model", "j", "--base_url", "http://127.0.0.1:9/v1"]
     base += ["--writer_model", "w"]  # the recipe shares --base_url between the writer and the judge
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
-    compare_args, script_args, *_ = compare.make_parser().parse_args_and_config([*base, "--judge_style", "arena-hard"])
+    endpoint = "--judge_price_in 1.5 --judge_price_out 6 --max_concurrency 3 --request_timeout 7".split()
+    argv = [*base, *endpoint, "--judge_style", "arena-hard"]
+    compare_args, script_args, *_ = compare.make_parser().parse_args_and_config(argv)
     training = object()
     arena = compare.evaluation_judge(compare_args, script_args, training)
     assert type(arena).__name__ == "ArenaHardJudge" and arena.model == "j" and arena.base_url == script_args.base_url
+    # The user's prices and request settings reach the evaluation's judge (its cost is otherwise unknown or wrong).
+    assert (arena.price_input_per_1m, arena.price_output_per_1m, arena.price_source) == (1.5, 6.0, "prices given")
+    assert (arena.max_concurrency, arena.timeout) == (3, 7.0)
+    trained = compare_args.build_judge(script_args)  # the training judge: the same endpoint settings
+    assert (trained.price_input_per_1m, trained.max_concurrency, trained.timeout) == (1.5, 3, 7.0)
     compare_args, script_args, *_ = compare.make_parser().parse_args_and_config(base)
     assert compare.evaluation_judge(compare_args, script_args, training) is training
     local = ["--output_dir", "o", "--eval_judge", "local", "--local_judge_model", str(tiny_model_dir)]
