@@ -329,3 +329,25 @@ def test_reward_model_identity_holds_a_content_hash_of_its_weights(tiny_tokenize
     assert identities[0]["weights"]["path"] == identities[1]["weights"]["path"] == str((tmp_path / "rm").resolve())
     assert identities[0]["weights"]["sha256"] != identities[1]["weights"]["sha256"]
     assert identities[0]["max_length"] == 1024 and identities[0]["class"] == "RewardModelJudge"
+
+
+def test_a_models_identity_is_its_model_files_not_the_runs_bookkeeping(tmp_path, tiny_tokenizer):
+    from trl_sgpo.evaluation.identity import weights_identity
+
+    model_dir = tmp_path / "model"
+    _save_tiny(model_dir, tiny_tokenizer)
+    first = weights_identity(model_dir)["sha256"]
+    # What a training run writes beside its final model: summaries, trainer state, stage outputs, checkpoints.
+    (model_dir / "sgpo_summary.json").write_text('{"stages": {}}')
+    (model_dir / "trainer_state.json").write_text('{"global_step": 3}')
+    (model_dir / "training_args.bin").write_bytes(b"args")
+    (model_dir / "items.jsonl").write_text("{}\n")
+    _save_tiny(model_dir / "stages" / "improver_sft", tiny_tokenizer, retrained=True)
+    _save_tiny(model_dir / "checkpoint-3", tiny_tokenizer, retrained=True)
+    assert weights_identity(model_dir)["sha256"] == first
+    # The model's own files do change it: the weights, the chat template.
+    (model_dir / "chat_template.jinja").write_text("{{ messages }}")
+    templated = weights_identity(model_dir)["sha256"]
+    assert templated != first
+    _save_tiny(model_dir, tiny_tokenizer, retrained=True)
+    assert weights_identity(model_dir)["sha256"] not in (first, templated)
