@@ -88,7 +88,10 @@ def test_changing_the_similarity_temperature_recomputes_the_verdicts(tmp_path, s
         similarity_judge.temperature = 0.05
     assert rerun["comparisons"] == fresh["comparisons"]
     assert rerun["comparisons"]["new"]["win_rate"] != first["comparisons"]["new"]["win_rate"]
-    assert set(verdicts(tmp_path / "run")[-6:]) == {0.0, 1.0}
+    # The file holds this run's verdicts only: the old judge's are gone, not left for a reader to take.
+    assert verdicts(tmp_path / "run") == verdicts(tmp_path / "fresh") and set(verdicts(tmp_path / "run")) == {0.0, 1.0}
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "judgments" / "new.jsonl")]
+    assert len({r["judge"] for r in rows}) == 1 and len(rows) == len({r["row_id"] for r in rows}) == 6
     assert (
         "verdicts of reference-similarity" in caplog.text and "0 reused, 6 recomputed (judge changed)" in caplog.text
     )
@@ -128,10 +131,11 @@ def test_another_embedder_under_the_same_parent_does_not_share_verdicts(tmp_path
     b = _embedder_copy(tmp_path / "models" / "B", perturb=True)
     judge_a, judge_b = ReferenceSimilarityJudge(a), ReferenceSimilarityJudge(b)
     first = evaluate_models(scripted_models(), prompts(), judge_a, tmp_path / "run", **KW)
+    by_a = verdicts(tmp_path / "run")
     rerun = evaluate_models(scripted_models(), prompts(), judge_b, tmp_path / "run", **KW)
     fresh = evaluate_models(scripted_models(), prompts(), judge_b, tmp_path / "fresh", **KW)
-    assert verdicts(tmp_path / "fresh") != verdicts(tmp_path / "run")[:6]  # B's verdicts are not A's
-    assert verdicts(tmp_path / "run")[-6:] == verdicts(tmp_path / "fresh")
+    assert verdicts(tmp_path / "fresh") != by_a  # B's verdicts are not A's
+    assert verdicts(tmp_path / "run") == verdicts(tmp_path / "fresh")
     assert rerun["comparisons"] == fresh["comparisons"]
     assert judge_a.identity() != judge_b.identity()
     # A copy of the same files has the same content hash (its path still differs).

@@ -33,7 +33,7 @@ from typing import Any
 from datasets import Dataset
 
 from ..data.checks import check_rows
-from ..io.jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_rows, read_jsonl, stable_hash
+from ..io.jsonl import ROW_ID, ensure_row_ids, load_rows, read_jsonl, stable_hash, write_jsonl_atomic
 from ..openai_client import OpenAIEndpoint, cost_summary
 from .answers import TransformersGenerator, generate_answers
 from .identity import identity_hash, rerun_line, weights_identity
@@ -90,8 +90,9 @@ def judge_rows(
 ) -> list[float]:
     """``judge`` on every row, resuming from ``path``: a row judged before on the very same texts by a judge of the
     same identity (:meth:`~trl_sgpo.evaluation.judges.PairwiseJudge.identity`: class, settings, weights) is not
-    judged again, unless the judge abstained. Each new verdict is appended to ``path`` as ``{row_id, preference, key,
-    judge, pair}``; one log line says how many verdicts were reused and why the others were not."""
+    judged again, unless the judge abstained. ``path`` then holds one row per prompt, ``{row_id, preference, key,
+    judge, pair}``, this run's verdict (rewritten in one step); one log line says how many verdicts were reused and why
+    the others were not."""
     judge_key = identity_hash(judge.identity())
     pairs = [
         stable_hash([p, a, b, r])
@@ -104,6 +105,7 @@ def judge_rows(
     done = {e["key"]: e["preference"] for e in saved if e.get("preference") is not None}
     todo = [i for i, key in enumerate(keys) if key not in done]
     _log_verdict_reuse(judge, path, saved, row_ids, todo, judge_key, pairs)
+    judged = {}
     if todo:
         preferences = judge.judge(
             [prompts[i] for i in todo],
@@ -111,23 +113,35 @@ def judge_rows(
             [baseline_answers[i] for i in todo],
             [references[i] for i in todo] if references is not None else None,
         )
-        with JsonlWriter(path) as writer:
-            rows = []
-            for i, p in zip(todo, preferences, strict=True):
-                p = float(p)
-                done[keys[i]] = p
-                preference = None if math.isnan(p) else p
-                rows.append(
-                    {
-                        ROW_ID: row_ids[i],
-                        "preference": preference,
-                        "key": keys[i],
-                        "judge": judge_key,
-                        "pair": pairs[i],
-                    }
-                )
-            writer.write_many(rows)
+        for i, p in zip(todo, preferences, strict=True):
+            p = float(p)
+            done[keys[i]] = None if math.isnan(p) else p
+            judged[keys[i]] = {
+                ROW_ID: row_ids[i],
+                "preference": done[keys[i]],
+                "key": keys[i],
+                "judge": judge_key,
+                "pair": pairs[i],
+            }
+    _rewrite_judgments(path, saved, judged, keys, row_ids)
     return [math.nan if done[key] is None else float(done[key]) for key in keys]
+
+
+def _rewrite_judgments(path, saved: list[dict], judged: dict[str, dict], keys: list[str], row_ids: list[str]) -> None:
+    """Rewrite ``path`` in one step with the current verdict of each row (a stale one, by another judge or on other
+    texts, leaves the file, so that no reader takes it for this run's), plus the last row of each prompt this run
+    does not cover, as answers.jsonl keeps them."""
+    current = set(row_ids)
+    others = {e[ROW_ID]: e for e in saved if ROW_ID in e and e[ROW_ID] not in current}
+    latest = {e["key"]: e for e in saved if "key" in e}
+    latest.update(judged)
+    # Two prompts with the same texts share a verdict; each keeps its own row.
+    rows = [
+        *others.values(),
+        *({**latest[key], ROW_ID: i} for key, i in zip(keys, row_ids, strict=True) if key in latest),
+    ]
+    if rows != saved:
+        write_jsonl_atomic(path, rows)
 
 
 def _log_verdict_reuse(judge, path, saved, row_ids, todo, judge_key, pairs) -> None:
