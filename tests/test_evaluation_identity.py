@@ -355,3 +355,23 @@ def test_a_models_identity_is_its_model_files_not_the_runs_bookkeeping(tmp_path,
     assert templated != first
     _save_tiny(model_dir, tiny_tokenizer, retrained=True)
     assert weights_identity(model_dir)["sha256"] not in (first, templated)
+
+
+def test_judge_identities_hold_the_reference_block_they_show(monkeypatch):
+    # The wording around the reference is part of the prompt: a new wording must not reuse the old verdicts.
+    from trl_sgpo.evaluation import arena_hard, judges
+    from trl_sgpo.evaluation.arena_hard import ArenaHardJudge
+
+    def identities():
+        openai = OpenAIPairwiseJudge("j", "http://localhost:1/v1")
+        arena = ArenaHardJudge("j", "http://localhost:1/v1", use_references=True)
+        return openai.identity(), arena.identity()
+
+    before = identities()
+    monkeypatch.setattr(judges, "REFERENCE_BLOCK", "Reference:\n{reference}\n\n")
+    monkeypatch.setattr(arena_hard, "ARENA_HARD_REFERENCE_BLOCK", "Reference:\n{reference}\n\n")
+    after = identities()
+    assert before[0] != after[0] and before[1] != after[1]
+    assert (
+        OpenAIPairwiseJudge("j", "http://localhost:1/v1", use_references=False).identity()["reference_block"] is None
+    )

@@ -171,6 +171,7 @@ class ArenaHardJudge(OpenAIPairwiseJudge):
             "template": stable_hash(self.template),
             "reask_prompt": stable_hash(REASK_PROMPT),
             "use_references": self.use_references,
+            "reference_block": stable_hash(ARENA_HARD_REFERENCE_BLOCK) if self.use_references else None,
             "verdict_scores": {label: list(v) for label, v in self.verdict_scores.items()},
             "extra_params": self.extra_params,
         }
