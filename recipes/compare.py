@@ -38,6 +38,7 @@ methods are trained toward the judge they are evaluated with; SGPO and SSO never
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,17 +143,12 @@ def evaluation_judge(compare_args, script_args, judge):
     """The comparison's judge: ``judge`` (the training one) unless ``eval_judge`` or ``judge_style`` asks for
     another, made by the same factory (:func:`trl_sgpo.evaluation.judge_factory.build_judge`)."""
     from trl_sgpo.evaluation.judge_factory import build_judge
+    from trl_sgpo.pipeline.methods import judge_endpoint
 
     if compare_args.eval_judge == "local":
         return build_judge("local", model=compare_args.local_judge_model)
     if compare_args.judge_style == "arena-hard":
-        return build_judge(
-            "openai",
-            model=script_args.judge_model,
-            base_url=script_args.base_url,
-            style="arena-hard",
-            api_key_env=getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
-        )
+        return build_judge("openai", style="arena-hard", **judge_endpoint(script_args))
     return judge
 
 
@@ -277,6 +273,7 @@ def comparison_rows(report: dict, results: dict) -> list[dict]:
                 "ci_high": c["ci_high"],
                 "se": c.get("se"),
                 "lc_win_rate": c["lc_win_rate"],
+                "lc_se": c.get("lc_se"),
                 "lc_identified": c.get("lc_identified", True),
                 "lc_reason": c.get("lc_reason"),
                 "lc_length_slope": c.get("lc_length_slope"),
@@ -290,6 +287,11 @@ def comparison_rows(report: dict, results: dict) -> list[dict]:
     return rows
 
 
+def _percent(value) -> str:
+    """A standard error in percentage points, ``n/a`` when there is none (one prompt, a json null)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
+
+
 def markdown(rows: list[dict], report: dict) -> str:
     from trl_sgpo.evaluation.ranking import ranking_markdown
     from trl_sgpo.evaluation.reports import cost_text
@@ -299,8 +301,8 @@ def markdown(rows: list[dict], report: dict) -> str:
         f"Held-out prompts: {report['n_prompts']}; judge: {report['judge']}; baseline: the start model.",
         "",
         *([cost_text(report), ""] if cost_text(report) else []),
-        f"| method | win rate vs start [{level}% CI] | LC win rate | wins / ties / losses | avg length (chars) | "
-        "train wall time |",
+        f"| method | win rate vs start % (SE) [{level}% CI] | LC win rate % (SE) | wins / ties / losses | "
+        "avg length (chars) | train wall time |",
         "|---|---|---|---|---|---|",
     ]
     notes = []
@@ -308,12 +310,13 @@ def markdown(rows: list[dict], report: dict) -> str:
         if r["win_rate"] is None:
             lines.append(f"| {r['method']} | - | - | - | {r['avg_length']:.0f} | - |")
             continue
-        lc = f"{100 * r['lc_win_rate']:.1f}%"
+        lc = f"{100 * r['lc_win_rate']:.1f} ({_percent(r.get('lc_se'))})"
         if not r.get("lc_identified", True):
             notes.append(f"{r['method']}: {r['lc_reason']}.")
             lc = f"n/i ({len(notes)})"
         lines.append(
-            f"| {r['method']} | {100 * r['win_rate']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] | "
+            f"| {r['method']} | {100 * r['win_rate']:.1f} ({_percent(r.get('se'))}) "
+            f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] | "
             f"{lc} | {r['wins']} / {r['ties']} / {r['losses']} | {r['avg_length']:.0f} | "
             f"{r['train_seconds'] / 60:.1f} min |"
         )

@@ -76,7 +76,9 @@ def test_compare_trains_every_method_and_writes_one_table_and_plot(tiny_model_di
     table = (out / "comparison.md").read_text()
     for name in methods:
         assert f"| {name} |" in table
-    assert "win rate vs start [95% CI]" in table and "LC win rate" in table and "train wall time" in table
+    assert (
+        "win rate vs start % (SE) [95% CI]" in table and "LC win rate % (SE)" in table and "train wall time" in table
+    )
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["start", *methods]
     assert all(r["train_seconds"] > 0 for r in rows[1:])
@@ -109,10 +111,18 @@ def test_compare_evaluation_judge_options(monkeypatch, tiny_model_dir):
     base = ["--output_dir", "o", "--judge", "openai", "--judge_model", "j", "--base_url", "http://127.0.0.1:9/v1"]
     base += ["--writer_model", "w"]  # the recipe shares --base_url between the writer and the judge
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
-    compare_args, script_args, *_ = compare.make_parser().parse_args_and_config([*base, "--judge_style", "arena-hard"])
+    endpoint = ["--judge_price_in", "1.5", "--judge_price_out", "6"]
+    endpoint += ["--max_concurrency", "3", "--request_timeout", "7"]
+    argv = [*base, *endpoint, "--judge_style", "arena-hard"]
+    compare_args, script_args, *_ = compare.make_parser().parse_args_and_config(argv)
     training = object()
     arena = compare.evaluation_judge(compare_args, script_args, training)
     assert type(arena).__name__ == "ArenaHardJudge" and arena.model == "j" and arena.base_url == script_args.base_url
+    # The user's prices and request settings reach the evaluation's judge (its cost is otherwise unknown or wrong).
+    assert (arena.price_input_per_1m, arena.price_output_per_1m, arena.price_source) == (1.5, 6.0, "prices given")
+    assert (arena.max_concurrency, arena.timeout) == (3, 7.0)
+    trained = compare_args.build_judge(script_args)  # the training judge: the same endpoint settings
+    assert (trained.price_input_per_1m, trained.max_concurrency, trained.timeout) == (1.5, 3, 7.0)
     compare_args, script_args, *_ = compare.make_parser().parse_args_and_config(base)
     assert compare.evaluation_judge(compare_args, script_args, training) is training
     local = ["--output_dir", "o", "--eval_judge", "local", "--local_judge_model", str(tiny_model_dir)]
@@ -123,3 +133,14 @@ def test_compare_evaluation_judge_options(monkeypatch, tiny_model_dir):
         compare.make_parser().parse_args_and_config(["--output_dir", "o", "--judge_style", "arena-hard"])
     with pytest.raises(ValueError, match="needs `local_judge_model`"):
         compare.make_parser().parse_args_and_config(["--output_dir", "o", "--eval_judge", "local"])
+
+
+def test_comparison_table_shows_standard_errors():
+    compare = load_script("compare")
+    row = dict(method="sgpo", win_rate=0.625, ci_low=0.5, ci_high=0.75, se=0.061, lc_win_rate=0.58, lc_se=0.052)
+    row.update(lc_identified=True, lc_reason=None, wins=5, ties=0, losses=3, avg_length=120.0, train_seconds=60.0)
+    unknown = {**row, "method": "sso", "se": None, "lc_se": float("nan")}
+    table = compare.markdown([row, unknown], {"n_prompts": 8, "judge": "length", "confidence": 0.95})
+    assert "| method | win rate vs start % (SE) [95% CI] | LC win rate % (SE) |" in table
+    assert "| sgpo | 62.5 (6.1) [50.0, 75.0] | 58.0 (5.2) | 5 / 0 / 3 | 120 | 1.0 min |" in table
+    assert "| sso | 62.5 (n/a) [50.0, 75.0] | 58.0 (n/a) |" in table

@@ -64,7 +64,7 @@ def test_five_level_verdicts_in_both_orders_map_to_preferences():
         assert len(stub.requests) == 8  # two games for each pair but the identical one
         swapped = j.judge(prompts, b, a)
         requests = stub.requests
-    assert p == [1.0, 0.75, 0.5, 0.0, 0.5]
+    assert p == [1.0, 1.0, 0.5, 0.0, 0.5]  # a weak win in both games is a win, as in Arena-Hard's battles
     assert swapped == [1 - v for v in p]
     assert j.stats.games == 16 and j.stats.reasked == 0 and j.stats.dropped == 0
     assert j.stats.verdicts["A>>B"] == 4 and j.stats.verdicts["B>>A"] == 4 and j.stats.verdicts["A=B"] == 4
@@ -76,6 +76,31 @@ def test_five_level_verdicts_in_both_orders_map_to_preferences():
     assert sorted(shown[:2]) == ["x quality 3", "y quality 1"]
 
 
+def games(first: str, second: str):
+    """A judge that gives `first` when the model's answer (`m ...`) is shown as A, `second` when it is shown as B."""
+
+    def reply(body):
+        answers = dict(ANSWER.findall(body["messages"][1]["content"]))
+        return f"Final verdict: [[{first if answers['A'].startswith('m ') else second}]]"
+
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        ("A>B", "B>A", 1.0),  # weak wins in both games: a full win, not 0.75
+        ("A>>B", "A>B", 0.75),  # a strong win (3 battles won), then a weak loss (1 lost): (3 * 1 + 1 * 0) / 4
+        ("B>A", "A>>B", 0.0),
+        ("A=B", "B>>A", (0.5 + 3 * 1) / 4),  # a tie is one battle scored 0.5
+        ("A=B", "A=B", 0.5),
+    ],
+)
+def test_a_prompts_preference_weighs_its_games_as_arena_hard_counts_battles(first, second, expected):
+    with OpenAIStub(api_key=KEY, reply=games(first, second)) as stub:
+        assert judge(stub).judge(["Q"], ["m answer"], ["b answer"]) == [pytest.approx(expected)]
+
+
 def test_a_position_biased_judge_is_cancelled_by_the_swapped_game():
     with OpenAIStub(api_key=KEY, reply=lambda body: "Final verdict: [[A>B]]") as stub:
         assert judge(stub).judge(["Q"], ["x quality 3"], ["y quality 1"]) == [0.5]
@@ -84,13 +109,13 @@ def test_a_position_biased_judge_is_cancelled_by_the_swapped_game():
 def test_an_unreadable_verdict_is_asked_again_once_and_a_rerun_asks_nothing(tmp_path):
     with OpenAIStub(api_key=KEY, reply=scripted) as stub:
         j = judge(stub, tmp_path)
-        assert j.judge(["Q"], ["unclear quality 3"], ["y quality 2"]) == [0.75]
+        assert j.judge(["Q"], ["unclear quality 3"], ["y quality 2"]) == [1.0]
         assert len(stub.requests) == 4 and j.stats.reasked == 2 and j.stats.dropped == 0
         reask = stub.requests[-1]["messages"]
         assert [m["role"] for m in reask] == ["system", "user", "assistant", "user"]
         assert "hard to say" in reask[2]["content"] and reask[3]["content"] == REASK_PROMPT
         again = judge(stub, tmp_path)
-        assert again.judge(["Q"], ["unclear quality 3"], ["y quality 2"]) == [0.75]
+        assert again.judge(["Q"], ["unclear quality 3"], ["y quality 2"]) == [1.0]
         assert len(stub.requests) == 4 and again.stats.cache_hits == 4
     cached = [json.loads(line) for line in (tmp_path / "cache.jsonl").read_text().splitlines()]
     assert len(cached) == 4  # every reply, readable or not, is kept
@@ -155,3 +180,14 @@ def test_cli_eval_arena_hard_end_to_end_against_the_stub(tmp_path, tiny_tokenize
     bad = ["eval", "--model", "a=x", "--model", "b=y", "--output-dir", "o", "--judge-style", "arena-hard"]
     assert main(bad) == 1
     assert "applies to --judge openai only" in capsys.readouterr().err
+
+
+def test_the_request_cache_tells_endpoints_apart(tmp_path):
+    # Two servers serving a model of the same name, one cache file: the second server's judge must be asked, not
+    # answered from the first one's replies.
+    with OpenAIStub(api_key=KEY, reply=lambda body: "[[A>>B]]") as first:
+        assert judge(first, tmp_path).judge(["Q"], ["x"], ["y"]) == [0.5]  # a position-biased judge, both games
+    with OpenAIStub(api_key=KEY, reply=lambda body: "[[A=B]]") as second:
+        j = judge(second, tmp_path)
+        assert j.judge(["Q"], ["x"], ["y"]) == [0.5]
+        assert len(second.requests) == 2 and j.stats.verdicts["A=B"] == 2

@@ -356,3 +356,25 @@ def test_report_counts_cut_answers_prices_the_judge_and_is_valid_json(tmp_path, 
     assert unpriced["judge_cost"]["usd"] is None and unpriced["judge_cost"]["prompt_tokens"] > 0
     assert unpriced["judge_stats"]["cost_usd"] is None and report["judge_stats"]["cost_usd"] == cost["usd"]
     assert "Judge cost: unknown" in (tmp_path / "unpriced" / "report.md").read_text()
+
+
+def test_judge_cost_counts_only_the_evaluations_requests(tmp_path, monkeypatch):
+    # The recipe hands its training judge to the evaluation: the requests it sent in training are not this run's.
+    monkeypatch.setenv("SGPO_EVAL_KEY", KEY)
+    models = {
+        "base": ScriptedGenerator("base", lambda t: "Draft."),
+        "new": ScriptedGenerator("new", lambda t: f"A longer answer to {t}"),
+    }
+    with OpenAIStub(api_key=KEY, judge_rule="longer") as stub:
+        prices = dict(price_input_per_1m=1.0, price_output_per_1m=0.0)
+        judge = OpenAIPairwiseJudge("j", stub.base_url, api_key_env="SGPO_EVAL_KEY", timeout=5.0, **prices)
+        judge.judge(["training prompt"] * 3, ["a", "bb", "ccc"], ["dddd", "e", "ff"])  # "training"
+        trained = judge.stats.as_dict()
+        assert trained["requests"] > 0 and trained["prompt_tokens"] > 0
+        report = evaluate_models(models, prompts(4), judge, tmp_path, n_bootstrap=20, show_progress=False)
+        sent = len(stub.requests) - trained["requests"]
+    cost, stats = report["judge_cost"], report["judge_stats"]
+    assert sent > 0 and cost["requests"] == stats["requests"] == sent
+    assert stats["rows"] == judge.stats.rows - trained["rows"]
+    assert cost["prompt_tokens"] == judge.stats.prompt_tokens - trained["prompt_tokens"]
+    assert cost["usd"] == pytest.approx(cost["prompt_tokens"] / 1e6)

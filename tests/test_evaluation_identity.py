@@ -88,7 +88,10 @@ def test_changing_the_similarity_temperature_recomputes_the_verdicts(tmp_path, s
         similarity_judge.temperature = 0.05
     assert rerun["comparisons"] == fresh["comparisons"]
     assert rerun["comparisons"]["new"]["win_rate"] != first["comparisons"]["new"]["win_rate"]
-    assert set(verdicts(tmp_path / "run")[-6:]) == {0.0, 1.0}
+    # The file holds this run's verdicts only: the old judge's are gone, not left for a reader to take.
+    assert verdicts(tmp_path / "run") == verdicts(tmp_path / "fresh") and set(verdicts(tmp_path / "run")) == {0.0, 1.0}
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "judgments" / "new.jsonl")]
+    assert len({r["judge"] for r in rows}) == 1 and len(rows) == len({r["row_id"] for r in rows}) == 6
     assert (
         "verdicts of reference-similarity" in caplog.text and "0 reused, 6 recomputed (judge changed)" in caplog.text
     )
@@ -128,10 +131,11 @@ def test_another_embedder_under_the_same_parent_does_not_share_verdicts(tmp_path
     b = _embedder_copy(tmp_path / "models" / "B", perturb=True)
     judge_a, judge_b = ReferenceSimilarityJudge(a), ReferenceSimilarityJudge(b)
     first = evaluate_models(scripted_models(), prompts(), judge_a, tmp_path / "run", **KW)
+    by_a = verdicts(tmp_path / "run")
     rerun = evaluate_models(scripted_models(), prompts(), judge_b, tmp_path / "run", **KW)
     fresh = evaluate_models(scripted_models(), prompts(), judge_b, tmp_path / "fresh", **KW)
-    assert verdicts(tmp_path / "fresh") != verdicts(tmp_path / "run")[:6]  # B's verdicts are not A's
-    assert verdicts(tmp_path / "run")[-6:] == verdicts(tmp_path / "fresh")
+    assert verdicts(tmp_path / "fresh") != by_a  # B's verdicts are not A's
+    assert verdicts(tmp_path / "run") == verdicts(tmp_path / "fresh")
     assert rerun["comparisons"] == fresh["comparisons"]
     assert judge_a.identity() != judge_b.identity()
     # A copy of the same files has the same content hash (its path still differs).
@@ -329,3 +333,45 @@ def test_reward_model_identity_holds_a_content_hash_of_its_weights(tiny_tokenize
     assert identities[0]["weights"]["path"] == identities[1]["weights"]["path"] == str((tmp_path / "rm").resolve())
     assert identities[0]["weights"]["sha256"] != identities[1]["weights"]["sha256"]
     assert identities[0]["max_length"] == 1024 and identities[0]["class"] == "RewardModelJudge"
+
+
+def test_a_models_identity_is_its_model_files_not_the_runs_bookkeeping(tmp_path, tiny_tokenizer):
+    from trl_sgpo.evaluation.identity import weights_identity
+
+    model_dir = tmp_path / "model"
+    _save_tiny(model_dir, tiny_tokenizer)
+    first = weights_identity(model_dir)["sha256"]
+    # What a training run writes beside its final model: summaries, trainer state, stage outputs, checkpoints.
+    (model_dir / "sgpo_summary.json").write_text('{"stages": {}}')
+    (model_dir / "trainer_state.json").write_text('{"global_step": 3}')
+    (model_dir / "training_args.bin").write_bytes(b"args")
+    (model_dir / "items.jsonl").write_text("{}\n")
+    _save_tiny(model_dir / "stages" / "improver_sft", tiny_tokenizer, retrained=True)
+    _save_tiny(model_dir / "checkpoint-3", tiny_tokenizer, retrained=True)
+    assert weights_identity(model_dir)["sha256"] == first
+    # The model's own files do change it: the weights, the chat template.
+    (model_dir / "chat_template.jinja").write_text("{{ messages }}")
+    templated = weights_identity(model_dir)["sha256"]
+    assert templated != first
+    _save_tiny(model_dir, tiny_tokenizer, retrained=True)
+    assert weights_identity(model_dir)["sha256"] not in (first, templated)
+
+
+def test_judge_identities_hold_the_reference_block_they_show(monkeypatch):
+    # The wording around the reference is part of the prompt: a new wording must not reuse the old verdicts.
+    from trl_sgpo.evaluation import arena_hard, judges
+    from trl_sgpo.evaluation.arena_hard import ArenaHardJudge
+
+    def identities():
+        openai = OpenAIPairwiseJudge("j", "http://localhost:1/v1")
+        arena = ArenaHardJudge("j", "http://localhost:1/v1", use_references=True)
+        return openai.identity(), arena.identity()
+
+    before = identities()
+    monkeypatch.setattr(judges, "REFERENCE_BLOCK", "Reference:\n{reference}\n\n")
+    monkeypatch.setattr(arena_hard, "ARENA_HARD_REFERENCE_BLOCK", "Reference:\n{reference}\n\n")
+    after = identities()
+    assert before[0] != after[0] and before[1] != after[1]
+    assert (
+        OpenAIPairwiseJudge("j", "http://localhost:1/v1", use_references=False).identity()["reference_block"] is None
+    )

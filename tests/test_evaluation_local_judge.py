@@ -93,6 +93,35 @@ def test_identity_names_the_weights_and_the_prompt(tmp_path, tiny_tokenizer):
         LocalPairwiseJudge(str(folders[0]), backend="tpu")
 
 
+NO_SYSTEM_TEMPLATE = (  # as Gemma's: the system role is refused
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_a_chat_template_without_a_system_role_gets_the_system_prompt_in_the_user_turn(tiny_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    scorer = LetterScorer(p_first=0.9)
+    judge = LocalPairwiseJudge(tokenizer=tokenizer, scorer=scorer, system_prompt="Be a fair referee.")
+    assert judge.judge(["q"], ["x [[good]]"], ["y"]) == pytest.approx([0.9])
+    assert scorer.texts[0].startswith("<start_of_turn>user\nBe a fair referee.\n\n")
+    assert (
+        scorer.texts[0].endswith("<start_of_turn>model\n") and "[Start of answer A]\nx [[good]]\n" in scorer.texts[0]
+    )
+    # The way the prompt reaches the model can change a verdict: it is part of the judge's identity.
+    with_system = LocalPairwiseJudge(
+        tokenizer=tiny_tokenizer, scorer=LetterScorer(), system_prompt="Be a fair referee."
+    )
+    assert (judge.identity()["prompt_format"], with_system.identity()["prompt_format"]) == (
+        "in user turn",
+        "system turn",
+    )
+
+
 def test_vllm_scorer_reads_the_prompt_logprob_of_each_letter(tiny_tokenizer):
     class Entry:
         def __init__(self, logprob):

@@ -12,12 +12,15 @@ The method of Arena-Hard-Auto (Li et al., 2024; ``lmarena/arena-hard-auto``), wi
   request for the verdict alone). A game still without a verdict is dropped and counted; the prompt is then judged by
   its other game alone (Arena-Hard v0.1), and with both games dropped it is an abstention (``nan``).
 
-Verdict to preference. Arena-Hard counts a strong verdict (``>>``) as three battles won and a weak one (``>``) as one,
-a tie as a tie, and fits Bradley-Terry on the battles. A :class:`~trl_sgpo.evaluation.judges.PairwiseJudge` returns one
-probability per prompt instead, so each game's label maps to ``P(a beats b)`` by :data:`VERDICT_PREFERENCES`:
-``A>>B`` 1, ``A>B`` 0.75, ``A=B`` 0.5, ``B>A`` 0.25, ``B>>A`` 0 (strong verdicts move the probability twice as far
-from a tie as weak ones), and a prompt's preference is the mean of its two games. The raw replies stay in the request
-cache, so Arena-Hard's own battle counting can be recomputed from them.
+Verdict to preference, as Arena-Hard-Auto counts battles (``show_result.py``: a strong verdict is three battles won
+or lost, a weak one one battle, a tie one battle scored 0.5). Each game's label gives a score for the answer shown as
+A and a weight, :data:`VERDICT_SCORES`: ``A>>B`` (1, 3), ``A>B`` (1, 1), ``A=B`` (0.5, 1), ``B>A`` (0, 1), ``B>>A``
+(0, 3). A :class:`~trl_sgpo.evaluation.judges.PairwiseJudge` returns one probability per prompt, so a prompt's
+preference is the weighted mean of its games' scores (the swapped game's score taken from ``b``'s side): all ``A>B``
+(both games won weakly) gives 1, ``A>>B`` in game 1 with ``B>A`` in game 2 (won strongly, then lost weakly) gives
+``(3 * 1 + 1 * 0) / 4 = 0.75``. Arena-Hard's own score is the mean over all battles, which weighs a prompt by its
+battle count; the win rate here weighs prompts equally. The raw replies stay in the request cache, so Arena-Hard's
+battle counting can be recomputed from them.
 """
 
 from __future__ import annotations
@@ -71,8 +74,8 @@ REASK_PROMPT = (
     "[[A>>B]], [[A>B]], [[A=B]], [[B>A]], [[B>>A]]."
 )
 
-VERDICT_PREFERENCES = {"A>>B": 1.0, "A>B": 0.75, "A=B": 0.5, "B>A": 0.25, "B>>A": 0.0}
-"""P(the answer shown as A beats the one shown as B) per verdict label (see the module doc)."""
+VERDICT_SCORES = {"A>>B": (1.0, 3.0), "A>B": (1.0, 1.0), "A=B": (0.5, 1.0), "B>A": (0.0, 1.0), "B>>A": (0.0, 3.0)}
+"""Per verdict label: (score of the answer shown as A, weight of the game), Arena-Hard's battle count (module doc)."""
 
 # Equivalent spellings a judge sometimes writes, mapped to the five labels.
 _SYNONYMS = {"B=A": "A=B", "A<B": "B>A", "A<<B": "B>>A", "B<A": "A>B", "B<<A": "A>>B"}
@@ -85,7 +88,7 @@ def parse_verdict(text: str | None) -> str | None:
     upper = str(text or "").upper()
     for pattern in (_DOUBLE, _SINGLE):
         labels = [_SYNONYMS.get(m, m) for m in pattern.findall(upper)]
-        labels = [label for label in labels if label in VERDICT_PREFERENCES]
+        labels = [label for label in labels if label in VERDICT_SCORES]
         if labels:
             return labels[-1]
     return None
@@ -99,7 +102,7 @@ class ArenaHardStats(ClientStats):
     games: int = 0
     reasked: int = 0
     dropped: int = 0
-    verdicts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICT_PREFERENCES, 0))
+    verdicts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICT_SCORES, 0))
 
 
 class ArenaHardJudge(OpenAIPairwiseJudge):
@@ -116,7 +119,8 @@ class ArenaHardJudge(OpenAIPairwiseJudge):
         system_prompt, template: The prompt; ``template`` has ``{instruction}``, ``{reference_block}``,
             ``{answer_a}`` and ``{answer_b}`` fields.
         use_references: Show the row's reference to the judge (off by default: Arena-Hard's judge writes its own).
-        verdict_preferences: P(A beats B) per label (default :data:`VERDICT_PREFERENCES`; all five labels needed).
+        verdict_scores: ``(score of A in [0, 1], weight > 0)`` per label (default :data:`VERDICT_SCORES`; all five
+            labels needed).
     """
 
     def __init__(
@@ -129,7 +133,7 @@ class ArenaHardJudge(OpenAIPairwiseJudge):
         system_prompt: str = ARENA_HARD_SYSTEM_PROMPT,
         template: str = ARENA_HARD_TEMPLATE,
         use_references: bool = False,
-        verdict_preferences: dict[str, float] | None = None,
+        verdict_scores: dict[str, tuple[float, float]] | None = None,
         **kwargs: Any,
     ):
         if kwargs.pop("logprobs", False):
@@ -145,13 +149,13 @@ class ArenaHardJudge(OpenAIPairwiseJudge):
             use_references=use_references,
             **kwargs,
         )
-        preferences = dict(verdict_preferences or VERDICT_PREFERENCES)
-        if set(preferences) != set(VERDICT_PREFERENCES) or not all(0 <= v <= 1 for v in preferences.values()):
+        scores = {label: tuple(map(float, v)) for label, v in (verdict_scores or VERDICT_SCORES).items()}
+        if set(scores) != set(VERDICT_SCORES) or not all(0 <= v <= 1 and w > 0 for v, w in scores.values()):
             raise ValueError(
-                f"`verdict_preferences` must give a probability in [0, 1] for each of {list(VERDICT_PREFERENCES)}, "
-                f"got {preferences}."
+                f"`verdict_scores` must give (score in [0, 1], weight > 0) for each of {list(VERDICT_SCORES)}, "
+                f"got {verdict_scores}."
             )
-        self.verdict_preferences = preferences
+        self.verdict_scores = scores
         self.stats = ArenaHardStats()
         self.name = f"arena-hard:{model}"
 
@@ -167,7 +171,8 @@ class ArenaHardJudge(OpenAIPairwiseJudge):
             "template": stable_hash(self.template),
             "reask_prompt": stable_hash(REASK_PROMPT),
             "use_references": self.use_references,
-            "verdict_preferences": self.verdict_preferences,
+            "reference_block": stable_hash(ARENA_HARD_REFERENCE_BLOCK) if self.use_references else None,
+            "verdict_scores": {label: list(v) for label, v in self.verdict_scores.items()},
             "extra_params": self.extra_params,
         }
 
@@ -195,7 +200,7 @@ class ArenaHardJudge(OpenAIPairwiseJudge):
 
         async def process(run: ChatRun, job):
             try:
-                entry, _ = await run.answer(job[2], stable_hash(job[2]))
+                entry, _ = await run.answer(job[2], self.request_key(job[2]))
             except RowFailure:
                 return None
             return entry.get("content") or ""
@@ -212,12 +217,12 @@ class ArenaHardJudge(OpenAIPairwiseJudge):
 
     def judge(self, prompts, answers_a, answers_b, references=None) -> list[float]:
         _check_lengths(prompts, answers_a, answers_b, references)
-        games: dict[int, list[float]] = {}
+        games: dict[int, list[tuple[float, float]]] = {}
         jobs = []
         for i in range(len(prompts)):
             a, b = _text(answers_a[i]), _text(answers_b[i])
             if a.strip() == b.strip():
-                games[i] = [0.5]  # identical answers: a tie without asking
+                games[i] = [(0.5, 1.0)]  # identical answers: a tie without asking
                 continue
             reference = references[i] if references is not None else None
             jobs.append((i, 0, self.build_request(prompts[i], a, b, reference)))  # game 1: a shown as A
@@ -238,6 +243,13 @@ class ArenaHardJudge(OpenAIPairwiseJudge):
                 continue
             self.stats.written += 1
             self.stats.verdicts[label] += 1
-            p_first = self.verdict_preferences[label]
-            games.setdefault(i, []).append(p_first if order == 0 else 1.0 - p_first)
-        return [sum(games[i]) / len(games[i]) if games.get(i) else math.nan for i in range(len(prompts))]
+            score, weight = self.verdict_scores[label]
+            games.setdefault(i, []).append((score if order == 0 else 1.0 - score, weight))
+        return [_weighted_mean(games.get(i)) for i in range(len(prompts))]
+
+
+def _weighted_mean(games: list[tuple[float, float]] | None) -> float:
+    """A prompt's preference from its games' ``(score, weight)`` (``nan`` with no game)."""
+    if not games:
+        return math.nan
+    return sum(s * w for s, w in games) / sum(w for _, w in games)

@@ -18,6 +18,8 @@ settings changed and the verdicts whose judge or texts changed, see :mod:`~trl_s
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gc
 import itertools
 import logging
@@ -31,7 +33,7 @@ from typing import Any
 from datasets import Dataset
 
 from ..data.checks import check_rows
-from ..io.jsonl import ROW_ID, JsonlWriter, ensure_row_ids, load_rows, read_jsonl, stable_hash
+from ..io.jsonl import ROW_ID, ensure_row_ids, load_rows, read_jsonl, stable_hash, write_jsonl_atomic
 from ..openai_client import OpenAIEndpoint, cost_summary
 from .answers import TransformersGenerator, generate_answers
 from .identity import identity_hash, rerun_line, weights_identity
@@ -88,8 +90,9 @@ def judge_rows(
 ) -> list[float]:
     """``judge`` on every row, resuming from ``path``: a row judged before on the very same texts by a judge of the
     same identity (:meth:`~trl_sgpo.evaluation.judges.PairwiseJudge.identity`: class, settings, weights) is not
-    judged again, unless the judge abstained. Each new verdict is appended to ``path`` as ``{row_id, preference, key,
-    judge, pair}``; one log line says how many verdicts were reused and why the others were not."""
+    judged again, unless the judge abstained. ``path`` then holds one row per prompt, ``{row_id, preference, key,
+    judge, pair}``, this run's verdict (rewritten in one step); one log line says how many verdicts were reused and why
+    the others were not."""
     judge_key = identity_hash(judge.identity())
     pairs = [
         stable_hash([p, a, b, r])
@@ -102,6 +105,7 @@ def judge_rows(
     done = {e["key"]: e["preference"] for e in saved if e.get("preference") is not None}
     todo = [i for i, key in enumerate(keys) if key not in done]
     _log_verdict_reuse(judge, path, saved, row_ids, todo, judge_key, pairs)
+    judged = {}
     if todo:
         preferences = judge.judge(
             [prompts[i] for i in todo],
@@ -109,23 +113,35 @@ def judge_rows(
             [baseline_answers[i] for i in todo],
             [references[i] for i in todo] if references is not None else None,
         )
-        with JsonlWriter(path) as writer:
-            rows = []
-            for i, p in zip(todo, preferences, strict=True):
-                p = float(p)
-                done[keys[i]] = p
-                preference = None if math.isnan(p) else p
-                rows.append(
-                    {
-                        ROW_ID: row_ids[i],
-                        "preference": preference,
-                        "key": keys[i],
-                        "judge": judge_key,
-                        "pair": pairs[i],
-                    }
-                )
-            writer.write_many(rows)
+        for i, p in zip(todo, preferences, strict=True):
+            p = float(p)
+            done[keys[i]] = None if math.isnan(p) else p
+            judged[keys[i]] = {
+                ROW_ID: row_ids[i],
+                "preference": done[keys[i]],
+                "key": keys[i],
+                "judge": judge_key,
+                "pair": pairs[i],
+            }
+    _rewrite_judgments(path, saved, judged, keys, row_ids)
     return [math.nan if done[key] is None else float(done[key]) for key in keys]
+
+
+def _rewrite_judgments(path, saved: list[dict], judged: dict[str, dict], keys: list[str], row_ids: list[str]) -> None:
+    """Rewrite ``path`` in one step with the current verdict of each row (a stale one, by another judge or on other
+    texts, leaves the file, so that no reader takes it for this run's), plus the last row of each prompt this run
+    does not cover, as answers.jsonl keeps them."""
+    current = set(row_ids)
+    others = {e[ROW_ID]: e for e in saved if ROW_ID in e and e[ROW_ID] not in current}
+    latest = {e["key"]: e for e in saved if "key" in e}
+    latest.update(judged)
+    # Two prompts with the same texts share a verdict; each keeps its own row.
+    rows = [
+        *others.values(),
+        *({**latest[key], ROW_ID: i} for key, i in zip(keys, row_ids, strict=True) if key in latest),
+    ]
+    if rows != saved:
+        write_jsonl_atomic(path, rows)
 
 
 def _log_verdict_reuse(judge, path, saved, row_ids, todo, judge_key, pairs) -> None:
@@ -220,6 +236,7 @@ def evaluate_models(
     from .reports import write_report
 
     improver = _check_models(models, improver)
+    stats_before = _snapshot(getattr(judge, "stats", None))  # a judge used before (in training) has counted already
     out = Path(output_dir)
     rows = _prompt_rows(prompts_dataset, reference_column, category_column)
     if isinstance(judge, OpenAIPairwiseJudge) and judge.cache_path is None:
@@ -233,7 +250,7 @@ def evaluate_models(
     report = _report(judge, rows, answered, confidence, comparisons, improver_scores if improver else None, extra)
     if len(models) >= 3:
         report["ranking"] = _ranking(scoring, judge, out / "judgments", verdicts, rank_all_pairs)
-    _add_judge_cost(report, judge)
+    _add_judge_cost(report, judge, stats_before)
     answer_lengths = {name: [len(a) for a in answers] for name, answers in answered.answers.items()}
     return write_report(report, out, answer_lengths=answer_lengths, trainer_states=trainer_states, plots=plots)
 
@@ -442,11 +459,33 @@ def _ranking(
     return bradley_terry(verdicts, names, n_bootstrap=n_bootstrap, confidence=scoring.confidence, seed=scoring.seed)
 
 
-def _add_judge_cost(report: dict[str, Any], judge: PairwiseJudge) -> None:
-    """The judge's request counts and, for an OpenAI-compatible judge, their cost (``None``, not $0, when no price
-    is known)."""
+def _snapshot(stats: Any) -> Any:
+    return copy.deepcopy(stats) if dataclasses.is_dataclass(stats) else None
+
+
+def _stats_since(before: Any, after: Any) -> Any:
+    """The counts ``after`` gathered since ``before`` (same dataclass): numbers and per-key counts subtracted; a peak
+    is not a count and stays as it is."""
+    if before is None:
+        return after
+    delta = {}
+    for f in dataclasses.fields(after):
+        old, new = getattr(before, f.name), getattr(after, f.name)
+        if f.name.startswith("peak"):
+            delta[f.name] = new
+        elif isinstance(new, dict):
+            delta[f.name] = {k: v - old.get(k, 0) for k, v in new.items()}
+        elif isinstance(new, (int, float)) and not isinstance(new, bool):
+            delta[f.name] = new - old
+    return dataclasses.replace(after, **delta)
+
+
+def _add_judge_cost(report: dict[str, Any], judge: PairwiseJudge, before: Any = None) -> None:
+    """The judge's request counts in this run (since ``before``, a snapshot of its ``stats``) and, for an
+    OpenAI-compatible judge, their cost (``None``, not $0, when no price is known)."""
     stats = getattr(judge, "stats", None)
     if stats is not None and hasattr(stats, "as_dict"):
+        stats = _stats_since(before, stats)
         report["judge_stats"] = stats.as_dict()
     if isinstance(judge, OpenAIEndpoint) and "judge_stats" in report:
         report["judge_cost"] = cost_summary(judge, stats)

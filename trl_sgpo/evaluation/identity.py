@@ -1,7 +1,8 @@
 """What a saved answer or verdict was made by, so that a rerun reuses it only when nothing that can change it changed.
 
-- :func:`folder_sha256`: a content hash of the weight, config and tokenizer files of a local model folder (cached per
-  process by file size and modification time, so a file rewritten in place is hashed again).
+- :func:`folder_sha256`: a content hash of the files a model loads from a local folder (weights, configs, tokenizer;
+  not the run's bookkeeping beside them), cached per process by file size and modification time, so a file rewritten
+  in place is hashed again.
 - :func:`weights_identity`: a model's identity: that hash for a local folder (with the base model's, for a PEFT
   adapter), the Hub id and commit for a Hub id, a hash of the parameters for a model object in memory.
 - :func:`identity_hash`: the stable hash of an identity dict, the part of a cache key that names who made a row.
@@ -18,8 +19,29 @@ from typing import Any
 from ..io.jsonl import stable_hash
 
 
-# Files that can change what a model computes: weights, configs, tokenizer and chat-template files, remote code.
-HASHED_SUFFIXES = (
+# The files `from_pretrained` (and sentence-transformers) read from a model folder: weights, configs, tokenizer and
+# chat-template files, remote code. Bookkeeping beside them (trainer state, run summaries, logs) is not the model.
+MODEL_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "adapter_config.json",
+        "improver_template.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+    }
+)
+MODEL_SUFFIXES = (
     ".safetensors",
     ".bin",
     ".pt",
@@ -28,15 +50,16 @@ HASHED_SUFFIXES = (
     ".gguf",
     ".h5",
     ".msgpack",
-    ".json",
-    ".txt",
+    ".index.json",
     ".model",
     ".jinja",
     ".tiktoken",
     ".py",
 )
-# Sub-folders that hold no weights of the model itself: training checkpoints and logs.
-SKIPPED_FOLDERS = ("checkpoint-", "runs", ".")
+# Written by the Trainer beside the weights; they do not change what the model computes.
+TRAINING_FILES = frozenset({"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt"})
+# The only sub-folder transformers reads (extra chat templates); sentence-transformers' modules come from modules.json.
+MODEL_SUBFOLDERS = ("additional_chat_templates",)
 
 _FILE_HASHES: dict[tuple[str, int, int, int, int], str] = {}
 
@@ -55,19 +78,35 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _FILE_HASHES[key]
 
 
+def is_model_file(name: str) -> bool:
+    """Whether a file of this name in a model folder is read when the model loads (see :data:`MODEL_FILES`)."""
+    if name in TRAINING_FILES or name.startswith("rng_state"):
+        return False
+    return name in MODEL_FILES or name.endswith(MODEL_SUFFIXES)
+
+
+def _model_folders(folder: Path) -> list[Path]:
+    """The folder itself, the sub-folders transformers reads, and a sentence-transformers model's module folders."""
+    folders = [folder, *(folder / name for name in MODEL_SUBFOLDERS)]
+    modules = folder / "modules.json"
+    if modules.is_file():
+        paths = [m.get("path") for m in json.loads(modules.read_text(encoding="utf-8")) if isinstance(m, dict)]
+        folders += [folder / p for p in paths if p]
+    return sorted({f for f in folders if f.is_dir()})
+
+
 def folder_sha256(folder: str | os.PathLike) -> str:
-    """sha256 over the relative paths and contents of a model folder's files (:data:`HASHED_SUFFIXES`; training
-    checkpoints and hidden folders skipped). Two folders with the same files give the same hash wherever they are."""
+    """sha256 over the relative paths and contents of the files a model loads from ``folder`` (:func:`is_model_file`,
+    at its top level and in the sub-folders it loads from, not training checkpoints, stage outputs or run summaries).
+    Two folders with the same model files give the same hash wherever they are."""
     folder = Path(folder)
     entries = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(SKIPPED_FOLDERS))
-        for name in sorted(files):
-            if name.endswith(HASHED_SUFFIXES):
-                path = Path(root) / name
+    for sub in _model_folders(folder):
+        for path in sorted(sub.iterdir()):
+            if path.is_file() and is_model_file(path.name):
                 entries.append([path.relative_to(folder).as_posix(), file_sha256(path)])
     if not entries:
-        raise FileNotFoundError(f"{folder} holds no model files ({', '.join(HASHED_SUFFIXES)}) to identify it by.")
+        raise FileNotFoundError(f"{folder} holds no model files (weights, config.json, tokenizer) to identify it by.")
     return stable_hash(entries)
 
 

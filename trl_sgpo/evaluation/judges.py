@@ -450,6 +450,7 @@ class OpenAIPairwiseJudge(OpenAIEndpoint, PairwiseJudge):
             "system_prompt": self.system_prompt,
             "template": self.template,
             "use_references": self.use_references,
+            "reference_block": stable_hash(REFERENCE_BLOCK) if self.use_references else None,
             "logprobs": self.logprobs,
             "top_logprobs": self.top_logprobs if self.logprobs else None,
             "verdict": "token probabilities" if self.logprobs else "text letter",

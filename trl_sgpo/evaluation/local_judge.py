@@ -34,6 +34,10 @@ from .judges import (
 )
 
 
+PLAIN_PROMPT = "{system_prompt}\n\n{user}\n\nAnswer: "
+"""The judge's text for a tokenizer without a chat template."""
+
+
 def letter_token_ids(tokenizer, letter: str) -> list[int]:
     """The ids of the single tokens that spell ``letter`` as the next word (``"A"``, ``" A"``), deduplicated."""
     ids = []
@@ -186,7 +190,26 @@ class LocalPairwiseJudge(PairwiseJudge):
         self.template = template
         self.use_references = use_references
         self.token_ids = {letter: letter_token_ids(tokenizer, letter) for letter in "AB"}
+        self.prompt_format = self._prompt_format()
         self.name = f"local:{self.model_name}"
+
+    def _prompt_format(self) -> str:
+        """How the prompt reaches the model: ``"system turn"`` (the chat template's system role), ``"in user turn"``
+        (a template that rejects the system role, e.g. Gemma's: the system prompt opens the user's turn) or
+        ``"plain"`` (no chat template: :data:`PLAIN_PROMPT`)."""
+        from jinja2.exceptions import TemplateError
+
+        if not getattr(self.tokenizer, "chat_template", None):
+            return "plain"
+        try:
+            self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except TemplateError:
+            return "in user turn"
+        return "system turn"
 
     def _prepare(self, name: str, backend: str, batch_size: int, device: str | None, vllm_kwargs: dict):
         """Hash the weights and load the tokenizer now; the model itself on first use (:attr:`scorer`), so that
@@ -232,6 +255,9 @@ class LocalPairwiseJudge(PairwiseJudge):
             "use_references": self.use_references,
             "verdict_tokens": self.token_ids,
             "backend": self.backend,
+            "prompt_format": self.prompt_format,
+            "plain_prompt": stable_hash(PLAIN_PROMPT) if self.prompt_format == "plain" else None,
+            "reference_block": stable_hash(REFERENCE_BLOCK) if self.use_references else None,
         }
 
     def render(self, prompt: Any, first: str, second: str, reference: str | None) -> str:
@@ -239,10 +265,13 @@ class LocalPairwiseJudge(PairwiseJudge):
         assistant's turn opened."""
         block = REFERENCE_BLOCK.format(reference=reference) if reference and self.use_references else ""
         user = self.template.format(instruction=_text(prompt), reference_block=block, answer_a=first, answer_b=second)
-        messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return f"{self.system_prompt}\n\n{user}\n\nAnswer: "
+        if self.prompt_format == "plain":
+            return PLAIN_PROMPT.format(system_prompt=self.system_prompt, user=user)
+        if self.prompt_format == "system turn":
+            messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
+        else:
+            messages = [{"role": "user", "content": f"{self.system_prompt}\n\n{user}"}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def first_probabilities(self, texts: Sequence[str]) -> list[float]:
         """Per rendered prompt, P(A) / (P(A) + P(B)) of the next token."""

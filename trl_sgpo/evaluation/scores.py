@@ -128,10 +128,10 @@ def length_controlled_win_rate(
     n_bootstrap: int = 200,
     confidence: float = 0.95,
     seed: int = 0,
-    C: float = 10.0,
+    C: float = 1e4,
     min_sign_share: float = 0.1,
     max_mean_to_spread: float = 2.0,
-    pin_tolerance: float = 0.02,
+    settle_tolerance: float = 0.02,
 ) -> dict[str, Any]:
     """The win rate the judge would give at equal lengths (see the module doc), its length slope, and whether the
     data identify it.
@@ -144,8 +144,11 @@ def length_controlled_win_rate(
        of the prompts (a difference of 0 counts for both), or their mean lies within ``max_mean_to_spread`` standard
        deviations of 0. Otherwise ``tanh(delta / std)`` is nearly constant, the slope is confounded with the
        intercept and the L2 penalty resolves it to ~0, which would report the raw rate as the length-controlled one.
-    2. *Not pinned*: refitted with a 1000 times weaker penalty, the rate moves by at most ``pin_tolerance``.
-       Otherwise the penalty holds the slope where the data would put it elsewhere, and sets the number.
+    2. *Settled*: the reported fit has a weak L2 penalty on the slope (``C``); refitted with a 1000 times weaker one,
+       the rate moves by at most ``settle_tolerance`` and the slope by at most ``settle_tolerance`` of its size (or
+       of 1, when smaller). Otherwise the slope keeps growing as the penalty weakens (the verdicts are separated, or
+       nearly, by length: a perfect length judge) or the penalty is strong enough to hold it, and the penalty, not
+       the data, sets the number.
 
     When either fails, ``lc_win_rate`` and its interval are ``nan``, ``lc_identified`` is False and ``lc_reason``
     says why; the slope is still reported.
@@ -155,7 +158,7 @@ def length_controlled_win_rate(
     ``lc_slope_ci_high``, ``lc_slope_se``; ``lc_identified``, ``lc_reason`` (``None`` when identified); and
     ``mean_length_difference`` (model minus baseline, characters). Intervals and standard errors come from
     ``n_bootstrap`` refits on prompts resampled with replacement (percentiles; standard deviation of the refits).
-    ``C``: inverse L2 strength on the slope.
+    ``C``: inverse L2 strength on the slope of the reported fit (weak by default, so that the data set the slope).
     """
     p = _valid(preferences)
     delta = np.asarray(model_lengths, dtype=float) - np.asarray(baseline_lengths, dtype=float)
@@ -177,16 +180,27 @@ def length_controlled_win_rate(
         lc, slope = _fit_lc(p, x, C)
     fits = _resample(p, x, C, n_bootstrap, seed)
     if reason is None:
-        weak_lc, weak_slope = _fit_lc(p, x, 1000 * C)
-        if abs(weak_lc - lc) > pin_tolerance:
-            reason = (
-                f"length slope pinned by the penalty: with C={C:g} the slope is {slope:.2f} and the rate "
-                f"{100 * lc:.1f}%, a nearly unpenalized fit gives {weak_slope:.2f} and {100 * weak_lc:.1f}%; the "
-                "penalty, not the data, sets the number"
-            )
+        reason = _unsettled_reason(p, x, C, lc, slope, settle_tolerance)
     lc_spread = _bootstrap_summary([f[0] for f in fits], confidence)
     slope_spread = _bootstrap_summary([f[1] for f in fits], confidence)
     return _lc_result(lc, lc_spread, slope, slope_spread, reason, float(delta.mean()))
+
+
+def _unsettled_reason(p: np.ndarray, x: np.ndarray, C: float, lc: float, slope: float, tolerance: float) -> str | None:
+    """Why the fit at ``C`` is set by its penalty rather than the data (``None`` when a weaker penalty agrees)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        # Separated verdicts: the weaker fit runs toward an infinite slope, which is the finding, not a failure.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        weak_lc, weak_slope = _fit_lc(p, x, 1000 * C)
+    if abs(weak_lc - lc) <= tolerance and abs(weak_slope - slope) <= tolerance * max(1.0, abs(slope)):
+        return None
+    return (
+        f"length slope not settled by the data: with C={C:g} the slope is {slope:.2f} and the rate {100 * lc:.1f}%, "
+        f"with a 1000 times weaker penalty {weak_slope:.2f} and {100 * weak_lc:.1f}%; the judge's verdicts are "
+        "(nearly) separated by length or the penalty holds the slope, so the penalty, not the data, sets the number"
+    )
 
 
 def _resample(p: np.ndarray, x: np.ndarray, C: float, n_bootstrap: int, seed: int) -> list[tuple[float, float]]:

@@ -287,20 +287,32 @@ class JudgeArguments:
     def build_judge(self, script_args=None):
         """The judge of :mod:`trl_sgpo.evaluation` named by ``judge`` (``None`` for ``"none"``), made by
         :func:`trl_sgpo.evaluation.judge_factory.build_judge`. The openai judge takes its endpoint from ``script_args``
-        (``judge_model``, ``base_url``, ``api_key_env``, ``judge_price_in``, ``judge_price_out``), the settings the
-        recipe's evaluation stage uses too."""
+        (:func:`judge_endpoint`), the settings the recipe's evaluation stage uses too."""
         from ..evaluation.judge_factory import build_judge
 
         return build_judge(
             self.judge,
-            model=getattr(script_args, "judge_model", None),
-            base_url=getattr(script_args, "base_url", None),
             reward_model=self.reward_model,
             similarity_temperature=self.similarity_temperature,
-            api_key_env=getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
-            price_input_per_1m=getattr(script_args, "judge_price_in", None),
-            price_output_per_1m=getattr(script_args, "judge_price_out", None),
+            **judge_endpoint(script_args),
         )
+
+
+def judge_endpoint(script_args=None) -> dict[str, Any]:
+    """The OpenAI-compatible judge's settings in the recipe's ``script_args`` (``judge_model``, ``base_url``,
+    ``api_key_env``, ``judge_price_in``/``judge_price_out``, ``max_concurrency``, ``request_timeout``), as keyword
+    arguments of :func:`trl_sgpo.evaluation.judge_factory.build_judge`; settings it lacks keep the judge's defaults."""
+    settings = {
+        "model": getattr(script_args, "judge_model", None),
+        "base_url": getattr(script_args, "base_url", None),
+        "api_key_env": getattr(script_args, "api_key_env", "OPENAI_API_KEY"),
+        "price_input_per_1m": getattr(script_args, "judge_price_in", None),
+        "price_output_per_1m": getattr(script_args, "judge_price_out", None),
+    }
+    for name, option in (("max_concurrency", "max_concurrency"), ("timeout", "request_timeout")):
+        if getattr(script_args, option, None) is not None:
+            settings[name] = getattr(script_args, option)
+    return settings
 
 
 @dataclass

@@ -178,8 +178,12 @@ class SGPOScriptArguments(EvaluationArguments):
     api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key."}
     )
-    max_concurrency: int = field(default=32, metadata={"help": "Most target requests in flight at once."})
-    request_timeout: float = field(default=120.0, metadata={"help": "Seconds one target request may take."})
+    max_concurrency: int = field(
+        default=32, metadata={"help": "Most requests in flight at once (target writer, OpenAI judge)."}
+    )
+    request_timeout: float = field(
+        default=120.0, metadata={"help": "Seconds one request may take (target writer, OpenAI judge)."}
+    )
     step_fraction: float = field(
         default=0.5,
         metadata={
