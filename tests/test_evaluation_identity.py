@@ -282,7 +282,7 @@ def test_compare_names_one_thing_whatever_was_imported_first():
         "from trl_sgpo.evaluation import compare\n"
         "assert compare is first, (first, compare)\n"
         "from trl_sgpo.evaluation import compare_scores, evaluate_models, judge_rows\n"
-        "from trl_sgpo.evaluation.scores import compare_scores as direct\n"
+        "from trl_sgpo.evaluation.win_rates import compare_scores as direct\n"
         "assert compare_scores is direct and callable(evaluate_models) and callable(judge_rows)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)}

@@ -9,11 +9,11 @@
 - :mod:`~trl_sgpo.evaluation.judge_factory`: :func:`build_judge`, a judge by kind (the one factory of the CLI and the
   recipes).
 - :mod:`~trl_sgpo.evaluation.ranking`: Bradley-Terry ranking of several models with bootstrap intervals.
-- :mod:`~trl_sgpo.evaluation.scores`: win rate with a bootstrap interval, length-controlled win rate, per category.
+- :mod:`~trl_sgpo.evaluation.win_rates`: win rate with a bootstrap interval, length-controlled win rate, per category.
 - :mod:`~trl_sgpo.evaluation.win_rate_metric`: the same as an ``evaluate`` module (``evaluate.load(WIN_RATE_METRIC_PATH)``).
 - :mod:`~trl_sgpo.evaluation.reports`: ``report.json``, ``report.md`` and figures.
 - :mod:`~trl_sgpo.evaluation.compare`: :func:`evaluate_models`, the whole comparison (the module; the scores of one
-  comparison are :func:`~trl_sgpo.evaluation.scores.compare_scores`).
+  comparison are :func:`~trl_sgpo.evaluation.win_rates.compare_scores`).
 - :mod:`~trl_sgpo.evaluation.identity`: what a saved answer or verdict was made by (content hashes of weights).
 - :mod:`~trl_sgpo.evaluation.callbacks`: :class:`WinRateCallback`, the win rate during training.
 - :mod:`~trl_sgpo.evaluation.cli`: ``trl-sgpo eval``.
@@ -42,9 +42,9 @@ _EXPORTS = {
     "ArenaHardJudge": "arena_hard",
     "LocalPairwiseJudge": "local_judge",
     "bradley_terry": "ranking",
-    "win_rate": "scores",
-    "length_controlled_win_rate": "scores",
-    "compare_scores": "scores",
+    "win_rate": "win_rates",
+    "length_controlled_win_rate": "win_rates",
+    "compare_scores": "win_rates",
     "write_report": "reports",
     "WinRateCallback": "callbacks",
 }

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from ..io.jsonl import ensure_row_ids, load_rows
 from .answers import TransformersGenerator
 from .judges import PairwiseJudge
-from .scores import compare_scores
+from .win_rates import compare_scores
 
 
 logger = logging.getLogger(__name__)

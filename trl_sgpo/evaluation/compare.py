@@ -38,7 +38,7 @@ from ..openai_client import OpenAIEndpoint, cost_summary
 from .answers import TransformersGenerator, generate_answers
 from .identity import identity_hash, rerun_line, weights_identity
 from .judges import OpenAIPairwiseJudge, PairwiseJudge
-from .scores import compare_scores
+from .win_rates import compare_scores
 
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ metric = evaluate.load(WIN_RATE_METRIC_PATH)
 metric.compute(preferences=[1.0, 0.5, 0.0, 1.0], model_lengths=[120, 80, 60, 150], baseline_lengths=[100] * 4)
 ```
 
-The numbers are those of :func:`trl_sgpo.evaluation.scores.compare_scores` (the same code runs).
+The numbers are those of :func:`trl_sgpo.evaluation.win_rates.compare_scores` (the same code runs).
 """
 
 import datasets
@@ -33,7 +33,7 @@ Returns:
     win_rate, ci_low, ci_high, se, lc_win_rate, lc_ci_low, lc_ci_high, lc_se, lc_identified, lc_reason,
     lc_length_slope, lc_slope_ci_low, lc_slope_ci_high, lc_slope_se, wins, ties, losses, n, abstained, avg_length,
     baseline_avg_length, mean_length_difference. `lc_win_rate` is nan (and `lc_reason` says why) when the data do not
-    identify it (see `trl_sgpo.evaluation.scores.length_controlled_win_rate`).
+    identify it (see `trl_sgpo.evaluation.win_rates.length_controlled_win_rate`).
 """
 
 _CITATION = """@article{dubois2024length,
@@ -70,7 +70,7 @@ class WinRateMetric(evaluate.Metric):
         confidence=0.95,
         seed=0,
     ):
-        from trl_sgpo.evaluation.scores import scores_from_lengths
+        from trl_sgpo.evaluation.win_rates import scores_from_lengths
 
         return scores_from_lengths(
             preferences,

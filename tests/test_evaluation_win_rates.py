@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from trl_sgpo.evaluation.scores import compare_scores, length_controlled_win_rate, scores_from_lengths, win_rate
+from trl_sgpo.evaluation.win_rates import compare_scores, length_controlled_win_rate, scores_from_lengths, win_rate
 
 
 def test_win_rate_counts_ties_as_half_and_leaves_out_abstentions():
