@@ -832,10 +832,11 @@ class OnPolicyTrainer(OnlineDPOTrainer):
 
     def _clip_grad_norm(self, model):
         # A skipped window has no gradient to clip, and an fp16 GradScaler must not unscale without a backward.
-        return torch.zeros((), device=self.args.device) if self._window_skipped else super()._clip_grad_norm(model)
+        return None if self._window_skipped else super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        return 0.0 if self._window_skipped else super()._get_grad_norm(model, grad_norm)
+        # A skipped window has no gradient: its logged `grad_norm` is NaN (as its loss), not a misleading 0.
+        return float("nan") if self._window_skipped else super()._get_grad_norm(model, grad_norm)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         items: Items = inputs["items"]
