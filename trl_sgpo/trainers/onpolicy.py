@@ -83,13 +83,17 @@ logger = logging.getLogger(__name__)
 # of them disappears, so a TRL upgrade that removes or renames one is caught before it changes training silently.
 #   __init__: model loading, PEFT wrapping, the reference copy, dropout off, generation config, accelerator prep of
 #             the reference and reward models, the server-mode vLLM client;
-#   _move_model_to_vllm: weight sync to vLLM (PEFT merge, ZeRO-3 gather, FSDP);
+#   _move_model_to_vllm: weight sync to vLLM (PEFT merge, ZeRO-3 gather, FSDP); _sync_fsdp1/2_params_to_vllm,
+#   _fix_param_name_to_vllm: SPPO's push of the reference (pi_t) through the same FSDP syncs and names;
 #   _beta, eos_token_ids, generation_config, generation_kwargs, ref_model, reward_funcs, reward_processing_classes,
 #   reward_weights (an optional judge, scored by SGPO itself so that an abstention drops a pair), use_vllm,
 #   vllm_mode, llm, vllm_client, _last_loaded_step, _tokenizer: attributes set by __init__.
 ONLINE_DPO_MEMBERS_USED = (
     "__init__",
     "_move_model_to_vllm",
+    "_sync_fsdp1_params_to_vllm",
+    "_sync_fsdp2_params_to_vllm",
+    "_fix_param_name_to_vllm",
     "_beta",
     "eos_token_ids",
     "generation_config",
@@ -577,7 +581,7 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             empty_cache()
             self.llm.wake_up(tags=["weights"])
         if sleeps or self._vllm_needs_weights():
-            self._move_model_to_vllm()
+            self._load_vllm_weights()
             self._last_loaded_step = self.state.global_step
         if sleeps:
             self.llm.wake_up(tags=["kv_cache"])
@@ -586,6 +590,10 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         finally:
             if sleeps:
                 self.llm.sleep(level=2)
+
+    def _load_vllm_weights(self) -> None:
+        """Push the weights to sample from into the vLLM engine: the policy's (TRL's sync)."""
+        self._move_model_to_vllm()
 
     def _vllm_needs_weights(self) -> bool:
         """Whether the engine needs the policy's weights before this window (once per optimizer step)."""
