@@ -141,6 +141,11 @@ def test_two_cpu_processes_give_the_update_of_one_process_with_the_same_pairs(tm
     for a, b in zip(two[0]["losses"], one["losses"], strict=True):
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-4)
 
+    # evaluate() on 3 prompts: process 1's batch repeats prompt 0 (accelerate's even batches), counted once.
+    assert one["eval"]["eval_sgpo/kept_frac"] == pytest.approx(2 / 3)
+    for r in two:
+        assert r["eval"] == pytest.approx(one["eval"], rel=1e-4, abs=1e-5)
+
     # items.jsonl: the main process wrote both processes' pairs once each, under the ids one process gives them.
     from trl_sgpo.trainers.items_log import read_items
 

@@ -975,6 +975,18 @@ class OnPolicyTrainer(OnlineDPOTrainer):
 
     # ------------------------------------------------------------------ evaluation
 
+    def _counted_eval_items(self, n_prompts: int, n_items: int) -> torch.Tensor:
+        """Which of this batch's items count in the metrics: not those of the prompts accelerate repeats to even out
+        the last batch over the processes (``even_batches``), dropped as ``gather_for_metrics`` drops them. Items are
+        made prompt by prompt, the same number for each."""
+        state = self.accelerator.gradient_state
+        real = n_prompts
+        if state.end_of_dataloader and state.remainder > 0:
+            # Gathered in process order, the first `remainder` prompts of the last global batch are real.
+            real = min(n_prompts, max(0, state.remainder - self.accelerator.process_index * n_prompts))
+        per_prompt = n_items // n_prompts if n_prompts else 0
+        return torch.arange(n_items) < real * per_prompt
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Make items on the eval prompts and report their loss metrics, keep share and flags (no training).
 
@@ -997,10 +1009,13 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         for batch in self.get_eval_dataloader(eval_dataset):
             with self.generation_model() as gen_model:
                 items = self.make_items(gen_model, list(batch["prompt"]), batch)
-            local = {f"{prefix}/kept_frac": items.keep.float().sum(), "_made": torch.tensor(float(len(items)))}
-            local.update({f"{prefix}/{k}_frac": v.float().sum() for k, v in items.flags.items()})
-            local.update({f"{prefix}/{k}_length": s.lengths().float().sum() for k, s in items.sequences.items()})
-            kept = items.select(items.keep.nonzero().flatten().cpu())
+            counted = self._counted_eval_items(len(batch["prompt"]), len(items)).to(items.keep.device)
+            local = {f"{prefix}/kept_frac": (items.keep & counted).float().sum(), "_made": counted.float().sum()}
+            local.update({f"{prefix}/{k}_frac": (v & counted).float().sum() for k, v in items.flags.items()})
+            local.update(
+                {f"{prefix}/{k}_length": (s.lengths() * counted).float().sum() for k, s in items.sequences.items()}
+            )
+            kept = items.select((items.keep & counted).nonzero().flatten().cpu())
             local["_kept"] = torch.tensor(float(len(kept)))
             if len(kept) or self.accelerator.distributed_type != DistributedType.NO:
                 # Under ZeRO-3 and FSDP a forward is collective: a process that kept nothing runs a masked filler item
