@@ -132,6 +132,24 @@ def reference_weights_source(model) -> str | None:
     return path if path and os.path.isdir(path) else None
 
 
+_FINISHED = "answers end at EOS (an answer without one is cut and never trained), so it would silently drop answers."
+# `vllm_sampling_kwargs` keys the trainers set themselves, and why (the error names the setting to use instead).
+VLLM_RESERVED_KEYS = {
+    "max_tokens": "the budget is `max_new_tokens` (SGPO's improver: `improver_max_new_tokens`); use those.",
+    "temperature": "use `temperature` (SGPO's improver: `improver_temperature`).",
+    "top_p": "use `top_p`.",
+    "top_k": "use `top_k`.",
+    "min_p": "use `min_p`.",
+    "repetition_penalty": "use `repetition_penalty`.",
+    "n": "each call makes one answer per prompt (SPPO: set `num_samples`).",
+    "best_of": "each call makes one answer per prompt (SPPO: set `num_samples`).",
+    "detokenize": "the trainers read token ids, never vLLM's text.",
+    "stop": _FINISHED,
+    "stop_token_ids": _FINISHED,
+    "ignore_eos": _FINISHED,
+}
+
+
 @dataclass
 class OnPolicyConfig(OnlineDPOConfig):
     r"""
@@ -156,9 +174,13 @@ class OnPolicyConfig(OnlineDPOConfig):
             figures such as DPO margins or SPPO targets) to `<output_dir>/items.jsonl`, one line per item, as
             training goes. See [`~trl_sgpo.trainers.items_log`].
         vllm_sampling_kwargs (`dict[str, Any]`, *optional*):
-            Extra keyword arguments for vLLM's `SamplingParams` when `use_vllm=True` (e.g. `{"stop": ["###"]}`);
-            they override the generation settings (`temperature`, `top_p`, ...). In server mode they are sent as the
-            client's `generation_kwargs`. Not used without vLLM, as `generation_kwargs` are not used with it.
+            Extra keyword arguments for vLLM's `SamplingParams` when `use_vllm=True` (e.g.
+            `{"presence_penalty": 0.5}`). In server mode they are sent as the client's `generation_kwargs`. Not used
+            without vLLM, as `generation_kwargs` are not used with it. Keys that have their own setting
+            (`temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `max_tokens`: `max_new_tokens`, and
+            SGPO's `improver_temperature`, `improver_max_new_tokens`) and keys that would change which answers count
+            as finished or how many are made (`n`, `best_of`, `detokenize`, `stop`, `stop_token_ids`, `ignore_eos`:
+            an answer is finished when it ends with EOS) are refused.
     """
 
     skipped_steps_warning_frac: float = field(
@@ -199,6 +221,11 @@ class OnPolicyConfig(OnlineDPOConfig):
                 "`parallelism_config` with context or sequence parallelism (`cp_size` or `sp_size` > 1) is not "
                 "supported by the on-policy trainers. Set `cp_size=1` and `sp_size=1` (data, tensor and FSDP "
                 "parallelism are fine)."
+            )
+        for key in sorted(set(self.vllm_sampling_kwargs or {}) & set(VLLM_RESERVED_KEYS)):
+            raise ValueError(
+                f"`vllm_sampling_kwargs` may not set `{key}`: {VLLM_RESERVED_KEYS[key]} Remove it from "
+                "`vllm_sampling_kwargs`."
             )
         if self.use_vllm and self.generation_kwargs:
             logger.warning(
