@@ -34,8 +34,9 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers.sharded import backend_args, full_weights, on_cpu, sharding_evidence
+from helpers.sharded import backend_args, full_weights, on_cpu
 from trl_sgpo import SGPOConfig, SGPOTrainer, SPPOConfig, SPPOTrainer
+from trl_sgpo.trainers.sharding import sharding_evidence
 
 
 PER_PROCESS = 2
