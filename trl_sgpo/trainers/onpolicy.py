@@ -331,9 +331,10 @@ class Items:
         )
 
 
-def masked_filler(items: Items) -> Items:
-    """Item 0 of ``items`` with its completions masked out: a forward on it adds nothing to any log-prob sum."""
-    part = items.select(torch.tensor([0]))
+def masked_filler(items: Items, index: int = 0) -> Items:
+    """Item ``index`` of ``items`` with its completions masked out: a forward on it adds nothing to any log-prob
+    sum."""
+    part = items.select(torch.tensor([index]))
     for seqs in part.sequences.values():
         seqs.completion_mask = torch.zeros_like(seqs.completion_mask)
     return part
@@ -816,9 +817,7 @@ class OnPolicyTrainer(OnlineDPOTrainer):
                 # Every process runs forward and backward on every micro-batch of a window that trains (DDP
                 # all-reduces, DeepSpeed counts micro-steps): a process without an item here runs one with its
                 # completions masked out and weight 0, which adds a zero gradient.
-                part = items.select(torch.tensor([i * size]))
-                for seqs in part.sequences.values():
-                    seqs.completion_mask = torch.zeros_like(seqs.completion_mask)
+                part = masked_filler(items, i * size)
                 part.values["weight"] = torch.zeros(1, device=device)
             ref = self.reference_logps(part)
             for name, value in ref.items():
