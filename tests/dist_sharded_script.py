@@ -1,4 +1,4 @@
-"""SGPO (with and without LoRA) and SPPO on a sharded backend over 2 CPU processes; run by test_sharded.py.
+"""SGPO and SPPO, each with and without LoRA, on a sharded backend over 2 CPU processes; run by test_sharded.py.
 
     accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml tests/dist_sharded_script.py BACKEND MODEL OUT
 
@@ -15,7 +15,9 @@ A second trainer resumes from the step-2 checkpoint and must end with the same w
 sharded on CPU). ``evaluate()`` runs on 4
 prompts of which process 0's two give identical pairs (it keeps none). The final save is loaded back by the test. Under
 ZeRO-3 without PEFT a second trainer built on the trained model must take pi_t as its reference. Each process writes
-what it saw to OUT/<name>.rank<k>.json and its gathered weights to OUT/<name>.rank<k>.pt.
+what it saw to OUT/<name>.rank<k>.json and its gathered weights to OUT/<name>.rank<k>.pt. SPPO samples its answers
+through the real generate from pi_t (the reference engine or the adapter-disabled model); fixed texts replace them.
+ZeRO-3 and FSDP2 clip gradients (max_grad_norm=1.0), the others do not.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""SGPO (full and LoRA) and SPPO on DeepSpeed ZeRO-2/3 and FSDP1/FSDP2 over 2 CPU processes (gloo).
+"""SGPO and SPPO (each full and LoRA) on DeepSpeed ZeRO-2/3 and FSDP1/FSDP2 over 2 CPU processes (gloo).
 
 One launch of tests/dist_sharded_script.py per backend runs every check (a launch costs far more than a step on 2 CPU
 cores); this file reads what each process wrote. See the script's docstring for the scripted windows.
