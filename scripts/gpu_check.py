@@ -3,17 +3,18 @@
 Usage, on a machine with CUDA (one GPU is enough; every GPU is used by the sharded paths):
 
     pip install -e '.[vllm,deepspeed]'
-    scripts/gpu_check.sh                      # every path: bf16, fp16, zero3, fsdp2, vllm_colocate
+    scripts/gpu_check.sh                      # every path: bf16, fp16, zero3, fsdp2, vllm_colocate, sppo_*
     scripts/gpu_check.sh --paths zero3 fsdp2  # some of them
     scripts/gpu_check.sh --dry-run            # print each path's command and run nothing (any machine)
 
-Each path trains SGPO for 3 optimizer steps on the embedded default model (SmolLM2-135M-Instruct, converted from
-its GGUF, no download), evaluates it and saves it (scripts/gpu_check_path.py), in its own process under its launcher:
-plain python for bf16, fp16 and vLLM colocate; `accelerate launch` with recipes/accelerate/deepspeed_zero3.yaml or
-fsdp.yaml, one process per GPU, for ZeRO-3 and FSDP2. The whole run takes under 10 minutes on one H100 (each path
-is stopped after --timeout seconds, 240 by default). The exit status is 1 when any path failed; the failures'
-tracebacks follow the table. Peak memory is torch's `max_memory_allocated`, the largest over the processes (vLLM's
-own pool, set by `vllm_gpu_memory_utilization`, is not in it).
+Each path trains SGPO (the sppo_* paths: SPPO, sampling from pi_t) for 3 optimizer steps on the embedded default
+model (SmolLM2-135M-Instruct, converted from its GGUF, no download), evaluates it and saves it
+(scripts/gpu_check_path.py), in its own process under its launcher: plain python for bf16, fp16 and vLLM colocate;
+`accelerate launch` with recipes/accelerate/deepspeed_zero3.yaml or fsdp.yaml, one process per GPU, for ZeRO-3 and
+FSDP2 (a path fails when its backend was not active, e.g. the config was ignored). The whole run takes under 10
+minutes on one H100 (each path is stopped after --timeout seconds, 240 by default). The exit status is 1 when any
+path failed; the failures' tracebacks follow the table. Peak memory is torch's `max_memory_allocated`, the largest
+over the processes (vLLM's own pool, set by `vllm_gpu_memory_utilization`, is not in it).
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ ACCELERATE = ROOT / "recipes" / "accelerate"
 PATHS: dict[str, tuple[str | None, list[str]]] = {
     "bf16": (None, ["--bf16"]),
     "fp16": (None, ["--fp16"]),
-    "zero3": ("deepspeed_zero3.yaml", ["--bf16"]),
-    "fsdp2": ("fsdp.yaml", ["--bf16"]),
+    "zero3": ("deepspeed_zero3.yaml", ["--bf16", "--backend", "zero3"]),
+    "fsdp2": ("fsdp.yaml", ["--bf16", "--backend", "fsdp2"]),
     "vllm_colocate": (None, ["--bf16", "--vllm"]),
+    # SPPO samples from pi_t: through the ZeRO-3 reference engine, and pushed to vLLM as the reference's weights.
+    "sppo_zero3": ("deepspeed_zero3.yaml", ["--bf16", "--backend", "zero3", "--method", "sppo"]),
+    "sppo_vllm_colocate": (None, ["--bf16", "--vllm", "--method", "sppo"]),
 }
 
 

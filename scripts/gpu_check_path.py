@@ -1,8 +1,11 @@
-"""One path of scripts/gpu_check.py: a few SGPO steps, an evaluation and a save on the embedded default model.
+"""One path of scripts/gpu_check.py: a few SGPO (or SPPO) steps, an evaluation and a save on the embedded default
+model.
 
 Run by gpu_check.py under `accelerate launch` (the sharded paths) or plain `python`; writes one JSON object to --out
-(main process): ok, seconds, peak GPU memory over the processes, pairs made and kept, the last loss and eval loss.
-Without CUDA it runs on CPU (the dry mode of the tests, with a tiny model folder as --model).
+(main process): ok, seconds, peak GPU memory over the processes, items made and kept, the last loss and eval loss, and
+what shows the requested --backend was active (distributed type, ZeRO stage or FSDP version, the parameter elements
+held by the process and by the whole model). A backend that was not active (an ignored accelerate config) fails the
+path. Without CUDA it runs on CPU (the dry mode of the tests, with a tiny model folder as --model).
 """
 
 import argparse
@@ -15,6 +18,8 @@ import traceback
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from trl_sgpo.trainers.sharding import BACKENDS, backend_mismatch, sharding_evidence
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -26,18 +31,24 @@ def parse_args(argv=None):
     precision.add_argument("--bf16", action="store_true")
     precision.add_argument("--fp16", action="store_true")
     parser.add_argument("--vllm", action="store_true", help="Generate with a colocated vLLM engine.")
+    parser.add_argument("--method", choices=["sgpo", "sppo"], default="sgpo", help="SPPO samples from pi_t.")
+    parser.add_argument(
+        "--backend", choices=list(BACKENDS), default="none", help="The backend the launcher's config must turn on."
+    )
     return parser.parse_args(argv)
 
 
-def train(args) -> dict:
-    import torch
-    from accelerate import PartialState
+class LengthScores:
+    """SPPO's judge here: longer answers win (the check is about the training path, not the judge)."""
 
-    from trl_sgpo import DEFAULT_MODEL, SGPOConfig, SGPOTrainer
-    from trl_sgpo.data.checks import load_default_dataset
+    def scores(self, prompts, answers, references=None):
+        return [float(len(a)) for a in answers]
 
-    prompts = load_default_dataset().select_columns(["prompt"])
-    config = SGPOConfig(
+
+def build_trainer(args, prompts, world):
+    from trl_sgpo import DEFAULT_MODEL, SGPOConfig, SGPOTrainer, SPPOConfig, SPPOTrainer
+
+    settings = dict(
         output_dir=tempfile.mkdtemp(prefix=f"gpu-check-{args.path}-"),
         per_device_train_batch_size=2,
         per_device_eval_batch_size=2,
@@ -56,23 +67,40 @@ def train(args) -> dict:
         report_to="none",
         max_initial_empty_steps=0,
     )
-    world = PartialState().num_processes
-    trainer = SGPOTrainer(
-        args.model or DEFAULT_MODEL,
-        args=config,
+    data = dict(
         train_dataset=prompts.select(range(8 * world * args.steps)),
         eval_dataset=prompts.select(range(200, 200 + 2 * world)),
     )
+    if args.method == "sppo":
+        config = SPPOConfig(num_samples=4, **settings)
+        return SPPOTrainer(args.model or DEFAULT_MODEL, judge=LengthScores(), args=config, **data)
+    return SGPOTrainer(args.model or DEFAULT_MODEL, args=SGPOConfig(**settings), **data)
+
+
+def train(args) -> dict:
+    import torch
+    from accelerate import PartialState
+
+    from trl_sgpo.data.checks import load_default_dataset
+
+    prompts = load_default_dataset().select_columns(["prompt"])
+    trainer = build_trainer(args, prompts, PartialState().num_processes)
     trainer.train()
+    evidence = sharding_evidence(trainer)
+    mismatch = backend_mismatch(args.backend, evidence, trainer.accelerator.num_processes)
+    if mismatch:
+        raise RuntimeError(f"{mismatch} {evidence}")
     metrics = trainer.evaluate()
     trainer.save_model()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
-        "pairs_made": trainer.counts["made"],
-        "pairs_kept": trainer.counts["kept"],
+        "made": trainer.counts["made"],
+        "kept": trainer.counts["kept"],
         "last_loss": losses[-1] if losses else None,
         "eval_loss": metrics.get("eval_loss"),
         "cuda": torch.cuda.is_available(),
+        "backend": args.backend,
+        **evidence,
     }
 
 

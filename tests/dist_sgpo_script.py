@@ -8,7 +8,12 @@ window, so both runs train on the same pairs:
 - step 2 drops positions 0 and 1: process 0 keeps none (it runs a zero-gradient filler), process 1 keeps 2;
 - step 3 drops every pair: the step is skipped everywhere.
 
-Each process writes what it ended with (its weights, pair counts, logged losses) to <out>/rank<k>.json/.pt.
+Then ``evaluate()`` runs on 3 prompts, 2 a process: on 2 processes accelerate repeats prompt 0 to fill process 1's
+batch, and the metrics must not count it. Prompt 0 gives an identical pair (dropped), so counting it twice would
+show in the shares.
+
+Each process writes what it ended with (its weights, pair counts, logged losses, eval metrics) to
+<out>/rank<k>.json/.pt.
 """
 
 import json
@@ -27,6 +32,7 @@ from trl_sgpo import SGPOConfig, SGPOTrainer
 
 
 WINDOW = 4
+SAME = "(same)"  # an eval prompt whose pair is identical
 DROPS = {1: {1}, 2: {0, 1}, 3: {0, 1, 2, 3}}
 
 
@@ -35,7 +41,7 @@ class ScriptedByGlobalPosition:
         eos = tokenizer.eos_token_id
         self.one = tokenizer("one", add_special_tokens=False)["input_ids"] + [eos]
         self.two = tokenizer("two two", add_special_tokens=False)["input_ids"] + [eos]
-        self.process_index, self.window = process_index, 0
+        self.process_index, self.window, self.decode = process_index, 0, tokenizer.batch_decode
 
     def __call__(self, model, prompt_ids, role):
         if role == "policy":
@@ -43,7 +49,8 @@ class ScriptedByGlobalPosition:
             return [list(self.one) for _ in prompt_ids]
         offset = self.process_index * len(prompt_ids)
         drop = DROPS.get(self.window, set())
-        return [list(self.one) if offset + i in drop else list(self.two) for i in range(len(prompt_ids))]
+        same = [offset + i in drop or SAME in text for i, text in enumerate(self.decode(prompt_ids))]
+        return [list(self.one if s else self.two) for s in same]
 
 
 def main(model_dir, out_dir):
@@ -51,9 +58,11 @@ def main(model_dir, out_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     prompts = [[{"role": "user", "content": f"What is {i} times {i}?"}] for i in range(3 * WINDOW)]
+    eval_prompts = [[{"role": "user", "content": f"What is {i} plus {i}? {SAME if i == 0 else ''}"}] for i in range(3)]
     args = SGPOConfig(
         output_dir=os.path.join(out_dir, "run"),
         per_device_train_batch_size=WINDOW // world,
+        per_device_eval_batch_size=2,
         max_steps=3,
         max_new_tokens=6,
         max_length=128,
@@ -81,6 +90,7 @@ def main(model_dir, out_dir):
         "pair_counts": trainer.pair_counts,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
     }
+    result["eval"] = trainer.evaluate(Dataset.from_dict({"prompt": eval_prompts}))
     with open(os.path.join(out_dir, f"rank{state.process_index}.json"), "w") as f:
         json.dump(result, f)
     # As the recipes do: a gloo group still alive at interpreter exit can abort a rank during teardown

@@ -1,4 +1,4 @@
-"""SGPO (with and without LoRA) and SPPO on a sharded backend over 2 CPU processes; run by test_sharded.py.
+"""SGPO and SPPO, each with and without LoRA, on a sharded backend over 2 CPU processes; run by test_sharded.py.
 
     accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml tests/dist_sharded_script.py BACKEND MODEL OUT
 
@@ -15,7 +15,9 @@ A second trainer resumes from the step-2 checkpoint and must end with the same w
 sharded on CPU). ``evaluate()`` runs on 4
 prompts of which process 0's two give identical pairs (it keeps none). The final save is loaded back by the test. Under
 ZeRO-3 without PEFT a second trainer built on the trained model must take pi_t as its reference. Each process writes
-what it saw to OUT/<name>.rank<k>.json and its gathered weights to OUT/<name>.rank<k>.pt.
+what it saw to OUT/<name>.rank<k>.json and its gathered weights to OUT/<name>.rank<k>.pt. SPPO samples its answers
+through the real generate from pi_t (the reference engine or the adapter-disabled model); fixed texts replace them.
+ZeRO-3 and FSDP2 clip gradients (max_grad_norm=1.0), the others do not.
 """
 
 import json
@@ -31,14 +33,17 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers.sharded import backend_args, full_weights, on_cpu, sharding_evidence
+from helpers.sharded import backend_args, full_weights, on_cpu
 from trl_sgpo import SGPOConfig, SGPOTrainer, SPPOConfig, SPPOTrainer
+from trl_sgpo.trainers.sharding import sharding_evidence
 
 
 PER_PROCESS = 2
 DROPS = {1: {0, 1}, 2: set(), 3: {0, 1, 2, 3}, 4: {2}}
+CLIPPED = {"zero3": 1.0, "fsdp2": 1.0}  # one ZeRO and one FSDP backend clip gradients (Trainer's default)
 SAME = "(same)"  # an eval prompt whose pair is identical (dropped)
 
 
@@ -86,7 +91,7 @@ def sgpo_args(backend, out, peft, **overrides):
         max_length=96,
         optim="adamw_torch",  # FSDP's full optimizer state dict needs a stateful optimizer (SGD has none)
         learning_rate=5e-2 if peft else 1e-2,
-        max_grad_norm=0.0,
+        max_grad_norm=CLIPPED.get(backend, 0.0),  # clipping runs on a skipped window too (step 3)
         lr_scheduler_type="constant",
         report_to="none",
         logging_steps=1,
@@ -127,6 +132,7 @@ def run_sgpo(backend, model_dir, out, peft):
     result["evidence"] = sharding_evidence(trainer)
     result["pair_counts"] = trainer.pair_counts
     result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result["grad_norms"] = [h.get("grad_norm") for h in trainer.state.log_history if "loss" in h]
     result["eval"] = trainer.evaluate()
     if backend == "zero3" and not peft:
         result["unsaved_second_round"] = unsaved_second_round(trainer, model_dir, tokenizer)
@@ -173,13 +179,25 @@ def second_round_reference(trainer, backend, model_dir, out, tokenizer):
 
 
 class FixedAnswers:
-    """Answer j of every prompt is ``texts[j]``, ending with EOS."""
+    """Answer j of every prompt is ``texts[j]``, ending with EOS. The real generation runs first (the round's
+    reference, pi_t, samples on the sharded backend) and its text is replaced; the calls are recorded."""
 
-    def __init__(self, tokenizer, texts):
+    def __init__(self, trainer, texts):
+        tokenizer = trainer.processing_class
         self.rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+        self.trainer, self.real, self.calls = trainer, trainer.generate_ids, []
 
     def __call__(self, model, prompt_ids, **kwargs):
+        generated = self.real(model, prompt_ids, **kwargs)
+        self.calls.append({"lengths": [len(g) for g in generated], "from_reference": self.is_reference(model)})
         return [list(self.rows[i % len(self.rows)]) for i in range(len(prompt_ids))]
+
+    def is_reference(self, model):
+        """pi_t: the frozen copy (not the trained module), or under PEFT the model with every adapter layer off."""
+        if self.trainer.ref_model is not None:
+            return model is not self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        return bool(layers) and all(m.disable_adapters for m in layers)
 
 
 class LengthScores:
@@ -187,17 +205,18 @@ class LengthScores:
         return [float(len(a)) for a in answers]
 
 
-def run_sppo(backend, model_dir, out):
+def run_sppo(backend, model_dir, out, peft):
+    name = f"sppo_{'lora' if peft else 'full'}"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     args = SPPOConfig(
-        output_dir=os.path.join(out, "sppo"),
+        output_dir=os.path.join(out, name),
         per_device_train_batch_size=PER_PROCESS,
         max_steps=2,
         max_new_tokens=3,
         max_length=96,
         num_samples=3,
         optim="adamw_torch",
-        learning_rate=1e-2,
+        learning_rate=5e-2 if peft else 1e-2,
         report_to="none",
         logging_steps=1,
         save_strategy="no",
@@ -206,26 +225,28 @@ def run_sppo(backend, model_dir, out):
         **backend_args(backend),
     )
     on_cpu(backend)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0) if peft else None
     trainer = SPPOTrainer(
         AutoModelForCausalLM.from_pretrained(model_dir),
         judge=LengthScores(),
         args=args,
         train_dataset=prompts(4 * PER_PROCESS, "What is {i} minus {i}?"),
         processing_class=tokenizer,
+        peft_config=lora,
     )
-    trainer.generate_ids = FixedAnswers(tokenizer, ["a", "bb bb", "ccc ccc ccc"])
+    trainer.generate_ids = answers = FixedAnswers(trainer, ["a", "bb bb", "ccc ccc ccc"])
     trainer.train()
     state = PartialState()
-    result = {"evidence": sharding_evidence(trainer), "counts": trainer.counts}
+    result = {"evidence": sharding_evidence(trainer), "counts": trainer.counts, "generations": answers.calls}
     result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    with open(os.path.join(out, f"sppo.rank{state.process_index}.json"), "w") as f:
+    with open(os.path.join(out, f"{name}.rank{state.process_index}.json"), "w") as f:
         json.dump(result, f)
 
 
 def main(backend, model_dir, out, parts):
     for part in parts.split(","):
-        if part == "sppo":
-            run_sppo(backend, model_dir, out)
+        if part.startswith("sppo"):
+            run_sppo(backend, model_dir, out, peft=part == "sppo_lora")
         else:
             run_sgpo(backend, model_dir, out, peft=part == "sgpo_lora")
     PartialState().destroy_process_group()
@@ -233,4 +254,4 @@ def main(backend, model_dir, out, parts):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(*sys.argv[1:4], sys.argv[4] if len(sys.argv) > 4 else "sgpo_full,sgpo_lora,sppo")
+    main(*sys.argv[1:4], sys.argv[4] if len(sys.argv) > 4 else "sgpo_full,sgpo_lora,sppo_full,sppo_lora")

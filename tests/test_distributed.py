@@ -1,8 +1,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,47 @@ def launch(script, *args, port, timeout=420):
         str(HERE / script),
         *map(str, args),
     ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_killing_the_group(cmd, env, timeout)
+
+
+def run_killing_the_group(cmd, env, timeout):
+    """``subprocess.run`` whose timeout ends the launcher's workers too: ``run`` kills only the launcher, and a hung
+    worker would then keep its port and cores (and the pipes open, so ``run`` itself would wait on it)."""
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.timeout(60)
+def test_a_timed_out_launch_ends_every_process_it_started(tmp_path):
+    # A parent that starts a child which outlives it, as `accelerate launch` starts its workers.
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(120)"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_killing_the_group([sys.executable, "-c", code], dict(os.environ), timeout=5)
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the kill is delivered at once; give the kernel a moment to reap it
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as f:
+            if f.read().split()[2] == "Z":  # a zombie is dead (its parent, also killed, can no longer reap it)
+                return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the launcher's child outlived the timeout")
 
 
 def data_stage_argv(model_dir, out):
@@ -140,6 +182,11 @@ def test_two_cpu_processes_give_the_update_of_one_process_with_the_same_pairs(tm
     # Losses: the mean over the window's kept pairs, whichever process holds them; the skipped step logs none.
     for a, b in zip(two[0]["losses"], one["losses"], strict=True):
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-4)
+
+    # evaluate() on 3 prompts: process 1's batch repeats prompt 0 (accelerate's even batches), counted once.
+    assert one["eval"]["eval_sgpo/kept_frac"] == pytest.approx(2 / 3)
+    for r in two:
+        assert r["eval"] == pytest.approx(one["eval"], rel=1e-4, abs=1e-5)
 
     # items.jsonl: the main process wrote both processes' pairs once each, under the ids one process gives them.
     from trl_sgpo.trainers.items_log import read_items

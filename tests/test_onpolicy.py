@@ -115,6 +115,8 @@ def test_a_step_that_keeps_nothing_leaves_weights_optimizer_and_schedule_bit_ide
     logs = [h for h in trainer.state.log_history if "sgpo/skipped_steps" in h and "loss" in h]
     assert [h["sgpo/skipped_steps"] for h in logs] == [0, 1, 1]
     assert logs[1]["loss"] != logs[1]["loss"]  # NaN: a skipped step reports no loss rather than a placeholder
+    # Nor a gradient norm: NaN, not a 0 that reads as "gradients vanished" (the other steps clip at 1.0).
+    assert math.isnan(logs[1]["grad_norm"]) and all(math.isfinite(logs[i]["grad_norm"]) for i in (0, 2))
 
 
 def test_improvements_cut_at_the_budget_never_train(tmp_path, tiny_model, tiny_tokenizer):

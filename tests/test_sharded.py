@@ -1,4 +1,4 @@
-"""SGPO (full and LoRA) and SPPO on DeepSpeed ZeRO-2/3 and FSDP1/FSDP2 over 2 CPU processes (gloo).
+"""SGPO and SPPO (each full and LoRA) on DeepSpeed ZeRO-2/3 and FSDP1/FSDP2 over 2 CPU processes (gloo).
 
 One launch of tests/dist_sharded_script.py per backend runs every check (a launch costs far more than a step on 2 CPU
 cores); this file reads what each process wrote. See the script's docstring for the scripted windows.
@@ -49,6 +49,10 @@ def check_sgpo(backend, out, name):
         # Counted over both processes: process 0 kept no pair at step 1 (zero-weight filler), step 3 kept nothing.
         assert {k: r["pair_counts"][k] for k in PAIRS} == PAIRS
         assert math.isnan(r["losses"][2]) and all(math.isfinite(x) for i, x in enumerate(r["losses"]) if i != 2)
+        # The skipped step 3 has no gradient (NaN, also where the backend clips); the others have one.
+        assert math.isnan(r["grad_norms"][2]) and all(
+            math.isfinite(x) for i, x in enumerate(r["grad_norms"]) if i != 2
+        )
         # evaluate(): process 0 kept no item and neither hung nor unpaired the gather.
         assert r["eval"]["eval_sgpo/kept_frac"] == 0.5 and r["eval"]["eval_sgpo/identical_frac"] == 0.5
         assert math.isfinite(r["eval"]["eval_loss"])
@@ -107,7 +111,11 @@ def test_sgpo_and_sppo_train_evaluate_resume_and_save_on_a_sharded_backend(backe
                 assert r["second_round"]["reference"] == pytest.approx(r["second_round"]["policy"], abs=1e-4)
                 # Before the save no folder holds pi_t: building the second round is refused, not silently pi_0.
                 assert "trained in this process" in (r["unsaved_second_round"] or "")
-    for r in rank_results(tmp_path, "sppo"):
-        check_backend_active(backend, r["evidence"])
-        assert r["counts"]["made"] == 24 and r["counts"]["kept"] == 16 and r["counts"]["steps"] == 2
-        assert all(math.isfinite(x) for x in r["losses"])
+    for name in ("sppo_full", "sppo_lora"):
+        for r in rank_results(tmp_path, name):
+            check_backend_active(backend, r["evidence"])
+            assert r["counts"]["made"] == 24 and r["counts"]["kept"] == 16 and r["counts"]["steps"] == 2
+            assert all(math.isfinite(x) for x in r["losses"])
+            # Each window's answers were really generated on the backend, by pi_t (the reference), 3 tokens at most.
+            assert len(r["generations"]) == 2 and all(g["from_reference"] for g in r["generations"]), r["generations"]
+            assert all(len(g["lengths"]) == 6 and 0 < max(g["lengths"]) <= 3 for g in r["generations"])

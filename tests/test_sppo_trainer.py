@@ -1,6 +1,7 @@
 """SPPOTrainer: which answers train, with which targets, and what a step does to the weights."""
 
 import math
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -325,7 +326,82 @@ def test_vllm_gets_the_round_start_weights_once_when_sampling_from_the_reference
     trainer._last_loaded_step = -1
     trainer._vllm_sampling_params = lambda: SimpleNamespace(max_tokens=6)
     synced_at = []
-    trainer._move_model_to_vllm = lambda: synced_at.append(trainer.state.global_step)
+    trainer._load_vllm_weights = lambda: synced_at.append(trainer.state.global_step)
     trainer.train()
     assert len(trainer.llm.calls) == 3
     assert synced_at == ([0] if sample_from == "reference" else [0, 1, 2])
+
+
+def vllm_trainer(tmp_path, model, tokenizer, mode, peft=False, **kw):
+    args = make_args(tmp_path, sample_from="reference", max_initial_empty_steps=0, **kw)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0) if peft else None
+    trainer = SPPOTrainer(
+        model,
+        judge=LengthScores(),
+        args=args,
+        train_dataset=conv_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    trainer.use_vllm, trainer.vllm_mode, trainer._last_loaded_step = True, mode, -1
+    trainer._vllm_sampling_params = lambda: SimpleNamespace(
+        max_tokens=6, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0
+    )
+    engine = StandInLLM(tokenizer) if mode == "colocate" else StandInClient(tokenizer)
+    setattr(trainer, "llm" if mode == "colocate" else "vllm_client", engine)
+    return trainer
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_a_resumed_round_pushes_the_reference_to_vllm_once(tmp_path, tiny_model, tiny_tokenizer, mode):
+    first = vllm_trainer(tmp_path, tiny_model, tiny_tokenizer, mode, max_steps=1, save_strategy="steps", save_steps=1)
+    first._load_vllm_weights = lambda: None
+    first.train()
+    resumed = vllm_trainer(tmp_path, tiny_model, tiny_tokenizer, mode, max_steps=3)
+    synced_at = []
+    resumed._load_vllm_weights = lambda: synced_at.append(resumed.state.global_step)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    # The engine (a server in particular) holds nothing of this round in this process: pi_t is pushed at step 1.
+    assert synced_at == [1]
+
+
+class WeightSink:
+    """Records the weights pushed to a colocated engine or a server."""
+
+    def __init__(self):
+        self.weights, self.updates = {}, 0
+        self.llm_engine = SimpleNamespace(
+            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=self)))
+        )
+
+    def load_weights(self, pairs):
+        self.weights.update({name: tensor.clone() for name, tensor in pairs})
+
+    def update_named_param(self, name, tensor):
+        self.weights[name] = tensor.clone()
+
+    @contextmanager
+    def weight_update(self):
+        self.updates += 1
+        yield
+
+    def reset_prefix_cache(self):
+        pass
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_the_reference_is_what_vllm_gets(tmp_path, tiny_model, tiny_tokenizer, mode, peft):
+    start = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    trainer = vllm_trainer(tmp_path, tiny_model, tiny_tokenizer, mode, peft=peft, max_steps=2)
+    trainer._load_vllm_weights = lambda: None
+    trainer.generate_ids = FixedAnswers(tiny_tokenizer, ["one", "two two two", "two two"], 3)
+    trainer.train()  # the policy moves away from pi_t
+    sink = WeightSink()
+    setattr(trainer, "llm" if mode == "colocate" else "vllm_client", sink)
+    SPPOTrainer._load_vllm_weights(trainer)
+    assert set(sink.weights) == set(start)  # the plain model's names: no adapter weights under PEFT
+    for name, value in start.items():
+        torch.testing.assert_close(sink.weights[name], value, rtol=0, atol=0)
+    policy = trainer.model.merge_and_unload() if peft else trainer.model
+    assert any(not torch.equal(p, start[n]) for n, p in policy.named_parameters())

@@ -169,7 +169,17 @@ def test_colocate_refuses_a_process_count_that_tensor_parallelism_does_not_divid
 class RecordingSamplingParams:
     """A `vllm.SamplingParams` stand-in: records its arguments and, like vLLM's, refuses ones it does not know."""
 
-    known = {"n", "repetition_penalty", "temperature", "top_p", "top_k", "min_p", "max_tokens", "detokenize", "stop"}
+    known = {
+        "n",
+        "repetition_penalty",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "max_tokens",
+        "detokenize",
+        "presence_penalty",
+    }
     made = []
 
     def __init__(self, **kwargs):
@@ -185,15 +195,19 @@ def test_generation_kwargs_never_reach_vllm_and_vllm_sampling_kwargs_do(tmp_path
     monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=RecordingSamplingParams))
     RecordingSamplingParams.made.clear()
     trainer, _, prompts = _trainer(
-        tmp_path, tiny_model_dir, mode, generation_kwargs={"use_cache": False}, vllm_sampling_kwargs={"stop": ["##"]}
+        tmp_path,
+        tiny_model_dir,
+        mode,
+        generation_kwargs={"use_cache": False},
+        vllm_sampling_kwargs={"presence_penalty": 0.5},
     )
     trainer._vllm_sampling_params = lambda role: _with_role(SGPOTrainer._vllm_sampling_params(trainer, role), role)
     trainer.generate_pairs(trainer.model, prompts[:2])
     assert len(RecordingSamplingParams.made) == 2  # policy and improver
     for kwargs in RecordingSamplingParams.made:
-        assert "use_cache" not in kwargs and kwargs["stop"] == ["##"]
+        assert "use_cache" not in kwargs and kwargs["presence_penalty"] == 0.5
     if mode == "server":
-        assert trainer.vllm_client.generation_kwargs == [{"stop": ["##"]}, {"stop": ["##"]}]
+        assert trainer.vllm_client.generation_kwargs == [{"presence_penalty": 0.5}, {"presence_penalty": 0.5}]
     # The transformers path still gets them.
     assert trainer.generation_kwargs["use_cache"] is False
 
@@ -217,12 +231,12 @@ def test_sppo_sampling_params_take_vllm_sampling_kwargs_only(tmp_path, tiny_mode
         num_samples=2,
         report_to="none",
         generation_kwargs={"use_cache": False},
-        vllm_sampling_kwargs={"stop": ["##"]},
+        vllm_sampling_kwargs={"presence_penalty": 0.5},
     )
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i}?"}] for i in range(2)]})
     trainer = SPPOTrainer(model, judge=_PointwiseJudge(), args=args, train_dataset=prompts, processing_class=tokenizer)
     params = trainer._vllm_sampling_params()
-    assert "use_cache" not in params.kwargs and params.kwargs["stop"] == ["##"]
+    assert "use_cache" not in params.kwargs and params.kwargs["presence_penalty"] == 0.5
 
 
 class _PointwiseJudge:
@@ -233,10 +247,10 @@ class _PointwiseJudge:
 def test_each_generation_field_warns_when_its_backend_is_not_used(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         SGPOConfig(output_dir=str(tmp_path), report_to="none", use_vllm=True, generation_kwargs={"use_cache": False})
-        SGPOConfig(output_dir=str(tmp_path), report_to="none", vllm_sampling_kwargs={"stop": ["##"]})
+        SGPOConfig(output_dir=str(tmp_path), report_to="none", vllm_sampling_kwargs={"presence_penalty": 0.5})
     assert "`generation_kwargs` ['use_cache'] are for transformers' `generate`" in caplog.text
     assert "put vLLM `SamplingParams` options in `vllm_sampling_kwargs`" in caplog.text
-    assert "`vllm_sampling_kwargs` ['stop'] are used with `use_vllm=True` only" in caplog.text
+    assert "`vllm_sampling_kwargs` ['presence_penalty'] are used with `use_vllm=True` only" in caplog.text
 
 
 def test_vllm_sampling_kwargs_parse_from_the_command_line(tmp_path):
@@ -250,7 +264,27 @@ def test_vllm_sampling_kwargs_parse_from_the_command_line(tmp_path):
             "none",
             "--use_vllm",
             "--vllm_sampling_kwargs",
-            '{"stop": ["#"]}',
+            '{"presence_penalty": 0.5}',
         ]
     )
-    assert args.vllm_sampling_kwargs == {"stop": ["#"]}
+    assert args.vllm_sampling_kwargs == {"presence_penalty": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("key", "instead"),
+    [
+        ("max_tokens", "max_new_tokens"),
+        ("temperature", "improver_temperature"),
+        ("n", "num_samples"),
+        ("detokenize", "token ids"),
+        ("stop", "answers end at EOS"),
+        ("ignore_eos", "answers end at EOS"),
+    ],
+)
+def test_vllm_sampling_kwargs_that_the_trainers_set_are_refused_with_the_setting_to_use(tmp_path, key, instead):
+    from trl_sgpo import SPPOConfig
+
+    for config in (SGPOConfig, SPPOConfig):
+        with pytest.raises(ValueError, match=f"`vllm_sampling_kwargs` may not set `{key}`") as error:
+            config(output_dir=str(tmp_path), report_to="none", use_vllm=True, vllm_sampling_kwargs={key: 1})
+        assert instead in str(error.value)

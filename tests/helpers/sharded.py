@@ -92,41 +92,6 @@ def fsdp_on_cpu() -> None:
         state.device = torch.device("cpu")
 
 
-def sharding_evidence(trainer) -> dict:
-    """What shows ``trainer``'s backend really is active on this process (fails loudly when it is not)."""
-    wrapped = trainer.model_wrapped
-    evidence = {"wrapper": type(wrapped).__name__, "distributed_type": str(trainer.accelerator.distributed_type)}
-    params = list(wrapped.parameters())
-    if trainer.is_deepspeed_enabled:
-        evidence["zero_stage"] = wrapped.zero_optimization_stage()
-        if evidence["zero_stage"] == 2:
-            # ZeRO-2 keeps whole parameters and partitions the fp32 master weights and optimizer state.
-            evidence["full_numel"] = sum(p.numel() for p in params if p.requires_grad)
-            evidence["local_numel"] = sum(p.numel() for p in wrapped.optimizer.single_partition_of_fp32_groups)
-        if evidence["zero_stage"] == 3:
-            # A partitioned ZeRO-3 parameter holds an empty local tensor outside a forward.
-            evidence["full_numel"] = sum(p.ds_numel for p in params)
-            evidence["local_numel"] = sum(p.numel() for p in params)
-    elif trainer.is_fsdp_enabled:
-        from torch.distributed.tensor import DTensor
-
-        evidence["fsdp_version"] = trainer.accelerator.state.fsdp_plugin.fsdp_version
-        if evidence["fsdp_version"] == 2:
-            assert all(isinstance(p, DTensor) for p in params), "FSDP2 parameters are not DTensors"
-            evidence["full_numel"] = sum(p.numel() for p in params)
-            evidence["local_numel"] = sum(p.to_local().numel() for p in params)
-        else:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            evidence["full_numel"] = sum(p._unpadded_unsharded_size.numel() for p in _flat_params(wrapped, FSDP))
-            evidence["local_numel"] = sum(p._local_shard.numel() for p in _flat_params(wrapped, FSDP))
-    return evidence
-
-
-def _flat_params(wrapped, fsdp_class) -> list:
-    return [m._flat_param for m in fsdp_class.fsdp_modules(wrapped) if m._flat_param is not None]
-
-
 @torch.no_grad()
 def full_weights(trainer) -> dict[str, torch.Tensor]:
     """The whole trained weights on this process (gathered from the shards), by the plain model's names."""

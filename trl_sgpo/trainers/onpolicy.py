@@ -83,13 +83,17 @@ logger = logging.getLogger(__name__)
 # of them disappears, so a TRL upgrade that removes or renames one is caught before it changes training silently.
 #   __init__: model loading, PEFT wrapping, the reference copy, dropout off, generation config, accelerator prep of
 #             the reference and reward models, the server-mode vLLM client;
-#   _move_model_to_vllm: weight sync to vLLM (PEFT merge, ZeRO-3 gather, FSDP);
+#   _move_model_to_vllm: weight sync to vLLM (PEFT merge, ZeRO-3 gather, FSDP); _sync_fsdp1/2_params_to_vllm,
+#   _fix_param_name_to_vllm: SPPO's push of the reference (pi_t) through the same FSDP syncs and names;
 #   _beta, eos_token_ids, generation_config, generation_kwargs, ref_model, reward_funcs, reward_processing_classes,
 #   reward_weights (an optional judge, scored by SGPO itself so that an abstention drops a pair), use_vllm,
 #   vllm_mode, llm, vllm_client, _last_loaded_step, _tokenizer: attributes set by __init__.
 ONLINE_DPO_MEMBERS_USED = (
     "__init__",
     "_move_model_to_vllm",
+    "_sync_fsdp1_params_to_vllm",
+    "_sync_fsdp2_params_to_vllm",
+    "_fix_param_name_to_vllm",
     "_beta",
     "eos_token_ids",
     "generation_config",
@@ -128,6 +132,24 @@ def reference_weights_source(model) -> str | None:
     return path if path and os.path.isdir(path) else None
 
 
+_FINISHED = "answers end at EOS (an answer without one is cut and never trained), so it would silently drop answers."
+# `vllm_sampling_kwargs` keys the trainers set themselves, and why (the error names the setting to use instead).
+VLLM_RESERVED_KEYS = {
+    "max_tokens": "the budget is `max_new_tokens` (SGPO's improver: `improver_max_new_tokens`); use those.",
+    "temperature": "use `temperature` (SGPO's improver: `improver_temperature`).",
+    "top_p": "use `top_p`.",
+    "top_k": "use `top_k`.",
+    "min_p": "use `min_p`.",
+    "repetition_penalty": "use `repetition_penalty`.",
+    "n": "each call makes one answer per prompt (SPPO: set `num_samples`).",
+    "best_of": "each call makes one answer per prompt (SPPO: set `num_samples`).",
+    "detokenize": "the trainers read token ids, never vLLM's text.",
+    "stop": _FINISHED,
+    "stop_token_ids": _FINISHED,
+    "ignore_eos": _FINISHED,
+}
+
+
 @dataclass
 class OnPolicyConfig(OnlineDPOConfig):
     r"""
@@ -152,9 +174,13 @@ class OnPolicyConfig(OnlineDPOConfig):
             figures such as DPO margins or SPPO targets) to `<output_dir>/items.jsonl`, one line per item, as
             training goes. See [`~trl_sgpo.trainers.items_log`].
         vllm_sampling_kwargs (`dict[str, Any]`, *optional*):
-            Extra keyword arguments for vLLM's `SamplingParams` when `use_vllm=True` (e.g. `{"stop": ["###"]}`);
-            they override the generation settings (`temperature`, `top_p`, ...). In server mode they are sent as the
-            client's `generation_kwargs`. Not used without vLLM, as `generation_kwargs` are not used with it.
+            Extra keyword arguments for vLLM's `SamplingParams` when `use_vllm=True` (e.g.
+            `{"presence_penalty": 0.5}`). In server mode they are sent as the client's `generation_kwargs`. Not used
+            without vLLM, as `generation_kwargs` are not used with it. Keys that have their own setting
+            (`temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `max_tokens`: `max_new_tokens`, and
+            SGPO's `improver_temperature`, `improver_max_new_tokens`) and keys that would change which answers count
+            as finished or how many are made (`n`, `best_of`, `detokenize`, `stop`, `stop_token_ids`, `ignore_eos`:
+            an answer is finished when it ends with EOS) are refused.
     """
 
     skipped_steps_warning_frac: float = field(
@@ -195,6 +221,11 @@ class OnPolicyConfig(OnlineDPOConfig):
                 "`parallelism_config` with context or sequence parallelism (`cp_size` or `sp_size` > 1) is not "
                 "supported by the on-policy trainers. Set `cp_size=1` and `sp_size=1` (data, tensor and FSDP "
                 "parallelism are fine)."
+            )
+        for key in sorted(set(self.vllm_sampling_kwargs or {}) & set(VLLM_RESERVED_KEYS)):
+            raise ValueError(
+                f"`vllm_sampling_kwargs` may not set `{key}`: {VLLM_RESERVED_KEYS[key]} Remove it from "
+                "`vllm_sampling_kwargs`."
             )
         if self.use_vllm and self.generation_kwargs:
             logger.warning(
@@ -300,9 +331,10 @@ class Items:
         )
 
 
-def masked_filler(items: Items) -> Items:
-    """Item 0 of ``items`` with its completions masked out: a forward on it adds nothing to any log-prob sum."""
-    part = items.select(torch.tensor([0]))
+def masked_filler(items: Items, index: int = 0) -> Items:
+    """Item ``index`` of ``items`` with its completions masked out: a forward on it adds nothing to any log-prob
+    sum."""
+    part = items.select(torch.tensor([index]))
     for seqs in part.sequences.values():
         seqs.completion_mask = torch.zeros_like(seqs.completion_mask)
     return part
@@ -577,7 +609,7 @@ class OnPolicyTrainer(OnlineDPOTrainer):
             empty_cache()
             self.llm.wake_up(tags=["weights"])
         if sleeps or self._vllm_needs_weights():
-            self._move_model_to_vllm()
+            self._load_vllm_weights()
             self._last_loaded_step = self.state.global_step
         if sleeps:
             self.llm.wake_up(tags=["kv_cache"])
@@ -586,6 +618,10 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         finally:
             if sleeps:
                 self.llm.sleep(level=2)
+
+    def _load_vllm_weights(self) -> None:
+        """Push the weights to sample from into the vLLM engine: the policy's (TRL's sync)."""
+        self._move_model_to_vllm()
 
     def _vllm_needs_weights(self) -> bool:
         """Whether the engine needs the policy's weights before this window (once per optimizer step)."""
@@ -781,9 +817,7 @@ class OnPolicyTrainer(OnlineDPOTrainer):
                 # Every process runs forward and backward on every micro-batch of a window that trains (DDP
                 # all-reduces, DeepSpeed counts micro-steps): a process without an item here runs one with its
                 # completions masked out and weight 0, which adds a zero gradient.
-                part = items.select(torch.tensor([i * size]))
-                for seqs in part.sequences.values():
-                    seqs.completion_mask = torch.zeros_like(seqs.completion_mask)
+                part = masked_filler(items, i * size)
                 part.values["weight"] = torch.zeros(1, device=device)
             ref = self.reference_logps(part)
             for name, value in ref.items():
@@ -832,10 +866,11 @@ class OnPolicyTrainer(OnlineDPOTrainer):
 
     def _clip_grad_norm(self, model):
         # A skipped window has no gradient to clip, and an fp16 GradScaler must not unscale without a backward.
-        return torch.zeros((), device=self.args.device) if self._window_skipped else super()._clip_grad_norm(model)
+        return None if self._window_skipped else super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        return 0.0 if self._window_skipped else super()._get_grad_norm(model, grad_norm)
+        # A skipped window has no gradient: its logged `grad_norm` is NaN (as its loss), not a misleading 0.
+        return float("nan") if self._window_skipped else super()._get_grad_norm(model, grad_norm)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         items: Items = inputs["items"]
@@ -966,6 +1001,18 @@ class OnPolicyTrainer(OnlineDPOTrainer):
 
     # ------------------------------------------------------------------ evaluation
 
+    def _counted_eval_items(self, n_prompts: int, n_items: int) -> torch.Tensor:
+        """Which of this batch's items count in the metrics: not those of the prompts accelerate repeats to even out
+        the last batch over the processes (``even_batches``), dropped as ``gather_for_metrics`` drops them. Items are
+        made prompt by prompt, the same number for each."""
+        state = self.accelerator.gradient_state
+        real = n_prompts
+        if state.end_of_dataloader and state.remainder > 0:
+            # Gathered in process order, the first `remainder` prompts of the last global batch are real.
+            real = min(n_prompts, max(0, state.remainder - self.accelerator.process_index * n_prompts))
+        per_prompt = n_items // n_prompts if n_prompts else 0
+        return torch.arange(n_items) < real * per_prompt
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Make items on the eval prompts and report their loss metrics, keep share and flags (no training).
 
@@ -988,10 +1035,13 @@ class OnPolicyTrainer(OnlineDPOTrainer):
         for batch in self.get_eval_dataloader(eval_dataset):
             with self.generation_model() as gen_model:
                 items = self.make_items(gen_model, list(batch["prompt"]), batch)
-            local = {f"{prefix}/kept_frac": items.keep.float().sum(), "_made": torch.tensor(float(len(items)))}
-            local.update({f"{prefix}/{k}_frac": v.float().sum() for k, v in items.flags.items()})
-            local.update({f"{prefix}/{k}_length": s.lengths().float().sum() for k, s in items.sequences.items()})
-            kept = items.select(items.keep.nonzero().flatten().cpu())
+            counted = self._counted_eval_items(len(batch["prompt"]), len(items)).to(items.keep.device)
+            local = {f"{prefix}/kept_frac": (items.keep & counted).float().sum(), "_made": counted.float().sum()}
+            local.update({f"{prefix}/{k}_frac": (v & counted).float().sum() for k, v in items.flags.items()})
+            local.update(
+                {f"{prefix}/{k}_length": (s.lengths() * counted).float().sum() for k, s in items.sequences.items()}
+            )
+            kept = items.select((items.keep & counted).nonzero().flatten().cpu())
             local["_kept"] = torch.tensor(float(len(kept)))
             if len(kept) or self.accelerator.distributed_type != DistributedType.NO:
                 # Under ZeRO-3 and FSDP a forward is collective: a process that kept nothing runs a masked filler item

@@ -44,8 +44,8 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
     A pair trains only when it means what it says: the improvement ended with EOS within `improver_max_new_tokens`,
     is non-empty and differs from the draft, and the draft ended with EOS within `max_new_tokens` (unless
     `keep_truncated_drafts`). With a judge in `reward_funcs`, a pair also needs the judge to score `y'` more than
-    `judge_margin` above `y`; a pair the judge abstains on (a reward function returns `None` or NaN for either
-    answer) is dropped as `judge_abstained`. Every reason is counted ([`pair_counts`]) and logged
+    `judge_margin` above `y`; a pair the judge abstains on (any reward function returns `None` or NaN for either
+    answer, even one whose `reward_weights` entry is 0) is dropped as `judge_abstained`. Every reason is counted ([`pair_counts`]) and logged
     (`sgpo/<reason>_frac`).
 
     The step is [`OnPolicyTrainer`]'s: pairs for a whole accumulation window are generated once in `_prepare_inputs`,
@@ -59,7 +59,8 @@ class SGPOTrainer(SavesImproverTemplate, OnPolicyTrainer):
         ref_model: Reference model. Defaults to a frozen copy of `model`, or to the adapter-disabled model under PEFT.
         reward_funcs: Optional judge(s), in OnlineDPO's `reward_funcs` format (callables, sequence-classification
             models or model ids), summed with `reward_weights`. Used only to drop pairs, never to pick the chosen
-            answer. A callable may abstain on an answer (`None` or NaN): its pair is then dropped.
+            answer. A callable may abstain on an answer (`None` or NaN): its pair is then dropped, whatever the
+            callable's weight (a weight of 0 does not make a function's abstention count less).
         args: An [`SGPOConfig`]. Defaults to `SGPOConfig("<model name>-SGPO")`.
         train_dataset: Dataset with a `prompt` column (standard string or conversational messages).
         processing_class: Tokenizer. Defaults to the tokenizer of `model` when `model` is a string.

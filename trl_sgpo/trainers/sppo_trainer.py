@@ -6,6 +6,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from trl.models.utils import unwrap_model_for_generation
 
@@ -15,6 +16,12 @@ from .generation import PolicySampler
 from .onpolicy import Items, OnPolicyTrainer, Sequences
 from .sppo_config import SPPOConfig
 from .sppo_loss import estimated_win_rates, judge_win_probabilities, sppo_loss
+
+
+def deepspeed_gathered(params):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 class SPPOTrainer(PolicySampler, OnPolicyTrainer):
@@ -102,8 +109,45 @@ class SPPOTrainer(PolicySampler, OnPolicyTrainer):
     def _vllm_needs_weights(self) -> bool:
         if self.args.sample_from == "policy":
             return super()._vllm_needs_weights()
-        # The engine keeps pi_t: loaded before the round's first step (when the policy still is pi_t), never after.
-        return self._last_loaded_step < 0 and self.state.global_step == 0
+        # The engine keeps pi_t: pushed once, before this process first samples. On a run resumed mid-round that is
+        # a step > 0, and the engine (a server in particular) holds no weights of this round yet.
+        return self._last_loaded_step < 0
+
+    def _load_vllm_weights(self) -> None:
+        if self.args.sample_from == "policy":
+            return super()._load_vllm_weights()
+        # pi_t is the reference, not the policy (which has moved on from it on a resumed run).
+        if self.vllm_mode == "server" and self.accelerator.is_main_process:
+            with self.vllm_client.weight_update():
+                self._push_reference_to_vllm()
+            self.vllm_client.reset_prefix_cache()
+        else:
+            self._push_reference_to_vllm()
+            if self.vllm_mode == "colocate":
+                self.llm.reset_prefix_cache()
+
+    def _push_reference_to_vllm(self) -> None:
+        """The reference's weights into the engine: the frozen copy, or under PEFT the base weights (no adapter)."""
+        module = self.ref_model if self.ref_model is not None else self.model
+        if self.is_fsdp_enabled:  # TRL's FSDP syncs take the module to push
+            if self.accelerator.state.fsdp_plugin.fsdp_version == 1:
+                return self._sync_fsdp1_params_to_vllm(module)
+            return self._sync_fsdp2_params_to_vllm(module)  # under PEFT: skips the adapter, keeps the base weights
+        module = self.accelerator.unwrap_model(module)  # ZeRO-3's reference is a DeepSpeed engine
+        plugin = self.accelerator.state.deepspeed_plugin
+        zero3 = plugin is not None and plugin.zero_stage == 3
+        peft = is_peft_model(module)
+        for name, param in module.named_parameters():
+            if peft and (module.prefix in name or "modules_to_save" in name):
+                continue  # trained parts: pi_t is the base model (its `original_module` copies)
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
+            name = self._fix_param_name_to_vllm(name)
+            with deepspeed_gathered([param]) if zero3 else nullcontext():
+                if self.vllm_mode == "colocate":
+                    llm_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+                    llm_model.load_weights([(name, param.data)])
+                elif self.accelerator.is_main_process:
+                    self.vllm_client.update_named_param(name, param.data)
 
     def make_items(self, model, prompts: list, inputs: dict[str, Any]) -> Items:
         k = self.args.num_samples
