@@ -246,11 +246,11 @@ def main(compare_args, script_args, training_args, model_args, judge=None):
 
 
 def method_training_args(training_args, method: str, **changes):
-    """The shared training arguments for ``method``, less the settings it keeps its own defaults for (SPPO's and
-    SSO's ``beta`` and ``loss_type``): the comparison sets those for the methods that share them."""
+    """The shared training arguments for ``method``, less the settings it does not take from them (SPPO's and SSO's
+    ``beta`` and ``loss_type``, SGPO's pair settings): the comparison sets those for the methods that use them."""
     from trl_sgpo.pipeline.methods import get_method
 
-    return dataclasses.replace(training_args, **get_method(method).own_defaults(training_args), **changes)
+    return dataclasses.replace(training_args, **get_method(method).unused_defaults(training_args), **changes)
 
 
 def comparison_rows(report: dict, results: dict) -> list[dict]:

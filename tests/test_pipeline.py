@@ -667,6 +667,10 @@ def test_settings_a_method_does_not_use_are_refused(recipe, tiny_model_dir, prom
                 "ipo",
             )
         )
+    with pytest.raises(ValueError, match=r"`judge_margin` \(0.3\) does not apply to --method sppo \(`SPPOConfig`"):
+        recipe.main(*parse(recipe, *argv, "--judge_margin", "0.3"))
+    with pytest.raises(ValueError, match=r"`log_items` \(False\) does not apply to --method online_dpo"):
+        recipe.main(*parse(recipe, *argv, "--method", "online_dpo", "--log_items", "false"))
     assert not (tmp_path / "run").exists() and not (tmp_path / "r2").exists()
     # method_args is keyed by method, as in recipes/compare.py.
     with pytest.raises(ValueError, match=r"`method_args` has settings for \['sso'\], but --method is sppo"):

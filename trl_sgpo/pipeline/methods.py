@@ -76,26 +76,39 @@ class Method:
             values.pop(derived, None)
         return config_class(**values)
 
-    def own_defaults(self, training_args) -> dict[str, Any]:
-        """The values ``training_args`` holds for ``own_fields`` when they are not set (their defaults)."""
+    def unused_defaults(self, training_args) -> dict[str, Any]:
+        """The fields of ``training_args`` this method does not take from it, with their unset values: its
+        ``own_fields`` and every field its config lacks (SGPO's pair settings for SPPO, say)."""
+        taken = {f.name for f in dataclasses.fields(self.config_class()) if f.init}
         values = {}
         for f in dataclasses.fields(training_args):
-            if f.name in self.own_fields:
-                value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-                # OnlineDPOConfig keeps a single `beta` as a float, its default being the list [0.1].
-                values[f.name] = value[0] if isinstance(value, list) and len(value) == 1 else value
+            if not f.init or (f.name in taken and f.name not in self.own_fields):
+                continue
+            value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            # OnlineDPOConfig keeps a single `beta` as a float, its default being the list [0.1].
+            values[f.name] = value[0] if isinstance(value, list) and len(value) == 1 else value
+        if values.get("improver_max_new_tokens", 0) is None:  # unset, it follows max_new_tokens
+            from ..trainers.sgpo_config import IMPROVER_TOKENS_FACTOR
+
+            values["improver_max_new_tokens"] = IMPROVER_TOKENS_FACTOR * training_args.max_new_tokens
         return values
 
     def refuse_unused_settings(self, training_args) -> None:
-        """Raise when ``training_args`` sets a field this method takes from its own defaults (``own_fields``): the
-        value would do nothing."""
-        for name, default in self.own_defaults(training_args).items():
+        """Raise when ``training_args`` sets a field this method does not take from it: the value would do
+        nothing."""
+        for name, default in self.unused_defaults(training_args).items():
             value = getattr(training_args, name)
-            if value != default:
+            if value == default:
+                continue
+            if name in self.own_fields:
                 raise ValueError(
                     f"`{name}` ({value!r}) does not apply to --method {self.name}, which keeps its own default; drop "
                     f'it, or set it for this method with `method_args`, e.g. {{"{self.name}": {{"{name}": ...}}}}.'
                 )
+            raise ValueError(
+                f"`{name}` ({value!r}) does not apply to --method {self.name} (`{self.config_class().__name__}` has no "
+                "such setting); drop it."
+            )
 
     def build_trainer(self, model, tokenizer, args, train_dataset: Dataset, peft_config=None, judge=None):
         """One round's trainer. ``judge`` is a judge of :mod:`trl_sgpo.evaluation` (or ``None``)."""
