@@ -154,19 +154,11 @@ def evaluation_judge(compare_args, script_args, judge):
 
 def split_rows(script_args, compare_args, seed: int):
     """``(train_rows, eval_rows)``: the held-out rows are drawn first, so no method ever trains on them."""
-    from datasets import load_dataset
-
-    from trl_sgpo.data.checks import check_columns, load_default_dataset
+    from trl_sgpo.data.checks import check_columns
     from trl_sgpo.data.splits import split_held_out
-    from trl_sgpo.io.jsonl import load_rows
+    from trl_sgpo.pipeline.run import load_dataset_rows
 
-    name = script_args.dataset_name
-    if name is None:
-        dataset = load_default_dataset()
-    elif Path(name).exists():
-        dataset = load_rows(name)
-    else:
-        dataset = load_dataset(name, script_args.dataset_config, split=script_args.dataset_split)
+    dataset = load_dataset_rows(script_args)
     check_columns(dataset, ("prompt",), "dataset")
     n_eval = script_args.num_eval_prompts
     if n_eval < 1:

@@ -144,3 +144,25 @@ def test_comparison_table_shows_standard_errors():
     assert "| method | win rate vs start % (SE) [95% CI] | LC win rate % (SE) |" in table
     assert "| sgpo | 62.5 (6.1) [50.0, 75.0] | 58.0 (5.2) | 5 / 0 / 3 | 120 | 1.0 min |" in table
     assert "| sso | 62.5 (n/a) [50.0, 75.0] | 58.0 (n/a) |" in table
+
+
+def test_the_held_out_rows_read_references_from_reference_column(tmp_path):
+    from test_gpu_config import ultrafeedback_like
+
+    compare = load_script("compare")
+    data = ultrafeedback_like(tmp_path / "uf.jsonl", n=8)
+    argv = [
+        "--output_dir",
+        "o",
+        "--dataset_name",
+        str(data),
+        "--reference_column",
+        "chosen",
+        "--num_eval_prompts",
+        "3",
+    ]
+    compare_args, script_args, training_args, _ = compare.make_parser().parse_args_and_config(argv)
+    train_rows, eval_rows = compare.split_rows(script_args, compare_args, training_args.seed)
+    # The similarity and ROUGE judges score the held-out answers against these: the chat's last assistant message.
+    assert len(eval_rows) == 3 and len(train_rows) == 5
+    assert all(row["reference"].endswith(".") and " plus " in row["reference"] for row in eval_rows)

@@ -392,8 +392,7 @@ def prepare_run(script_args, training_args, model_args, method_args: MethodArgum
 
 def split_rows(script_args: SGPOScriptArguments, seed: int) -> Rows:
     """Load the rows and split them; bad columns fail here, before any model is loaded."""
-    dataset = _load_rows(script_args.dataset_name, script_args.dataset_config, script_args.dataset_split)
-    dataset = _with_reference(dataset, script_args.reference_column)
+    dataset = load_dataset_rows(script_args)
     hint = " (rename yours with `dataset.rename_column`)"
     check_columns(dataset, ("prompt",), "dataset", hint)
     train_rows, eval_rows = _hold_out(dataset, script_args.num_eval_prompts, seed)
@@ -410,13 +409,17 @@ def split_rows(script_args: SGPOScriptArguments, seed: int) -> Rows:
     return Rows(len(dataset), eval_rows, improver_rows, method_rows)
 
 
-def _load_rows(name: str | None, config: str | None, split: str) -> Dataset:
+def load_dataset_rows(script_args: SGPOScriptArguments) -> Dataset:
+    """The prompt/reference rows the recipes train and evaluate on: ``--dataset_name`` (the shipped set when unset),
+    with ``--reference_column`` read into ``reference``."""
+    name = script_args.dataset_name
     if name is None:
-        return load_default_dataset()
-    path = Path(name)
-    if path.exists():
-        return load_rows(path)
-    return load_dataset(name, config, split=split)
+        dataset = load_default_dataset()
+    elif Path(name).exists():
+        dataset = load_rows(Path(name))
+    else:
+        dataset = load_dataset(name, script_args.dataset_config, split=script_args.dataset_split)
+    return _with_reference(dataset, script_args.reference_column)
 
 
 def _with_reference(dataset: Dataset, column: str) -> Dataset:
