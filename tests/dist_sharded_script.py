@@ -250,6 +250,13 @@ def main(backend, model_dir, out, parts):
         else:
             run_sgpo(backend, model_dir, out, peft=part == "sgpo_lora")
     PartialState().destroy_process_group()
+    # Every result is written and the group is gone. DeepSpeed's CPU backend can still abort a process during
+    # interpreter teardown ("terminate called without an active exception": a native thread left joinable), seen
+    # once in a few dozen ZeRO-2 launches after all work had finished; leave without that teardown. A failure
+    # before this line still ends the process with its error.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
