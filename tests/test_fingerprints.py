@@ -10,7 +10,7 @@ from trl_sgpo.pipeline import SGPOScriptArguments
 from trl_sgpo.pipeline.fingerprints import (
     OUTPUT_NEUTRAL,
     SCRIPT_SETTINGS,
-    STAGE_ORDER,
+    TRAINING_STAGES,
     fingerprint,
     model_fingerprint,
     script_fingerprint,
@@ -46,11 +46,11 @@ def test_a_new_config_field_changes_the_fingerprint_unless_listed(tmp_path, monk
 
 def test_a_new_recipe_setting_changes_every_stage_unless_listed():
     a, b = NewerScriptArguments(), NewerScriptArguments(brand_new_setting=1)
-    for stage in STAGE_ORDER:
+    for stage in TRAINING_STAGES:
         assert script_fingerprint(a, stage) != script_fingerprint(b, stage)
     # A listed setting changes its stage and the later ones only.
     c = NewerScriptArguments(ppl_max_ratio=9.0)
-    changed = [s for s in STAGE_ORDER if script_fingerprint(a, s) != script_fingerprint(c, s)]
+    changed = [s for s in TRAINING_STAGES if script_fingerprint(a, s) != script_fingerprint(c, s)]
     assert changed == ["filter", "improver_sft", "sgpo"]
     assert script_fingerprint(a, "sample") == script_fingerprint(NewerScriptArguments(num_threads=3), "sample")
 
@@ -59,7 +59,7 @@ def test_every_recipe_setting_is_placed_and_every_listed_name_exists():
     names = {f.name for f in dataclasses.fields(SGPOScriptArguments)}
     # Each recipe setting belongs to a stage or is listed as neutral: none lands in every stage by oversight.
     assert names <= set(SCRIPT_SETTINGS) | OUTPUT_NEUTRAL
-    assert set(SCRIPT_SETTINGS) <= names and set(SCRIPT_SETTINGS.values()) <= set(STAGE_ORDER)
+    assert set(SCRIPT_SETTINGS) <= names and set(SCRIPT_SETTINGS.values()) <= set(TRAINING_STAGES)
     # A listed name that no configuration has any more is a stale entry (it would silently list nothing).
     every = names | {f.name for cls in (SGPOConfig, ImproverSFTConfig, ModelConfig) for f in dataclasses.fields(cls)}
     assert every >= OUTPUT_NEUTRAL, sorted(OUTPUT_NEUTRAL - every)
@@ -77,13 +77,13 @@ def test_the_improver_sft_section_is_recorded_under_the_recipe_setting_names():
     }
     # max_length changes the filter (it scores rows that long) and the stages after it; the others improver SFT on.
     shorter = SGPOScriptArguments(improver_sft={"max_length": 256})
-    assert [s for s in STAGE_ORDER if script_fingerprint(base, s) != script_fingerprint(shorter, s)] == [
+    assert [s for s in TRAINING_STAGES if script_fingerprint(base, s) != script_fingerprint(shorter, s)] == [
         "filter",
         "improver_sft",
         "sgpo",
     ]
     faster = SGPOScriptArguments(improver_sft='{"learning_rate": 1e-3}')
-    changed = [s for s in STAGE_ORDER if script_fingerprint(base, s) != script_fingerprint(faster, s)]
+    changed = [s for s in TRAINING_STAGES if script_fingerprint(base, s) != script_fingerprint(faster, s)]
     assert changed == ["improver_sft", "sgpo"] and faster.improver_sft["max_length"] == 768
 
 
@@ -112,7 +112,7 @@ def test_evaluation_settings_never_make_a_training_stage_rerun():
         eval_max_new_tokens=7,
         eval_improver="all",
     )
-    for stage in STAGE_ORDER:
+    for stage in TRAINING_STAGES:
         assert script_fingerprint(base, stage) == script_fingerprint(other, stage), stage
 
 
@@ -120,7 +120,7 @@ def test_the_held_out_size_changes_every_stage():
     # The held-out rows are drawn before the training rows: another size changes which rows every stage uses.
     base = SGPOScriptArguments()
     other = dataclasses.replace(base, num_eval_prompts=base.num_eval_prompts + 1)
-    for stage in STAGE_ORDER:
+    for stage in TRAINING_STAGES:
         assert script_fingerprint(base, stage) != script_fingerprint(other, stage), stage
 
 
@@ -136,4 +136,4 @@ def test_stage_folders_keep_the_names_finished_runs_have():
         "06_evaluation",
     ]
     assert stage_folder("sgpo", method="sppo", iteration=2) == "05_sppo_iter2"
-    assert STAGE_ORDER == ("sample", "targets", "filter", "improver_sft", "sgpo")
+    assert TRAINING_STAGES == ("sample", "targets", "filter", "improver_sft", "sgpo")

@@ -109,7 +109,7 @@ def _sample(sample: Stage, script_args, training_args, policy, rows: Dataset, st
         finished = sum(answered["response_finished"]) if len(answered) else 0
         return {"rows": len(answered), "finished": finished, "finished_frac": finished / max(1, len(answered))}
 
-    message = f"[1/5] sampling the policy's answers to {len(rows)} prompts on {state.num_processes} process(es)"
+    message = f"[1/6] sampling the policy's answers to {len(rows)} prompts on {state.num_processes} process(es)"
     with _sharded_stage(sample, peers, state, message, merge_answers) as (shard, shards):
         sample_responses(
             *policy(),
@@ -142,7 +142,7 @@ def _targets(targets: Stage, sample: Stage, script_args, state, peers) -> None:
             )
         else:
             writer = target_writers.ReferenceStepWriter(fraction=script_args.step_fraction)
-        print(f"[2/5] writing improver targets with {writer.name}", flush=True)
+        print(f"[2/6] writing improver targets with {writer.name}", flush=True)
         progress = state.is_local_main_process
         target_writers.write_targets(writer, answered, targets.root / "targets.jsonl", show_progress=progress)
         targets.finish(started, **writer.stats.as_dict())
@@ -174,7 +174,7 @@ def _filter(filtered: Stage, targets: Stage, script_args, policy, max_length: in
             )
         return {k: report[k] for k in ("rows", "kept", "dropped", "dropped_by_reason")}
 
-    message = f"[3/5] perplexity filter on {state.num_processes} process(es)"
+    message = f"[3/6] perplexity filter on {state.num_processes} process(es)"
     with _sharded_stage(filtered, peers, state, message, merge_scores) as (shard, shards):
         score_targets(
             *policy(),

@@ -19,8 +19,6 @@ from typing import Any
 from .stages import TRAINING_STAGES
 
 
-STAGE_ORDER = TRAINING_STAGES
-
 OUTPUT_NEUTRAL = frozenset(
     {
         # where outputs go, what is logged and saved, what is pushed
@@ -186,7 +184,7 @@ def fingerprint(config, prefix: str = "", neutral: frozenset[str] = OUTPUT_NEUTR
 
 def script_fingerprint(script_args, stage: str) -> dict[str, Any]:
     """The recipe settings that change ``stage``'s output or that of a stage before it."""
-    upto = STAGE_ORDER[: STAGE_ORDER.index(stage) + 1]
+    upto = TRAINING_STAGES[: TRAINING_STAGES.index(stage) + 1]
     settings = fingerprint(script_args)
     placed = dict(SCRIPT_SETTINGS)
     section = settings.pop("improver_sft", None) or {}

@@ -57,7 +57,6 @@ from .stages import TRAINING_STAGES, Stage, stage_folder
 
 logger = logging.getLogger(__name__)
 
-STAGES = TRAINING_STAGES
 
 IMPROVER_SFT_DEFAULTS = {
     "num_train_epochs": 2.0,
@@ -128,7 +127,7 @@ class SGPOScriptArguments(EvaluationArguments):
     num_sgpo_prompts: int | None = field(
         default=32,
         metadata={
-            "help": "Prompts for SGPO (stage 5), taken after the improver rows and wrapping around into them when "
+            "help": "Prompts for the method (stage 5: SGPO, SPPO, SSO or online DPO), taken after the improver rows and wrapping around into them when "
             "too few are left; None: every row not held out."
         },
     )
@@ -143,7 +142,8 @@ class SGPOScriptArguments(EvaluationArguments):
         default=False, metadata={"help": "Skip stages 1-4: the model improves its answers without improver SFT."}
     )
     stop_after: str | None = field(
-        default=None, metadata={"help": f"Stop after this stage, one of {STAGES}.", "choices": list(STAGES)}
+        default=None,
+        metadata={"help": f"Stop after this stage, one of {TRAINING_STAGES}.", "choices": list(TRAINING_STAGES)},
     )
     iterations: int = field(default=1, metadata={"help": "Rounds of SGPO, each starting from the last round's model."})
     limit_heap_fragmentation: bool = field(
@@ -218,15 +218,15 @@ class SGPOScriptArguments(EvaluationArguments):
         if self.base_url and not self.writer_model:
             raise ValueError("`--base_url` needs `--writer_model` (the model name at that endpoint).")
         # A --config YAML sets defaults, which argparse does not check against `choices`.
-        if self.stop_after is not None and self.stop_after not in STAGES:
-            raise ValueError(f"`stop_after` must be one of {STAGES}, got {self.stop_after!r}.")
+        if self.stop_after is not None and self.stop_after not in TRAINING_STAGES:
+            raise ValueError(f"`stop_after` must be one of {TRAINING_STAGES}, got {self.stop_after!r}.")
         skipped = {}
         if self.skip_improver_sft:
             skipped = dict.fromkeys(("sample", "targets", "filter", "improver_sft"), "--skip_improver_sft")
         elif self.improver_data is not None:
             skipped = dict.fromkeys(("sample", "targets", "filter"), "--improver_data")
         if self.stop_after in skipped:
-            runs = [s for s in STAGES if s not in skipped]
+            runs = [s for s in TRAINING_STAGES if s not in skipped]
             raise ValueError(
                 f"`--stop_after {self.stop_after}` names a stage that `{skipped[self.stop_after]}` skips, so the run "
                 f"would never stop there. Stop after one of {runs}, or drop `{skipped[self.stop_after]}`."
@@ -531,7 +531,7 @@ def improver_sft(run: Run, data: StageOutput) -> StageOutput:
     args = improver_sft_config(run.script_args, run.training_args, run.folder("improver_sft"))
     settings = {**run.settings("improver_sft", args, "improver_sft."), "improver_data_rows": len(rows)}
     stage = Stage(run.folder("improver_sft"), "improver_sft", settings, after=data.stage)
-    with run_stage(run, stage, f"[4/5] improver SFT on {len(rows)} rows") as todo:
+    with run_stage(run, stage, f"[4/6] improver SFT on {len(rows)} rows") as todo:
         if todo is not None:  # not finished yet
             model, tokenizer = run.load(run.model_name)
             trainer = ImproverSFTTrainer(
@@ -582,7 +582,7 @@ def method_round(run: Run, method_args: MethodArguments, judge, iteration: int, 
     }
     root = run.folder("sgpo", method=method.name, iteration=iteration)
     stage = Stage(root, f"{method.name} iteration {iteration}", settings, after=last.stage)
-    message = f"[5/5] {method.name} iteration {iteration}/{iterations} on {len(rows)} prompts"
+    message = f"[5/6] {method.name} iteration {iteration}/{iterations} on {len(rows)} prompts"
     with run_stage(run, stage, message) as todo:
         if todo is not None:  # not finished yet
             model, tokenizer = run.load(last.model)
