@@ -359,7 +359,6 @@ def test_a_models_identity_is_its_model_files_not_the_runs_bookkeeping(tmp_path,
 
 def test_judge_identities_hold_the_reference_block_they_show(monkeypatch):
     # The wording around the reference is part of the prompt: a new wording must not reuse the old verdicts.
-    from trl_sgpo.evaluation import arena_hard, judges
     from trl_sgpo.evaluation.arena_hard import ArenaHardJudge
 
     def identities():
@@ -368,8 +367,8 @@ def test_judge_identities_hold_the_reference_block_they_show(monkeypatch):
         return openai.identity(), arena.identity()
 
     before = identities()
-    monkeypatch.setattr(judges, "REFERENCE_BLOCK", "Reference:\n{reference}\n\n")
-    monkeypatch.setattr(arena_hard, "ARENA_HARD_REFERENCE_BLOCK", "Reference:\n{reference}\n\n")
+    monkeypatch.setattr(OpenAIPairwiseJudge, "reference_block", "Reference:\n{reference}\n\n")
+    monkeypatch.setattr(ArenaHardJudge, "reference_block", "Reference:\n{reference}\n\n")
     after = identities()
     assert before[0] != after[0] and before[1] != after[1]
     assert (

@@ -123,6 +123,8 @@ class ArenaHardJudge(OpenAIPairwiseJudge):
             labels needed).
     """
 
+    reference_block = ARENA_HARD_REFERENCE_BLOCK
+
     def __init__(
         self,
         model: str,
@@ -171,22 +173,10 @@ class ArenaHardJudge(OpenAIPairwiseJudge):
             "template": stable_hash(self.template),
             "reask_prompt": stable_hash(REASK_PROMPT),
             "use_references": self.use_references,
-            "reference_block": stable_hash(ARENA_HARD_REFERENCE_BLOCK) if self.use_references else None,
+            "reference_block": stable_hash(self.reference_block) if self.use_references else None,
             "verdict_scores": {label: list(v) for label, v in self.verdict_scores.items()},
             "extra_params": self.extra_params,
         }
-
-    def build_request(self, prompt: Any, first: str, second: str, reference: str | None) -> dict[str, Any]:
-        block = ARENA_HARD_REFERENCE_BLOCK.format(reference=reference) if reference and self.use_references else ""
-        user = self.template.format(instruction=_text(prompt), reference_block=block, answer_a=first, answer_b=second)
-        request: dict[str, Any] = {
-            "model": self.model,
-            "messages": [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
-        request.update(self.extra_params)
-        return request
 
     @staticmethod
     def reask_request(request: dict[str, Any], reply: str | None) -> dict[str, Any]:

@@ -394,6 +394,8 @@ class OpenAIPairwiseJudge(OpenAIEndpoint, PairwiseJudge):
         extra_params: More request parameters, sent as is and part of the cache key.
     """
 
+    reference_block = REFERENCE_BLOCK  # shown before the answers when the judge sees references
+
     def __init__(
         self,
         model: str,
@@ -450,7 +452,7 @@ class OpenAIPairwiseJudge(OpenAIEndpoint, PairwiseJudge):
             "system_prompt": self.system_prompt,
             "template": self.template,
             "use_references": self.use_references,
-            "reference_block": stable_hash(REFERENCE_BLOCK) if self.use_references else None,
+            "reference_block": stable_hash(self.reference_block) if self.use_references else None,
             "logprobs": self.logprobs,
             "top_logprobs": self.top_logprobs if self.logprobs else None,
             "verdict": "token probabilities" if self.logprobs else "text letter",
@@ -467,7 +469,7 @@ class OpenAIPairwiseJudge(OpenAIEndpoint, PairwiseJudge):
     def build_request(self, prompt: Any, first: str, second: str, reference: str | None) -> dict[str, Any]:
         """The exact JSON body asking whether ``first`` (shown as A) beats ``second`` (B); with the endpoint, the cache
         key (:meth:`request_key`)."""
-        block = REFERENCE_BLOCK.format(reference=reference) if reference and self.use_references else ""
+        block = self.reference_block.format(reference=reference) if reference and self.use_references else ""
         user = self.template.format(instruction=_text(prompt), reference_block=block, answer_a=first, answer_b=second)
         request: dict[str, Any] = {
             "model": self.model,
