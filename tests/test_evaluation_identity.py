@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 
 from helpers.openai_stub import OpenAIStub
-from helpers.tiny import build_tiny_model
+from helpers.tiny import build_tiny_model, build_tiny_reward_model
 from trl_sgpo.evaluation import evaluate_models
 from trl_sgpo.evaluation.judges import (
     DEFAULT_JUDGE_TEMPLATE,
@@ -246,21 +246,9 @@ def test_the_report_names_the_judge_with_its_settings(tmp_path, similarity_judge
 
 
 def test_reward_model_judge_keeps_the_end_of_a_long_answer(tiny_tokenizer, tmp_path):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     from trl_sgpo.evaluation.judges import RewardModelJudge
 
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=1,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
-    model = LlamaForSequenceClassification(config)
+    model = build_tiny_reward_model(tiny_tokenizer)
     judge = RewardModelJudge(model, tiny_tokenizer, device="cpu", max_length=16)
     seen = []
     forward = judge.model.forward
@@ -310,24 +298,11 @@ def test_a_model_object_changed_in_memory_is_answered_again(tmp_path, tiny_model
 
 
 def test_reward_model_identity_holds_a_content_hash_of_its_weights(tiny_tokenizer, tmp_path):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     from trl_sgpo.evaluation.judges import RewardModelJudge
 
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=1,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
     identities = []
     for seed in (0, 1):  # retrained in place: same path, other weights
-        torch.manual_seed(seed)
-        LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+        build_tiny_reward_model(tiny_tokenizer, seed=seed).save_pretrained(tmp_path / "rm")
         tiny_tokenizer.save_pretrained(tmp_path / "rm")
         identities.append(RewardModelJudge(str(tmp_path / "rm"), device="cpu").identity())
     assert identities[0]["weights"]["path"] == identities[1]["weights"]["path"] == str((tmp_path / "rm").resolve())

@@ -6,6 +6,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
+from helpers.tiny import build_tiny_reward_model
 from helpers.trainer_args import chat_prompts, tiny_config
 from trl_sgpo import SGPOConfig, SGPOTrainer
 from trl_sgpo.templates import improver_prompt, render_prompt
@@ -344,20 +345,7 @@ def test_a_judge_that_abstains_drops_the_pair(tmp_path, tiny_model, tiny_tokeniz
 def test_judge_scores_match_online_dpo_when_no_function_abstains(tmp_path, tiny_model, tiny_tokenizer):
     # SGPO scores its reward functions itself (a plain sum, so an abstention is NaN): without abstentions the scores
     # are OnlineDPO's, for a reward model and a callable, weighted.
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=1,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    reward_model = LlamaForSequenceClassification(config)
+    reward_model = build_tiny_reward_model(tiny_tokenizer)
 
     def length(prompts, completions, **kwargs):
         return [float(len(c[0]["content"])) for c in completions]

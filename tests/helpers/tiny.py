@@ -88,3 +88,21 @@ def build_tiny_model(
     # Model cards render `base_model` from this; a config-built model would otherwise show "None".
     model.config._name_or_path = "trl-sgpo/tiny-random-llama"
     return model
+
+
+def build_tiny_reward_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0):
+    """A random one-label Llama classifier (a reward model), one layer of width 16."""
+    from transformers import LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config)
