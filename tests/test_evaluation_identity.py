@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
+from test_evaluation_e2e import ScriptedGenerator
 
 from helpers.openai_stub import OpenAIStub
 from helpers.tiny import build_tiny_model, build_tiny_reward_model
@@ -35,17 +36,6 @@ def prompts(n=6):
             ],
         }
     )
-
-
-class ScriptedGenerator:
-    def __init__(self, name, answer):
-        self.name, self.answer = name, answer
-
-    def render(self, prompt):
-        return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-    def generate(self, texts, seed):
-        return [(self.answer(t), 5, True) for t in texts]
 
 
 def scripted_models():
