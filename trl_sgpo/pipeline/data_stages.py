@@ -1,4 +1,4 @@
-"""Stages 1-3 of the recipe (sample, targets, filter) on every process of an ``accelerate launch``.
+"""Stages 1-3 of the recipe (sample, targets, filter), one function each, on every process of an ``accelerate launch``.
 
 - ``sample`` and ``filter`` (model-bound): each process answers, then scores, its share of the rows
   (:func:`~trl_sgpo.io.jsonl.shard_order`) into its own file under the stage's ``shards/`` folder, resumed from it
@@ -11,22 +11,174 @@ makes the others raise :class:`~trl_sgpo.io.peers.PeerFailedError` with its erro
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from accelerate import PartialState
 from datasets import Dataset
 
 from ..data import target_writers
 from ..io.jsonl import ROW_ID, ensure_row_ids, load_rows, read_jsonl, rows_in_order, write_jsonl_atomic
 from ..io.peers import Peers
-from .stages import Stage
+from .fingerprints import SAMPLING_SETTINGS
+from .stages import Stage, StageOutput
+
+
+if TYPE_CHECKING:
+    from .run import Run
 
 
 SCORE_BATCH_ROWS = 4
 """Most rows the perplexity filter scores per forward pass (each row: the response and the target)."""
+
+
+@dataclass
+class DataRun:
+    """What stages 1-3 share: the run, the processes' handshake, the improver rows and the policy, loaded once."""
+
+    run: Run
+    peers: Peers
+    rows: Dataset
+    loaded: tuple[Any, Any] | None = None
+
+    def policy(self) -> tuple[Any, Any]:
+        """The policy and its tokenizer on this process's device."""
+        if self.loaded is None:
+            model, tokenizer = self.run.load(self.run.model_name)
+            self.loaded = (model.to(self.run.state.device), tokenizer)
+        return self.loaded
+
+
+@contextmanager
+def data_stages(run: Run) -> Iterator[DataRun]:
+    """Around stages 1-3 (the ``with`` block): an error on one process stops the others with it, and the policy is
+    freed afterwards, before improver SFT loads its own."""
+    data = DataRun(run, Peers(run.out / ".sync", run.state), ensure_row_ids(run.rows.improver))
+    try:
+        with data.peers.guard("the data stages"):
+            yield data
+    finally:
+        data.loaded = None
+        gc.collect()
+
+
+def sample(data: DataRun) -> StageOutput:
+    """Stage 1: the policy's answers to the improver prompts, each process its share."""
+    from ..data import sampling
+
+    run, rows, args = data.run, data.rows, data.run.training_args
+    sampling_settings = {name: getattr(args, name) for name in SAMPLING_SETTINGS}
+    stage = Stage(run.folder("sample"), "sample", {**run.settings("sample"), **sampling_settings})
+
+    def merge_answers():
+        answered = _merge_shards(rows, stage.root / "shards", "responses.*.jsonl")
+        write_jsonl_atomic(stage.root / "responses.jsonl", answered.to_list())
+        finished = sum(answered["response_finished"]) if len(answered) else 0
+        return {"rows": len(answered), "finished": finished, "finished_frac": finished / max(1, len(answered))}
+
+    message = f"[1/6] sampling the policy's answers to {len(rows)} prompts on {run.state.num_processes} process(es)"
+    with _sharded_stage(stage, data, message, merge_answers) as share:
+        if share is not None:  # not finished yet
+            (index, count), shards = share
+            sampling.sample_responses(
+                *data.policy(),
+                rows,
+                shards / f"responses.{index}-of-{count}.jsonl",
+                batch_size=run.script_args.sample_batch_size,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+                show_progress=run.state.is_local_main_process,
+                shard=(index, count),
+                before_batch=data.peers.check,
+            )
+    return StageOutput("sample", stage.summary, stage)
+
+
+def write_targets(data: DataRun, sampled: StageOutput) -> StageOutput:
+    """Stage 2: the target writer edits each answer toward its reference, on the main process; the others wait."""
+    run, script_args, peers = data.run, data.run.script_args, data.peers
+    writer_kind = "openai" if script_args.writer_model else "reference-step"
+    settings = {**run.settings("targets"), "writer": writer_kind}
+    stage = Stage(run.folder("targets"), "targets", settings, after=sampled.stage)
+    if stage.check():
+        return StageOutput("targets", stage.summary, stage)
+    if run.state.is_main_process:
+        started = stage.start()
+        answered = load_rows(sampled.stage.root / "responses.jsonl")
+        writer = _target_writer(script_args)
+        print(f"[2/6] writing improver targets with {writer.name}", flush=True)
+        progress = run.state.is_local_main_process
+        target_writers.write_targets(writer, answered, stage.root / "targets.jsonl", show_progress=progress)
+        stage.finish(started, **writer.stats.as_dict())
+        peers.signal("targets-done")
+    peers.wait("targets-done", [0])
+    stage.check()  # the others read the summary and run id from the marker
+    return StageOutput("targets", stage.summary, stage)
+
+
+def _target_writer(script_args) -> target_writers.TargetWriter:
+    """The OpenAI-compatible writer at ``--base_url`` when ``--writer_model`` is set, else the offline one."""
+    if not script_args.writer_model:
+        return target_writers.ReferenceStepWriter(fraction=script_args.step_fraction)
+    return target_writers.OpenAITargetWriter(
+        model=script_args.writer_model,
+        base_url=script_args.base_url,
+        api_key_env=script_args.api_key_env,
+        max_concurrency=script_args.max_concurrency,
+        timeout=script_args.request_timeout,
+    )
+
+
+def perplexity_filter(data: DataRun, written: StageOutput) -> StageOutput:
+    """Stage 3: the perplexity filter keeps the targets close to the policy's distribution, each process scoring its
+    share; its output ``improver_sft.jsonl`` is improver SFT's data."""
+    from ..data.perplexity import score_targets
+
+    run, script_args = data.run, data.run.script_args
+    stage = Stage(run.folder("filter"), "filter", run.settings("filter"), after=written.stage)
+    targets = load_rows(written.stage.root / "targets.jsonl")
+    message = f"[3/6] perplexity filter on {run.state.num_processes} process(es)"
+    with _sharded_stage(stage, data, message, lambda: _apply_filter(stage, targets, script_args)) as share:
+        if share is not None:  # not finished yet
+            (index, count), shards = share
+            score_targets(
+                *data.policy(),
+                targets,
+                shards / f"scores.{index}-of-{count}.jsonl",
+                # A few rows per forward: the completions' logits over the whole vocabulary are the filter's peak
+                # memory (16 rows: about 3 GB for SmolLM2's 49k tokens), and a CPU gains little from larger batches.
+                batch_size=min(script_args.sample_batch_size, SCORE_BATCH_ROWS),
+                max_length=script_args.improver_sft["max_length"],
+                show_progress=run.state.is_local_main_process,
+                shard=(index, count),
+                before_batch=data.peers.check,
+            )
+    return StageOutput("filter", stage.summary, stage)
+
+
+def _apply_filter(stage: Stage, targets: Dataset, script_args) -> dict[str, Any]:
+    """Merge every share's scores, keep the targets that pass, and return the stage's summary."""
+    from ..data.perplexity import REPORT_FILE, PerplexityFilterConfig, apply_filter
+
+    scored = _merge_shards(targets, stage.root / "shards", "scores.*.jsonl")
+    write_jsonl_atomic(stage.root / "scores.jsonl", scored.to_list())
+    # Offline targets at step_fraction 1 are the references by definition: asked for, so not dropped as copies.
+    offline = script_args.writer_model is None
+    writes_references = offline and target_writers.ReferenceStepWriter(script_args.step_fraction).writes_references
+    config = PerplexityFilterConfig(max_ratio=script_args.ppl_max_ratio, drop_reference_copies=not writes_references)
+    kept, report = apply_filter(scored, stage.root, config)
+    if len(kept) == 0:
+        raise ValueError(
+            f"The perplexity filter dropped every target ({report['dropped_by_reason']}); see "
+            f"{stage.root / REPORT_FILE}. Raise --ppl_max_ratio or use a stronger target writer."
+        )
+    return {k: report[k] for k in ("rows", "kept", "dropped", "dropped_by_reason")}
 
 
 def _merge_shards(rows: Dataset, shards: Path, pattern: str) -> Dataset:
@@ -40,11 +192,15 @@ def _merge_shards(rows: Dataset, shards: Path, pattern: str) -> Dataset:
 
 @contextmanager
 def _sharded_stage(
-    stage: Stage, peers: Peers, state: PartialState, message: str, merge: Callable[[], dict[str, Any]]
-) -> Iterator[tuple[tuple[int, int], Path]]:
-    """Around this process's share of a stage's work (the ``with`` block, given ``(shard, shard_file_folder)``): mark
-    the stage started, then, once every process did its share, ``merge()`` (returns the summary) on the main."""
-    name = stage.root.name
+    stage: Stage, data: DataRun, message: str, merge: Callable[[], dict[str, Any]]
+) -> Iterator[tuple[tuple[int, int], Path] | None]:
+    """Around this process's share of a stage's work (the ``with`` block, given ``((index, count), shard_folder)``,
+    or ``None`` when the stage already finished with these settings): mark the stage started, then, once every
+    process did its share, ``merge()`` (returns the summary) on the main process."""
+    if stage.check():
+        yield None
+        return
+    peers, state, name = data.peers, data.run.state, stage.root.name
     if state.is_main_process:
         started = stage.start()
         print(message, flush=True)
@@ -60,131 +216,3 @@ def _sharded_stage(
         peers.signal(f"{name}-done")
     peers.wait(f"{name}-done", [0])
     stage.check()  # the others read the summary and run id from the marker
-
-
-def run_data_stages(
-    script_args,
-    training_args,
-    policy: Callable[[], tuple[Any, Any]],
-    rows: Dataset,
-    stages: list[Stage],
-    max_length: int,
-    sync_dir: Path,
-) -> Stage | None:
-    """Stages 1-3 (``stages``: the sample, targets and filter :class:`Stage`) on every process.
-
-    ``max_length`` bounds the rows the filter scores (improver SFT's). ``sync_dir`` is a folder every process sees,
-    for the signals of :class:`Peers`. The summaries of the stages that ran are in their :class:`Stage`.
-
-    ``policy()`` loads the policy and its tokenizer on this process's device (once). Returns the finished filter
-    stage, or ``None`` when ``--stop_after`` stops the run at or before it.
-    """
-    state = PartialState()
-    peers = Peers(sync_dir, state)
-    sample, targets, filtered = stages
-    with peers.guard("the data stages"):
-        rows = ensure_row_ids(rows)
-        if not sample.check():
-            _sample(sample, script_args, training_args, policy, rows, state, peers)
-        if script_args.stop_after == "sample":
-            return None
-        if not targets.check():
-            _targets(targets, sample, script_args, state, peers)
-        if script_args.stop_after == "targets":
-            return None
-        if not filtered.check():
-            _filter(filtered, targets, script_args, policy, max_length, state, peers)
-        if script_args.stop_after == "filter":
-            return None
-        return filtered
-
-
-def _sample(sample: Stage, script_args, training_args, policy, rows: Dataset, state, peers) -> None:
-    """Stage 1: the policy's answers, each process its share."""
-    from ..data.sampling import sample_responses
-
-    def merge_answers():
-        answered = _merge_shards(rows, sample.root / "shards", "responses.*.jsonl")
-        write_jsonl_atomic(sample.root / "responses.jsonl", answered.to_list())
-        finished = sum(answered["response_finished"]) if len(answered) else 0
-        return {"rows": len(answered), "finished": finished, "finished_frac": finished / max(1, len(answered))}
-
-    message = f"[1/6] sampling the policy's answers to {len(rows)} prompts on {state.num_processes} process(es)"
-    with _sharded_stage(sample, peers, state, message, merge_answers) as (shard, shards):
-        sample_responses(
-            *policy(),
-            rows,
-            shards / f"responses.{shard[0]}-of-{shard[1]}.jsonl",
-            batch_size=script_args.sample_batch_size,
-            max_new_tokens=training_args.max_new_tokens,
-            temperature=training_args.temperature,
-            top_p=training_args.top_p,
-            top_k=training_args.top_k,
-            seed=training_args.seed,
-            show_progress=state.is_local_main_process,
-            shard=shard,
-            before_batch=peers.check,
-        )
-
-
-def _targets(targets: Stage, sample: Stage, script_args, state, peers) -> None:
-    """Stage 2: the target writer on the main process; the others wait."""
-    if state.is_main_process:
-        started = targets.start()
-        answered = load_rows(sample.root / "responses.jsonl")
-        if script_args.writer_model:
-            writer = target_writers.OpenAITargetWriter(
-                model=script_args.writer_model,
-                base_url=script_args.base_url,
-                api_key_env=script_args.api_key_env,
-                max_concurrency=script_args.max_concurrency,
-                timeout=script_args.request_timeout,
-            )
-        else:
-            writer = target_writers.ReferenceStepWriter(fraction=script_args.step_fraction)
-        print(f"[2/6] writing improver targets with {writer.name}", flush=True)
-        progress = state.is_local_main_process
-        target_writers.write_targets(writer, answered, targets.root / "targets.jsonl", show_progress=progress)
-        targets.finish(started, **writer.stats.as_dict())
-        peers.signal("targets-done")
-    peers.wait("targets-done", [0])
-    targets.check()
-
-
-def _filter(filtered: Stage, targets: Stage, script_args, policy, max_length: int, state, peers) -> None:
-    """Stage 3: the perplexity filter, each process scoring its share."""
-    from ..data.perplexity import REPORT_FILE, PerplexityFilterConfig, apply_filter, score_targets
-
-    written = load_rows(targets.root / "targets.jsonl")
-
-    def merge_scores():
-        scored = _merge_shards(written, filtered.root / "shards", "scores.*.jsonl")
-        write_jsonl_atomic(filtered.root / "scores.jsonl", scored.to_list())
-        # Offline targets at step_fraction 1 are the references by definition: asked for, so not dropped as copies.
-        offline = script_args.writer_model is None
-        writes_references = offline and target_writers.ReferenceStepWriter(script_args.step_fraction).writes_references
-        config = PerplexityFilterConfig(
-            max_ratio=script_args.ppl_max_ratio, drop_reference_copies=not writes_references
-        )
-        kept, report = apply_filter(scored, filtered.root, config)
-        if len(kept) == 0:
-            raise ValueError(
-                f"The perplexity filter dropped every target ({report['dropped_by_reason']}); see "
-                f"{filtered.root / REPORT_FILE}. Raise --ppl_max_ratio or use a stronger target writer."
-            )
-        return {k: report[k] for k in ("rows", "kept", "dropped", "dropped_by_reason")}
-
-    message = f"[3/6] perplexity filter on {state.num_processes} process(es)"
-    with _sharded_stage(filtered, peers, state, message, merge_scores) as (shard, shards):
-        score_targets(
-            *policy(),
-            written,
-            shards / f"scores.{shard[0]}-of-{shard[1]}.jsonl",
-            # A few rows per forward: the completions' logits over the whole vocabulary are the filter's peak
-            # memory (16 rows: about 3 GB for SmolLM2's 49k tokens), and a CPU gains little from larger batches.
-            batch_size=min(script_args.sample_batch_size, SCORE_BATCH_ROWS),
-            max_length=max_length,
-            show_progress=state.is_local_main_process,
-            shard=shard,
-            before_batch=peers.check,
-        )

@@ -47,12 +47,13 @@ from ..trainers.improver_sft_config import ImproverSFTConfig
 from ..trainers.improver_sft_trainer import ImproverSFTTrainer
 from ..trainers.sgpo_config import SGPOConfig
 from ..utils import set_cpu_threads
+from .data_stages import data_stages, perplexity_filter, sample, write_targets
 from .evaluation_stage import EvaluationArguments, run_evaluation_stage
-from .fingerprints import SAMPLING_SETTINGS, fingerprint, model_fingerprint, script_fingerprint
+from .fingerprints import fingerprint, model_fingerprint, script_fingerprint
 from .items_dataset import collect_items, push_items
 from .memory import TrimHeapCallback, limit_heap_fragmentation
 from .methods import Method, MethodArguments, get_method, method_prompts, round_figures
-from .stages import TRAINING_STAGES, Stage, stage_folder
+from .stages import TRAINING_STAGES, Stage, StageOutput, stage_folder
 
 
 logger = logging.getLogger(__name__)
@@ -266,16 +267,6 @@ class Rows:
 
 
 @dataclass
-class StageOutput:
-    """What a finished stage hands on: its summary entry, the stage the next one is made from, its model."""
-
-    key: str
-    summary: dict[str, Any]
-    stage: Stage | None = None
-    model: str | None = None
-
-
-@dataclass
 class Run:
     """What the stages of one run share: its arguments, method, process state and model loading."""
 
@@ -320,6 +311,10 @@ class Run:
         # LoRA runs merge each stage's adapter into the model it was trained on; plain runs need no base.
         return (lambda: self.load(path)[0]) if self.model_args.use_peft else None
 
+    def stops_after(self, output: StageOutput) -> bool:
+        """Whether ``--stop_after`` names the stage that handed on ``output``."""
+        return self.script_args.stop_after == output.key
+
     def callbacks(self) -> list:
         return [TrimHeapCallback()] if self.heap else []
 
@@ -350,11 +345,18 @@ def run_pipeline(
     run = prepare_run(script_args, training_args, model_args, method_args, judge)
     done: list[StageOutput] = []
     if not run.script_args.skip_improver_sft:
-        done += improver_data(run)
-        if run.script_args.stop_after in ("sample", "targets", "filter"):
-            return finish(run, done)
-        done.append(improver_sft(run, done[-1]))
-        if run.script_args.stop_after == "improver_sft":
+        if run.script_args.improver_data is not None:
+            done.append(given_improver_data(run))
+        else:
+            with data_stages(run) as data:
+                done.append(sample(data))
+                if not run.stops_after(done[-1]):
+                    done.append(write_targets(data, done[-1]))
+                if not run.stops_after(done[-1]):
+                    done.append(perplexity_filter(data, done[-1]))
+        if not run.stops_after(done[-1]):
+            done.append(improver_sft(run, done[-1]))
+        if run.stops_after(done[-1]):
             return finish(run, done)
     judge = judge if judge is not None else method_args.build_judge(run.script_args)
     last = done[-1] if done else StageOutput("start", {}, model=run.model_name)
@@ -476,36 +478,10 @@ def _split(dataset: Dataset, script_args: SGPOScriptArguments, seed: int) -> tup
     return dataset.select(range(n_improver)), dataset.select(order[:n_sgpo])
 
 
-def improver_data(run: Run) -> list[StageOutput]:
-    """Stages 1-3 on every process (see :mod:`.data_stages`), or the given ``--improver_data``: what finished, the
-    last one holding the improver-SFT rows (``model``: their file)."""
-    from .data_stages import run_data_stages
-
-    script_args, training_args = run.script_args, run.training_args
-    if script_args.improver_data is not None:
-        rows = load_rows(script_args.improver_data)
-        return [StageOutput("improver_data", {"rows": len(rows), "source": script_args.improver_data})]
-    sampling = {name: getattr(training_args, name) for name in SAMPLING_SETTINGS}
-    sample = Stage(run.folder("sample"), "sample", {**run.settings("sample"), **sampling})
-    writer = "openai" if script_args.writer_model else "reference-step"
-    targets = Stage(run.folder("targets"), "targets", {**run.settings("targets"), "writer": writer}, after=sample)
-    filtered = Stage(run.folder("filter"), "filter", run.settings("filter"), after=targets)
-    loaded = []
-
-    def policy():
-        if not loaded:
-            model, tokenizer = run.load(run.model_name)
-            loaded.append((model.to(run.state.device), tokenizer))
-        return loaded[0]
-
-    try:
-        max_length = script_args.improver_sft["max_length"]
-        stages = [sample, targets, filtered]
-        run_data_stages(script_args, training_args, policy, run.rows.improver, stages, max_length, run.out / ".sync")
-    finally:
-        loaded.clear()  # the policy of stages 1 and 3 is gone before improver SFT loads its own
-        gc.collect()
-    return [StageOutput(s.name, s.summary, s) for s in (sample, targets, filtered) if s.run_id is not None]
+def given_improver_data(run: Run) -> StageOutput:
+    """``--improver_data``: the ready improver-SFT rows that stand in for stages 1-3."""
+    rows = load_rows(run.script_args.improver_data)
+    return StageOutput("improver_data", {"rows": len(rows), "source": run.script_args.improver_data})
 
 
 def improver_sft_config(script_args, training_args, output_dir: Path) -> ImproverSFTConfig:

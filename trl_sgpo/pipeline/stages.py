@@ -161,3 +161,13 @@ class Stage:
         self.summary = _jsonable({**summary, "seconds": seconds, **peak_figures()})
         self.run_id = uuid.uuid4().hex[:12]
         self._write(done=True)
+
+
+@dataclass
+class StageOutput:
+    """What a finished stage hands on: its summary entry, the stage the next one is made from, its model."""
+
+    key: str
+    summary: dict[str, Any]
+    stage: Stage | None = None
+    model: str | None = None
