@@ -116,21 +116,12 @@ def _judge(script_args, out: Path):
     """The evaluation's judge: the OpenAI-compatible ``judge_model`` when set (its key read on first use), else the
     reference-similarity one."""
     from ..evaluation.judge_factory import build_judge
+    from .methods import judge_endpoint
 
     if not script_args.judge_model:
         return build_judge("similarity")
-    return build_judge(
-        "openai",
-        model=script_args.judge_model,
-        base_url=script_args.base_url,
-        read_api_key=False,
-        api_key_env=script_args.api_key_env,
-        max_concurrency=script_args.max_concurrency,
-        timeout=script_args.request_timeout,
-        cache_path=out / "judge_cache.jsonl",
-        price_input_per_1m=script_args.judge_price_in,
-        price_output_per_1m=script_args.judge_price_out,
-    )
+    endpoint = judge_endpoint(script_args)
+    return build_judge("openai", read_api_key=False, cache_path=out / "judge_cache.jsonl", **endpoint)
 
 
 def _card_section(report: dict[str, Any]) -> str:
