@@ -45,3 +45,14 @@ def test_the_unreleased_older_cli_spellings_are_gone():
     for old in ("--batch-size", "--timeout", "--max-ratio"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["improver-data", "--output-dir", "x", old, "3"])
+
+
+def test_eval_spells_the_request_timeout_as_the_recipe_does(monkeypatch):
+    from trl_sgpo.evaluation.cli import build_judge
+
+    options = cli_options("eval")
+    assert options["request_timeout"] == ["--request-timeout"] and "timeout" not in options
+    monkeypatch.setenv("SGPO_TIMEOUT_KEY", "x")
+    argv = ["eval", "--model", "a=x", "--model", "b=y", "--prompts", "p.jsonl", "--output-dir", "o"]
+    argv += ["--judge", "openai", "--judge-model", "j", "--api-key-env", "SGPO_TIMEOUT_KEY", "--request-timeout", "7"]
+    assert build_judge(build_parser().parse_args(argv)).timeout == 7.0

@@ -123,7 +123,9 @@ def _add_judge_args(g) -> None:
     )
     g.add_argument("--max-concurrency", type=int, default=32, help="openai: most requests in flight (default: 32).")
     g.add_argument("--max-retries", type=int, default=5, help="openai: retries per request (default: 5).")
-    g.add_argument("--timeout", type=float, default=60.0, help="openai: seconds per request attempt (default: 60).")
+    g.add_argument(
+        "--request-timeout", type=float, default=120.0, help="openai: seconds per request attempt (default: 120)."
+    )
     g.add_argument(
         "--no-logprobs",
         action="store_true",
@@ -190,7 +192,7 @@ def build_judge(args):
         api_key_env=args.api_key_env,
         max_concurrency=args.max_concurrency,
         max_retries=args.max_retries,
-        timeout=args.timeout,
+        timeout=args.request_timeout,
         price_input_per_1m=args.judge_price_in,
         price_output_per_1m=args.judge_price_out,
     )
