@@ -43,7 +43,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl_sgpo.pipeline.methods import JudgeArguments
+from trl_sgpo.evaluation.judge_factory import JUDGE_STYLES
+from trl_sgpo.pipeline.methods import JUDGES, JudgeArguments
 
 
 @dataclass
@@ -69,7 +70,7 @@ class CompareArguments(JudgeArguments):
         metadata={
             "help": "Judge for training (SPPO, online DPO) and evaluation: similarity (offline), reward-model "
             "(--reward_model) or openai (--judge_model at --base_url).",
-            "choices": ["similarity", "reward-model", "openai"],
+            "choices": [kind for kind in JUDGES if kind != "none"],
         },
     )
     judge_style: str = field(
@@ -77,7 +78,7 @@ class CompareArguments(JudgeArguments):
         metadata={
             "help": "openai judge, in the comparison: alpaca-eval (one letter) or arena-hard (the judge answers, "
             "reasons and gives a five-level verdict, two games per prompt). Training keeps one-letter verdicts.",
-            "choices": ["alpaca-eval", "arena-hard"],
+            "choices": list(JUDGE_STYLES),
         },
     )
     eval_judge: str | None = field(
@@ -102,8 +103,8 @@ class CompareArguments(JudgeArguments):
                 "`judge none`: the comparison judges every method (and trains SPPO and online DPO with the judge); "
                 "choose similarity, reward-model or openai."
             )
-        if self.judge_style not in ("alpaca-eval", "arena-hard"):
-            raise ValueError(f"`judge_style` must be alpaca-eval or arena-hard, got {self.judge_style!r}.")
+        if self.judge_style not in JUDGE_STYLES:
+            raise ValueError(f"`judge_style` must be one of {JUDGE_STYLES}, got {self.judge_style!r}.")
         if self.judge_style == "arena-hard" and (self.judge != "openai" or self.eval_judge is not None):
             raise ValueError("`judge_style arena-hard` applies to `judge openai` (without `eval_judge`) only.")
         if self.eval_judge not in (None, "local"):

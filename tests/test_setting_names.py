@@ -56,3 +56,12 @@ def test_eval_spells_the_request_timeout_as_the_recipe_does(monkeypatch):
     argv = ["eval", "--model", "a=x", "--model", "b=y", "--prompts", "p.jsonl", "--output-dir", "o"]
     argv += ["--judge", "openai", "--judge-model", "j", "--api-key-env", "SGPO_TIMEOUT_KEY", "--request-timeout", "7"]
     assert build_judge(build_parser().parse_args(argv)).timeout == 7.0
+
+
+def test_eval_offers_every_judge_kind_and_style_of_the_factory():
+    from trl_sgpo.evaluation.judge_factory import JUDGE_KINDS, JUDGE_STYLES
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["eval"]
+    choices = {a.dest: a.choices for a in sub._actions}
+    assert tuple(choices["judge"]) == tuple(k for k in JUDGE_KINDS if k != "none")
+    assert tuple(choices["judge_style"]) == JUDGE_STYLES

@@ -98,7 +98,8 @@ def _add_judge_args(g) -> None:
     g.add_argument(
         "--judge",
         default="similarity",
-        choices=["similarity", "openai", "reward-model", "local"],
+        # judge_factory.JUDGE_KINDS but none, spelled out so that `--help` needs no torch (a test keeps them equal).
+        choices=["similarity", "reward-model", "openai", "local"],
         help="similarity: cosine similarity of sentence embeddings to each row's reference (offline, the default); "
         "openai: an LLM at --base-url/--judge-model; reward-model: --reward-model scores each answer; local: the "
         "causal LM --judge-model in this process (verdict-token probabilities).",
@@ -112,7 +113,7 @@ def _add_judge_args(g) -> None:
     g.add_argument(
         "--judge-style",
         default="alpaca-eval",
-        choices=["alpaca-eval", "arena-hard"],
+        choices=["alpaca-eval", "arena-hard"],  # judge_factory.JUDGE_STYLES
         help="openai: alpaca-eval asks for one letter (log-probabilities when available); arena-hard lets the judge "
         "answer, reason and give a five-level verdict [[A>>B]]..[[B>>A]], two games per prompt (default: alpaca-eval).",
     )

@@ -27,6 +27,8 @@ from typing import Any
 
 from datasets import Dataset
 
+from ..evaluation.judge_factory import JUDGE_KINDS
+
 
 @dataclass(frozen=True)
 class Method:
@@ -265,8 +267,9 @@ def method_prompts(method: Method, prompts: Dataset, round_index: int, num_round
     return round_prompts(prompts, round_index, num_rounds) if method.disjoint_rounds else prompts
 
 
-# The kinds of trl_sgpo.evaluation.judge_factory.build_judge a method trains with.
-JUDGES = ("none", "similarity", "reward-model", "openai")
+JUDGES = tuple(kind for kind in JUDGE_KINDS if kind != "local")
+"""The judges a method trains with: every kind of :func:`~trl_sgpo.evaluation.judge_factory.build_judge` but the
+in-process LM, which evaluations only use."""
 
 
 @dataclass
