@@ -151,6 +151,17 @@ def test_rerun_skips_finished_stages_and_resumes_the_rest(recipe, tiny_model_dir
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("stop_after", ["targets", "sgpo"])
+def test_stop_after_ends_the_run_after_that_stage(recipe, tiny_model_dir, prompt_file, tmp_path, stop_after):
+    out = tmp_path / "run"
+    summary = recipe.main(*parse(recipe, *base_argv(tiny_model_dir, prompt_file, out), "--stop_after", stop_after))
+    ran = {"targets": ["01_sample", "02_targets"], "sgpo": ["01_sample", "02_targets", "03_filter",
+           "04_improver_sft", "05_sgpo_iter1"]}[stop_after]  # fmt: skip
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ran
+    assert list(summary["stages"])[-1] == {"targets": "targets", "sgpo": "sgpo_iter1"}[stop_after]
+    assert "evaluation" not in summary and not (out / "model.safetensors").exists()
+
+
 def test_folder_from_another_config_is_refused(recipe, tiny_model_dir, prompt_file, tmp_path):
     out = tmp_path / "run"
     argv = base_argv(tiny_model_dir, prompt_file, out)
@@ -172,12 +183,15 @@ def test_redoing_a_stage_redoes_the_stages_after_it(recipe, tiny_model_dir, prom
         trainers.update((trainer, trainer.model))
         return train_and_save(trainer, tokenizer, root, *args, **kwargs)
 
-    load = pipeline.load_model_and_tokenizer
+    load, loaded = pipeline.load_model_and_tokenizer, weakref.WeakSet()
 
     def load_after_freeing(name, **kwargs):
-        # Each round's trainer (and its model) is gone before the next model loads.
+        # Each stage's model (the data stages' policy, each trainer's) is gone before the next model loads.
         assert not list(trainers), f"a finished stage's trainer or model is still in memory while {name} loads"
-        return load(name, **kwargs)
+        assert not list(loaded), f"an earlier stage's model is still in memory while {name} loads"
+        model, tokenizer = load(name, **kwargs)
+        loaded.add(model)
+        return model, tokenizer
 
     monkeypatch.setattr(pipeline, "_train_and_save", recording)
     monkeypatch.setattr(pipeline, "load_model_and_tokenizer", load_after_freeing)

@@ -56,6 +56,7 @@ def test_eval_spells_the_request_timeout_as_the_recipe_does(monkeypatch):
     argv = ["eval", "--model", "a=x", "--model", "b=y", "--prompts", "p.jsonl", "--output-dir", "o"]
     argv += ["--judge", "openai", "--judge-model", "j", "--api-key-env", "SGPO_TIMEOUT_KEY", "--request-timeout", "7"]
     assert build_judge(build_parser().parse_args(argv)).timeout == 7.0
+    assert build_judge(build_parser().parse_args(argv[:-2])).timeout == 120.0  # the recipe's default
 
 
 def test_eval_offers_every_judge_kind_and_style_of_the_factory():

@@ -12,7 +12,7 @@ makes the others raise :class:`~trl_sgpo.io.peers.PeerFailedError` with its erro
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from ..data import target_writers
 from ..io.jsonl import ROW_ID, ensure_row_ids, load_rows, read_jsonl, rows_in_order, write_jsonl_atomic
 from ..io.peers import Peers
 from .fingerprints import SAMPLING_SETTINGS
-from .stages import Stage, StageOutput
+from .stages import Stage, StageOutput, run_stage
 
 
 if TYPE_CHECKING:
@@ -80,13 +80,12 @@ def sample(data: DataRun) -> StageOutput:
         return {"rows": len(answered), "finished": finished, "finished_frac": finished / max(1, len(answered))}
 
     message = f"[1/6] sampling the policy's answers to {len(rows)} prompts on {run.state.num_processes} process(es)"
-    with _sharded_stage(stage, data, message, merge_answers) as share:
-        if share is not None:  # not finished yet
-            (index, count), shards = share
+    with run_stage(stage, run.state, message, data.peers, merge_answers) as todo:
+        if todo is not None:  # not finished yet
             sampling.sample_responses(
                 *data.policy(),
                 rows,
-                shards / f"responses.{index}-of-{count}.jsonl",
+                _share_file(stage, data.peers, "responses"),
                 batch_size=run.script_args.sample_batch_size,
                 max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature,
@@ -94,7 +93,7 @@ def sample(data: DataRun) -> StageOutput:
                 top_k=args.top_k,
                 seed=args.seed,
                 show_progress=run.state.is_local_main_process,
-                shard=(index, count),
+                shard=(data.peers.index, data.peers.count),
                 before_batch=data.peers.check,
             )
     return StageOutput("sample", stage.summary, stage)
@@ -102,23 +101,18 @@ def sample(data: DataRun) -> StageOutput:
 
 def write_targets(data: DataRun, sampled: StageOutput) -> StageOutput:
     """Stage 2: the target writer edits each answer toward its reference, on the main process; the others wait."""
-    run, script_args, peers = data.run, data.run.script_args, data.peers
+    run, script_args = data.run, data.run.script_args
     writer_kind = "openai" if script_args.writer_model else "reference-step"
     settings = {**run.settings("targets"), "writer": writer_kind}
     stage = Stage(run.folder("targets"), "targets", settings, after=sampled.stage)
-    if stage.check():
-        return StageOutput("targets", stage.summary, stage)
-    if run.state.is_main_process:
-        started = stage.start()
-        answered = load_rows(sampled.stage.root / "responses.jsonl")
-        writer = _target_writer(script_args)
-        print(f"[2/6] writing improver targets with {writer.name}", flush=True)
-        progress = run.state.is_local_main_process
-        target_writers.write_targets(writer, answered, stage.root / "targets.jsonl", show_progress=progress)
-        stage.finish(started, **writer.stats.as_dict())
-        peers.signal("targets-done")
-    peers.wait("targets-done", [0])
-    stage.check()  # the others read the summary and run id from the marker
+    writer_name = script_args.writer_model or f"the offline writer (step_fraction {script_args.step_fraction:g})"
+    with run_stage(stage, run.state, f"[2/6] writing improver targets with {writer_name}", data.peers) as todo:
+        if todo is not None and run.state.is_main_process:  # not finished yet
+            answered = load_rows(sampled.stage.root / "responses.jsonl")
+            writer = _target_writer(script_args)
+            progress = run.state.is_local_main_process
+            target_writers.write_targets(writer, answered, stage.root / "targets.jsonl", show_progress=progress)
+            todo.update(writer.stats.as_dict())
     return StageOutput("targets", stage.summary, stage)
 
 
@@ -142,31 +136,30 @@ def perplexity_filter(data: DataRun, written: StageOutput) -> StageOutput:
 
     run, script_args = data.run, data.run.script_args
     stage = Stage(run.folder("filter"), "filter", run.settings("filter"), after=written.stage)
-    targets = load_rows(written.stage.root / "targets.jsonl")
+    targets = written.stage.root / "targets.jsonl"
     message = f"[3/6] perplexity filter on {run.state.num_processes} process(es)"
-    with _sharded_stage(stage, data, message, lambda: _apply_filter(stage, targets, script_args)) as share:
-        if share is not None:  # not finished yet
-            (index, count), shards = share
+    with run_stage(stage, run.state, message, data.peers, lambda: _apply_filter(stage, targets, script_args)) as todo:
+        if todo is not None:  # not finished yet
             score_targets(
                 *data.policy(),
-                targets,
-                shards / f"scores.{index}-of-{count}.jsonl",
+                load_rows(targets),
+                _share_file(stage, data.peers, "scores"),
                 # A few rows per forward: the completions' logits over the whole vocabulary are the filter's peak
                 # memory (16 rows: about 3 GB for SmolLM2's 49k tokens), and a CPU gains little from larger batches.
                 batch_size=min(script_args.sample_batch_size, SCORE_BATCH_ROWS),
                 max_length=script_args.improver_sft["max_length"],
                 show_progress=run.state.is_local_main_process,
-                shard=(index, count),
+                shard=(data.peers.index, data.peers.count),
                 before_batch=data.peers.check,
             )
     return StageOutput("filter", stage.summary, stage)
 
 
-def _apply_filter(stage: Stage, targets: Dataset, script_args) -> dict[str, Any]:
-    """Merge every share's scores, keep the targets that pass, and return the stage's summary."""
+def _apply_filter(stage: Stage, targets: Path, script_args) -> dict[str, Any]:
+    """Merge every share's scores of the ``targets`` file, keep the targets that pass, and return the summary."""
     from ..data.perplexity import REPORT_FILE, PerplexityFilterConfig, apply_filter
 
-    scored = _merge_shards(targets, stage.root / "shards", "scores.*.jsonl")
+    scored = _merge_shards(load_rows(targets), stage.root / "shards", "scores.*.jsonl")
     write_jsonl_atomic(stage.root / "scores.jsonl", scored.to_list())
     # Offline targets at step_fraction 1 are the references by definition: asked for, so not dropped as copies.
     offline = script_args.writer_model is None
@@ -190,29 +183,8 @@ def _merge_shards(rows: Dataset, shards: Path, pattern: str) -> Dataset:
     return rows_in_order(rows, done)
 
 
-@contextmanager
-def _sharded_stage(
-    stage: Stage, data: DataRun, message: str, merge: Callable[[], dict[str, Any]]
-) -> Iterator[tuple[tuple[int, int], Path] | None]:
-    """Around this process's share of a stage's work (the ``with`` block, given ``((index, count), shard_folder)``,
-    or ``None`` when the stage already finished with these settings): mark the stage started, then, once every
-    process did its share, ``merge()`` (returns the summary) on the main process."""
-    if stage.check():
-        yield None
-        return
-    peers, state, name = data.peers, data.run.state, stage.root.name
-    if state.is_main_process:
-        started = stage.start()
-        print(message, flush=True)
-        peers.signal(f"{name}-start")
-    peers.wait(f"{name}-start", [0])
+def _share_file(stage: Stage, peers: Peers, name: str) -> Path:
+    """This process's file of the stage's rows, under the stage's ``shards/`` folder (resumed from on a rerun)."""
     shards = stage.root / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    yield (peers.index, peers.count), shards
-    peers.signal(f"{name}-shard")
-    if state.is_main_process:
-        peers.wait(f"{name}-shard")
-        stage.finish(started, **merge())
-        peers.signal(f"{name}-done")
-    peers.wait(f"{name}-done", [0])
-    stage.check()  # the others read the summary and run id from the marker
+    return shards / f"{name}.{peers.index}-of-{peers.count}.jsonl"

@@ -27,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.splits import held_out_rows
 from ..io.peers import Peers
-from .stages import Stage, stage_folder
+from .stages import Stage, run_stage, stage_folder
 
 
 logger = logging.getLogger(__name__)
@@ -178,21 +178,17 @@ def run_evaluation_stage(
         "seed": training_args.seed,
     }
     stage = Stage(stages_dir / stage_folder("evaluation"), "evaluation", settings, after=after)
-    report = None
     # Only the main process evaluates; the others wait on signal files, so an error there ends them too, at once,
     # with its message (a collective barrier would hold them until ddp_timeout).
     peers = Peers(stages_dir.parent / ".sync", state)
-    if state.is_main_process:
-        with peers.guard("the evaluation stage"):
-            report = _evaluate_on_main(stage, models, rows, script_args, training_args, settings, states, state)
-        peers.signal("evaluated")
-    else:
-        peers.wait("evaluated", [0])
-    state.wait_for_everyone()
-    stage.check()
+    message = f"[6/6] evaluating {', '.join(models)} on {len(rows)} held-out prompts"
+    with peers.guard("the evaluation stage"), run_stage(stage, state, message, peers) as todo:
+        if todo is not None and state.is_main_process:  # not finished yet
+            todo.update(_evaluate(stage, models, rows, script_args, training_args, settings, states, state))
     summary["stages"]["evaluation"] = stage.summary
-    if report is None:  # other processes: the main one wrote everything
+    if not state.is_main_process:  # the main process wrote everything
         return []
+    report = json.loads((stage.root / "report.json").read_text(encoding="utf-8"))
     return _publish_report(report, stage, Path(training_args.output_dir), models, model_name, summary)
 
 
@@ -261,30 +257,26 @@ def _publish_report(report, stage: Stage, out: Path, models: dict[str, str], mod
     return added
 
 
-def _evaluate_on_main(stage, models, rows, script_args, training_args, settings, states, state) -> dict[str, Any]:
-    """Evaluate (unless the stage already finished with these settings) and return the report."""
+def _evaluate(stage, models, rows, script_args, training_args, settings, states, state) -> dict[str, Any]:
+    """Evaluate into the stage's folder (``report.json`` and figures) and return the stage's figures."""
     from ..evaluation.compare import evaluate_models  # heavy (sentence-transformers, scikit-learn): on use only
     from ..evaluation.judges import ReferenceRougeJudge
 
-    if not stage.check():
-        started = stage.start()
-        print(f"[6/6] evaluating {', '.join(models)} on {len(rows)} held-out prompts", flush=True)
-        report = evaluate_models(
-            models,
-            rows,
-            _judge(script_args, stage.root),
-            stage.root,
-            improver=settings["improver"],
-            extra_judges={"rouge_l": ReferenceRougeJudge()} if "rouge_l" in settings["extra_judges"] else None,
-            max_new_tokens=settings["max_new_tokens"],
-            batch_size=script_args.sample_batch_size,
-            seed=training_args.seed,
-            device=str(state.device),
-            trainer_states=states,
-        )
-        figures = {f"win_rate/{k}": v["win_rate"] for k, v in report["comparisons"].items()}
-        figures.update({f"improver_win_rate/{k}": v["win_rate"] for k, v in report.get("improver", {}).items()})
-        for label, other in report.get("extra_judges", {}).items():
-            figures.update({f"{label}/win_rate/{k}": v["win_rate"] for k, v in other["comparisons"].items()})
-        stage.finish(started, **figures)
-    return json.loads((stage.root / "report.json").read_text(encoding="utf-8"))
+    report = evaluate_models(
+        models,
+        rows,
+        _judge(script_args, stage.root),
+        stage.root,
+        improver=settings["improver"],
+        extra_judges={"rouge_l": ReferenceRougeJudge()} if "rouge_l" in settings["extra_judges"] else None,
+        max_new_tokens=settings["max_new_tokens"],
+        batch_size=script_args.sample_batch_size,
+        seed=training_args.seed,
+        device=str(state.device),
+        trainer_states=states,
+    )
+    figures = {f"win_rate/{k}": v["win_rate"] for k, v in report["comparisons"].items()}
+    figures.update({f"improver_win_rate/{k}": v["win_rate"] for k, v in report.get("improver", {}).items()})
+    for label, other in report.get("extra_judges", {}).items():
+        figures.update({f"{label}/win_rate/{k}": v["win_rate"] for k, v in other["comparisons"].items()})
+    return figures

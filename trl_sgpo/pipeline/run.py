@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import gc
 import json
 import logging
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +50,7 @@ from .fingerprints import fingerprint, model_fingerprint, script_fingerprint
 from .items_dataset import collect_items, push_items
 from .memory import TrimHeapCallback, limit_heap_fragmentation
 from .methods import Method, MethodArguments, get_method, method_prompts, round_figures
-from .stages import TRAINING_STAGES, Stage, StageOutput, stage_folder
+from .stages import TRAINING_STAGES, Stage, StageOutput, run_stage, stage_folder
 
 
 logger = logging.getLogger(__name__)
@@ -363,6 +360,8 @@ def run_pipeline(
     for iteration in range(1, run.script_args.iterations + 1):
         last = method_round(run, method_args, judge, iteration, last)
         done.append(last)
+    if run.script_args.stop_after == "sgpo":  # the rounds of any method
+        return finish(run, done)
     summary = make_summary(run, done)
     eval_files = evaluation(run, summary, done[-1].stage)
     rounds = [output.stage.root for output in done if output.key.startswith(f"{run.method.name}_iter")]
@@ -507,7 +506,7 @@ def improver_sft(run: Run, data: StageOutput) -> StageOutput:
     args = improver_sft_config(run.script_args, run.training_args, run.folder("improver_sft"))
     settings = {**run.settings("improver_sft", args, "improver_sft."), "improver_data_rows": len(rows)}
     stage = Stage(run.folder("improver_sft"), "improver_sft", settings, after=data.stage)
-    with run_stage(run, stage, f"[4/6] improver SFT on {len(rows)} rows") as todo:
+    with run_stage(stage, run.state, f"[4/6] improver SFT on {len(rows)} rows") as todo:
         if todo is not None:  # not finished yet
             model, tokenizer = run.load(run.model_name)
             trainer = ImproverSFTTrainer(
@@ -559,7 +558,7 @@ def method_round(run: Run, method_args: MethodArguments, judge, iteration: int, 
     root = run.folder("sgpo", method=method.name, iteration=iteration)
     stage = Stage(root, f"{method.name} iteration {iteration}", settings, after=last.stage)
     message = f"[5/6] {method.name} iteration {iteration}/{iterations} on {len(rows)} prompts"
-    with run_stage(run, stage, message) as todo:
+    with run_stage(stage, run.state, message) as todo:
         if todo is not None:  # not finished yet
             model, tokenizer = run.load(last.model)
             args = method.make_config(
@@ -582,30 +581,6 @@ def method_round(run: Run, method_args: MethodArguments, judge, iteration: int, 
                 todo.update(round_figures(trainer))
             del trainer, model  # freed (run_stage collects) before the next round loads its own
     return StageOutput(f"{method.name}_iter{iteration}", stage.summary, stage, str(stage.root / "model"))
-
-
-@contextmanager
-def run_stage(run: Run, stage: Stage, message: str) -> Iterator[dict[str, Any] | None]:
-    """One stage's bookkeeping on every process around its work (the ``with`` block).
-
-    Yields ``None`` when the stage already finished with these settings (the block does nothing); else marks it
-    started, prints ``message`` and yields the dict the block fills with the stage's figures. After the block the
-    main process marks the stage finished with them, the others read the marker, and the freed model is collected.
-    """
-    state = run.state
-    if stage.check():
-        yield None
-        return
-    started = stage.start() if state.is_main_process else 0.0
-    state.wait_for_everyone()
-    run.print(message)
-    figures: dict[str, Any] = {}
-    yield figures
-    if state.is_main_process:
-        stage.finish(started, **figures)
-    state.wait_for_everyone()
-    stage.check()
-    gc.collect()  # the model holds reference cycles: free it before the next stage loads its own
 
 
 def evaluation(run: Run, summary: dict[str, Any], last: Stage | None) -> list[str]:

@@ -12,15 +12,21 @@ stale: it is redone too, so deleting a folder redoes that stage and every stage 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
+
+from ..io.peers import Peers
 from .memory import peak_figures, reset_peak
 
 
@@ -171,3 +177,53 @@ class StageOutput:
     summary: dict[str, Any]
     stage: Stage | None = None
     model: str | None = None
+
+
+@contextmanager
+def run_stage(
+    stage: Stage,
+    state: PartialState,
+    message: str,
+    peers: Peers | None = None,
+    merge: Callable[[], dict[str, Any]] | None = None,
+) -> Iterator[dict[str, Any] | None]:
+    """One stage's bookkeeping on every process around its work (the ``with`` block): skip, start, meet, finish.
+
+    Yields ``None`` when the stage already finished with these settings (the block does nothing); else the main
+    process marks it started and prints ``message``, and every process gets the dict the block fills with the stage's
+    figures. Once every process left the block, the main process marks the stage finished with those figures and
+    ``merge()``'s (which joins the processes' shares), the others read the marker, and freed models are collected.
+
+    The processes meet through ``peers`` (signal files: a process that failed stops the others within seconds, with
+    its error) when given, else through collective barriers (the trainers' stages, whose own collectives would wait
+    for a failed process anyway).
+    """
+    if stage.check():
+        yield None
+        return
+    started = stage.start() if state.is_main_process else 0.0
+    if state.is_main_process:
+        print(message, flush=True)
+    _meet(state, peers, f"{stage.root.name}-start", from_main=True)
+    figures: dict[str, Any] = {}
+    yield figures
+    _meet(state, peers, f"{stage.root.name}-work", from_main=False)
+    if state.is_main_process:
+        stage.finish(started, **figures, **(merge() if merge is not None else {}))
+    _meet(state, peers, f"{stage.root.name}-done", from_main=True)
+    stage.check()  # the other processes read the summary and run id from the marker
+    gc.collect()  # a model holds reference cycles: free it before the next stage loads its own
+
+
+def _meet(state: PartialState, peers: Peers | None, point: str, from_main: bool) -> None:
+    """Wait at ``point``: for the main process (``from_main``), or the main process for every other one."""
+    if peers is None:
+        state.wait_for_everyone()
+    elif from_main:
+        if state.is_main_process:
+            peers.signal(point)
+        peers.wait(point, [0])
+    else:
+        peers.signal(point)
+        if state.is_main_process:
+            peers.wait(point)
