@@ -2,7 +2,7 @@
 
 Usage, on a machine with CUDA (one GPU is enough; every GPU is used by the sharded paths):
 
-    pip install -e '.[vllm,deepspeed]'
+    pip install -e '.[test,demo,vllm,deepspeed]'
     scripts/gpu_check.sh                      # every path: bf16, fp16, zero3, fsdp2, vllm_colocate, sppo_*
     scripts/gpu_check.sh --paths zero3 fsdp2  # some of them
     scripts/gpu_check.sh --dry-run            # print each path's command and run nothing (any machine)
