@@ -92,6 +92,8 @@ def test_full_run_writes_every_stage_and_the_final_model(
     if summary["heap_fragmentation_limited"]:
         assert len(trims) == math.ceil(summary["stages"]["improver_sft"]["rows"] / 4) + 2
     assert list(summary["stages"]) == ["sample", "targets", "filter", "improver_sft", "sgpo_iter1"]
+    # 12 rows cannot hold out the default 64 prompts: the evaluation is skipped and the summary says why.
+    assert summary["evaluation"]["skipped"].startswith("skipped: the dataset has 12 rows")
     assert summary["stages"]["sample"]["rows"] == 6
     assert summary["stages"]["sgpo_iter1"]["pairs_made"] == 8
     for stage in ("01_sample", "02_targets", "03_filter", "04_improver_sft", "05_sgpo_iter1"):
@@ -534,6 +536,8 @@ def test_evaluation_stage_compares_every_model_on_held_out_prompts(recipe, tiny_
     argv = [*base_argv(tiny_model_dir, prompt_file, out), "--num_eval_prompts", "2", "--eval_max_new_tokens", "6"]
     summary = recipe.main(*parse(recipe, *argv))
     assert list(summary["stages"])[-1] == "evaluation"
+    assert set(summary["stages"]["evaluation"]) >= {"win_rate/improver_sft", "win_rate/sgpo_iter1"}
+    assert summary["evaluation"]["report"] == str(out / "evaluation" / "report.json")
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert report["baseline"] == "start" and list(report["comparisons"]) == ["improver_sft", "sgpo_iter1"]
     assert list(report["improver"]) == ["improver_sft"]  # the default: the improver that writes SGPO's pairs

@@ -141,6 +141,15 @@ def _update_card(card: Path, section: str) -> None:
     card.write_text((text + "\n\n" if text else "") + section, encoding="utf-8")
 
 
+@dataclass
+class EvaluationOutput:
+    """What the evaluation stage hands on to the run's summary and its Hub push."""
+
+    summary: dict[str, Any] | None = None  # the stage's figures; None when it did not run
+    section: dict[str, Any] | None = None  # the report's path and table, or why the stage was skipped
+    files: list[str] = field(default_factory=list)  # what it added to output_dir (relative paths)
+
+
 def run_evaluation_stage(
     script_args,
     training_args,
@@ -149,22 +158,20 @@ def run_evaluation_stage(
     dataset_rows: int,
     model_name: str,
     stages_dir: Path,
-    summary: dict[str, Any],
     state,
     after: Stage | None,
     method: str = "sgpo",
-) -> list[str]:
-    """Run the evaluation stage on the ``held_out`` rows (main process; the others wait) and return the files it
-    added to ``output_dir`` (relative paths), for the Hub push. Rows whose prompt is in ``used`` (the datasets
-    trained on: a prompt repeated in several rows can be on both sides of the split) are left out. ``held_out`` is
-    None when the dataset (``dataset_rows``) was too small to hold any out. Updates ``summary`` and the final card
-    (``<last stage>/README.md``). ``method`` names the training rounds' folders
+) -> EvaluationOutput:
+    """Run the evaluation stage on the ``held_out`` rows (main process; the others wait). Rows whose prompt is in
+    ``used`` (the datasets trained on: a prompt repeated in several rows can be on both sides of the split) are left
+    out. ``held_out`` is None when the dataset (``dataset_rows``) was too small to hold any out. Adds the table to the
+    final card (``<last stage>/README.md``). ``method`` names the training rounds' folders
     (:func:`~trl_sgpo.pipeline.stages.stage_folder`)."""
     if not script_args.num_eval_prompts:
-        return []
-    rows = _rows_to_judge(script_args, held_out, used, dataset_rows, summary)
+        return EvaluationOutput()
+    rows, skipped = _rows_to_judge(script_args, held_out, used, dataset_rows)
     if rows is None:
-        return []
+        return EvaluationOutput(section={"skipped": skipped})
     models, states = _trained_models(stages_dir, model_name, method, script_args.iterations)
     settings = {
         "models": list(models),
@@ -185,15 +192,15 @@ def run_evaluation_stage(
     with peers.guard("the evaluation stage"), run_stage(stage, state, message, peers) as todo:
         if todo is not None and state.is_main_process:  # not finished yet
             todo.update(_evaluate(stage, models, rows, script_args, training_args, settings, states, state))
-    summary["stages"]["evaluation"] = stage.summary
     if not state.is_main_process:  # the main process wrote everything
-        return []
+        return EvaluationOutput(stage.summary)
     report = json.loads((stage.root / "report.json").read_text(encoding="utf-8"))
-    return _publish_report(report, stage, Path(training_args.output_dir), models, model_name, summary)
+    files, section = _publish_report(report, stage, Path(training_args.output_dir), models, model_name)
+    return EvaluationOutput(stage.summary, section, files)
 
 
-def _rows_to_judge(script_args, held_out: Dataset | None, used: list[Dataset], dataset_rows: int, summary):
-    """The held-out rows to evaluate on, or ``None`` (the stage is skipped; ``summary`` says why)."""
+def _rows_to_judge(script_args, held_out: Dataset | None, used: list[Dataset], dataset_rows: int):
+    """``(rows, None)``: the held-out rows to evaluate on, or ``(None, why the stage is skipped)``."""
     n = script_args.num_eval_prompts
     rows = held_out_rows(held_out, used) if held_out is not None else None
     if not rows:
@@ -206,8 +213,7 @@ def _rows_to_judge(script_args, held_out: Dataset | None, used: list[Dataset], d
         )
         if held_out is not None:  # a dataset too small was warned about when the run started
             logger.warning("Evaluation %s", message)
-        summary["evaluation"] = {"skipped": message}
-        return None
+        return None, message
     if len(rows) < len(held_out):
         logger.warning(
             "Evaluation: %d held-out prompts were also trained on (in another row or --improver_data): left out.",
@@ -218,7 +224,7 @@ def _rows_to_judge(script_args, held_out: Dataset | None, used: list[Dataset], d
             "The offline evaluation judge compares answers with each row's `reference`; the dataset has none. Pass "
             "--judge_model (and --base_url) for an LLM judge, or --num_eval_prompts 0 to skip the evaluation."
         )
-    return rows
+    return rows, None
 
 
 def _trained_models(stages_dir: Path, model_name: str, method: str, iterations: int):
@@ -239,9 +245,9 @@ def _trained_models(stages_dir: Path, model_name: str, method: str, iterations: 
     return models, states
 
 
-def _publish_report(report, stage: Stage, out: Path, models: dict[str, str], model_name: str, summary) -> list[str]:
-    """Copy the report and figures to ``<out>/evaluation/``, add the table to the final card and ``summary``; return
-    the files added (relative paths)."""
+def _publish_report(report, stage: Stage, out: Path, models: dict[str, str], model_name: str):
+    """Copy the report and figures to ``<out>/evaluation/`` and add the table to the final card; return the files
+    added (relative paths) and the summary's section (the report's path and table)."""
     from ..evaluation.reports import text_table
 
     target = out / EVAL_DIR
@@ -253,8 +259,7 @@ def _publish_report(report, stage: Stage, out: Path, models: dict[str, str], mod
     last_model = next(reversed(models.values()))
     if last_model != model_name:
         _update_card(Path(last_model).parent / "README.md", _card_section(report))
-    summary["evaluation"] = {"report": str(target / "report.json"), "table": text_table(report)}
-    return added
+    return added, {"report": str(target / "report.json"), "table": text_table(report)}
 
 
 def _evaluate(stage, models, rows, script_args, training_args, settings, states, state) -> dict[str, Any]:

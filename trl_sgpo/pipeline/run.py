@@ -45,7 +45,7 @@ from ..trainers.improver_sft_trainer import ImproverSFTTrainer
 from ..trainers.sgpo_config import SGPOConfig
 from ..utils import set_cpu_threads
 from .data_stages import data_stages, perplexity_filter, sample, write_targets
-from .evaluation_stage import EvaluationArguments, run_evaluation_stage
+from .evaluation_stage import EvaluationArguments, EvaluationOutput, run_evaluation_stage
 from .fingerprints import fingerprint, model_fingerprint, script_fingerprint
 from .items_dataset import collect_items, push_items
 from .memory import TrimHeapCallback, limit_heap_fragmentation
@@ -362,11 +362,9 @@ def run_pipeline(
         done.append(last)
     if run.script_args.stop_after == "sgpo":  # the rounds of any method
         return finish(run, done)
-    summary = make_summary(run, done)
-    eval_files = evaluation(run, summary, done[-1].stage)
+    evaluated = evaluation(run, done[-1].stage)
     rounds = [output.stage.root for output in done if output.key.startswith(f"{run.method.name}_iter")]
-    summary.update(publish(run, done[-1].model, eval_files, rounds))
-    return finish(run, done, summary)
+    return finish(run, done, evaluated, publish(run, done[-1].model, evaluated.files, rounds))
 
 
 def prepare_run(script_args, training_args, model_args, method_args: MethodArguments, judge) -> Run:
@@ -583,7 +581,7 @@ def method_round(run: Run, method_args: MethodArguments, judge, iteration: int, 
     return StageOutput(f"{method.name}_iter{iteration}", stage.summary, stage, str(stage.root / "model"))
 
 
-def evaluation(run: Run, summary: dict[str, Any], last: Stage | None) -> list[str]:
+def evaluation(run: Run, last: Stage | None) -> EvaluationOutput:
     """Stage 6: win rates on held-out prompts; adds a section to the final card and files under
     output_dir/evaluation. A dataset may repeat a prompt in several rows, and a given --improver_data was trained on
     too: any held-out row whose prompt training used is left out."""
@@ -599,7 +597,6 @@ def evaluation(run: Run, summary: dict[str, Any], last: Stage | None) -> list[st
         run.rows.total,
         run.model_name,
         stages_dir,
-        summary,
         run.state,
         last,
         method=run.method.name,
@@ -633,18 +630,27 @@ def publish(run: Run, final_model: str, eval_files: list[str], rounds: list[Path
     return published
 
 
-def make_summary(run: Run, done: list[StageOutput]) -> dict[str, Any]:
-    return {
-        "model": run.model_name,
-        "output_dir": str(run.out),
-        "heap_fragmentation_limited": run.heap,
-        "stages": {output.key: output.summary for output in done},
-    }
+def make_summary(
+    run: Run,
+    done: list[StageOutput],
+    evaluated: EvaluationOutput | None = None,
+    published: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run's summary, from what its stages returned."""
+    evaluated = evaluated or EvaluationOutput()
+    stages = {output.key: output.summary for output in done}
+    if evaluated.summary is not None:
+        stages["evaluation"] = evaluated.summary
+    summary = {"model": run.model_name, "output_dir": str(run.out), "heap_fragmentation_limited": run.heap}
+    summary["stages"] = stages
+    if evaluated.section is not None:
+        summary["evaluation"] = evaluated.section
+    return {**summary, **(published or {})}
 
 
-def finish(run: Run, done: list[StageOutput], summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the summary (made from ``done`` unless given) to ``<output_dir>/sgpo_summary.json`` and return it."""
-    summary = summary if summary is not None else make_summary(run, done)
+def finish(run: Run, done: list[StageOutput], evaluated=None, published=None) -> dict[str, Any]:
+    """Write the summary (:func:`make_summary`) to ``<output_dir>/sgpo_summary.json`` and return it."""
+    summary = make_summary(run, done, evaluated, published)
     if run.state.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
         with open(run.out / "sgpo_summary.json", "w", encoding="utf-8") as f:
