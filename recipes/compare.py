@@ -182,6 +182,11 @@ def main(compare_args, script_args, training_args, model_args, judge=None):
     from trl_sgpo.models import DEFAULT_MODEL
     from trl_sgpo.pipeline import run_pipeline
 
+    if script_args.stop_after is not None:
+        raise ValueError(
+            f"`--stop_after {script_args.stop_after}`: the comparison evaluates every method's final model, so each "
+            "runs to the end. For part of one method's run: recipes/sgpo.py --method NAME --stop_after STAGE."
+        )
     state = PartialState()
     out = Path(training_args.output_dir)
     train_rows, eval_rows = split_rows(script_args, compare_args, training_args.seed)

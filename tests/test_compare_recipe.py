@@ -135,6 +135,14 @@ def test_compare_evaluation_judge_options(monkeypatch, tiny_model_dir):
         compare.make_parser().parse_args_and_config(["--output_dir", "o", "--eval_judge", "local"])
 
 
+def test_compare_refuses_stop_after(tmp_path):
+    compare = load_script("compare")
+    parsed = compare.make_parser().parse_args_and_config(["--output_dir", str(tmp_path), "--stop_after", "sgpo"])
+    with pytest.raises(ValueError, match="`--stop_after sgpo`: the comparison evaluates every method's final model"):
+        compare.main(*parsed)
+    assert not (tmp_path / "data").exists()  # refused before any work
+
+
 def test_comparison_table_shows_standard_errors():
     compare = load_script("compare")
     row = dict(method="sgpo", win_rate=0.625, ci_low=0.5, ci_high=0.75, se=0.061, lc_win_rate=0.58, lc_se=0.052)

@@ -145,9 +145,9 @@ def _update_card(card: Path, section: str) -> None:
 class EvaluationOutput:
     """What the evaluation stage hands on to the run's summary and its Hub push."""
 
-    summary: dict[str, Any] | None = None  # the stage's figures; None when it did not run
-    section: dict[str, Any] | None = None  # the report's path and table, or why the stage was skipped
-    files: list[str] = field(default_factory=list)  # what it added to output_dir (relative paths)
+    summary: dict[str, Any] | None = None  # the stage's figures (this run's or a finished run's); None: no stage
+    section: dict[str, Any] | None = None  # main process: the report's path and table, or why the stage was skipped
+    files: list[str] = field(default_factory=list)  # main process: what it added to output_dir (relative paths)
 
 
 def run_evaluation_stage(
@@ -166,7 +166,7 @@ def run_evaluation_stage(
     ``used`` (the datasets trained on: a prompt repeated in several rows can be on both sides of the split) are left
     out. ``held_out`` is None when the dataset (``dataset_rows``) was too small to hold any out. Adds the table to the
     final card (``<last stage>/README.md``). ``method`` names the training rounds' folders
-    (:func:`~trl_sgpo.pipeline.stages.stage_folder`)."""
+    (:func:`~trl_sgpo.pipeline.stages.stage_folder`). Returns what the run's summary and Hub push take from it."""
     if not script_args.num_eval_prompts:
         return EvaluationOutput()
     rows, skipped = _rows_to_judge(script_args, held_out, used, dataset_rows)

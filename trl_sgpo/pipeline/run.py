@@ -141,7 +141,11 @@ class SGPOScriptArguments(EvaluationArguments):
     )
     stop_after: str | None = field(
         default=None,
-        metadata={"help": f"Stop after this stage, one of {TRAINING_STAGES}.", "choices": list(TRAINING_STAGES)},
+        metadata={
+            "help": f"Stop after this stage, one of {TRAINING_STAGES}; `sgpo`: after the last round of any method, "
+            "without the evaluation (the final model is still saved to output_dir, and pushed with --push_to_hub).",
+            "choices": list(TRAINING_STAGES),
+        },
     )
     iterations: int = field(default=1, metadata={"help": "Rounds of SGPO, each starting from the last round's model."})
     limit_heap_fragmentation: bool = field(
@@ -286,10 +290,6 @@ class Run:
     def folder(self, stage: str, **fields) -> Path:
         return self.out / "stages" / stage_folder(stage, **fields)
 
-    def print(self, message: str) -> None:
-        if self.state.is_main_process:
-            print(message, flush=True)
-
     def load(self, path: str):
         kwargs = {
             "revision": self.model_args.model_revision,
@@ -360,9 +360,8 @@ def run_pipeline(
     for iteration in range(1, run.script_args.iterations + 1):
         last = method_round(run, method_args, judge, iteration, last)
         done.append(last)
-    if run.script_args.stop_after == "sgpo":  # the rounds of any method
-        return finish(run, done)
-    evaluated = evaluation(run, done[-1].stage)
+    # `sgpo` names the rounds of any method, whose keys carry the method's name: not a `stops_after` match.
+    evaluated = EvaluationOutput() if run.script_args.stop_after == "sgpo" else evaluation(run, done[-1].stage)
     rounds = [output.stage.root for output in done if output.key.startswith(f"{run.method.name}_iter")]
     return finish(run, done, evaluated, publish(run, done[-1].model, evaluated.files, rounds))
 
@@ -648,7 +647,12 @@ def make_summary(
     return {**summary, **(published or {})}
 
 
-def finish(run: Run, done: list[StageOutput], evaluated=None, published=None) -> dict[str, Any]:
+def finish(
+    run: Run,
+    done: list[StageOutput],
+    evaluated: EvaluationOutput | None = None,
+    published: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write the summary (:func:`make_summary`) to ``<output_dir>/sgpo_summary.json`` and return it."""
     summary = make_summary(run, done, evaluated, published)
     if run.state.is_main_process:
