@@ -135,9 +135,10 @@ def test_compare_evaluation_judge_options(monkeypatch, tiny_model_dir):
         compare.make_parser().parse_args_and_config(["--output_dir", "o", "--eval_judge", "local"])
 
 
-def test_compare_refuses_stop_after(tmp_path):
+def test_compare_refuses_stop_after(tiny_model_dir, prompt_file, tmp_path):
     compare = load_script("compare")
-    parsed = compare.make_parser().parse_args_and_config(["--output_dir", str(tmp_path), "--stop_after", "sgpo"])
+    argv = [*common_argv(tiny_model_dir, prompt_file, tmp_path), "--stop_after", "sgpo"]
+    parsed = compare.make_parser().parse_args_and_config(argv)
     with pytest.raises(ValueError, match="`--stop_after sgpo`: the comparison evaluates every method's final model"):
         compare.main(*parsed)
     assert not (tmp_path / "data").exists()  # refused before any work

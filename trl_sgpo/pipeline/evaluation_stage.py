@@ -146,7 +146,7 @@ class EvaluationOutput:
     """What the evaluation stage hands on to the run's summary and its Hub push."""
 
     summary: dict[str, Any] | None = None  # the stage's figures (this run's or a finished run's); None: no stage
-    section: dict[str, Any] | None = None  # main process: the report's path and table, or why the stage was skipped
+    section: dict[str, Any] | None = None  # the report's path and table (main process), or why the stage was skipped
     files: list[str] = field(default_factory=list)  # main process: what it added to output_dir (relative paths)
 
 

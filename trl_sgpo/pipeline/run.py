@@ -360,7 +360,8 @@ def run_pipeline(
     for iteration in range(1, run.script_args.iterations + 1):
         last = method_round(run, method_args, judge, iteration, last)
         done.append(last)
-    # `sgpo` names the rounds of any method, whose keys carry the method's name: not a `stops_after` match.
+    # --stop_after sgpo: no evaluation, the final model still published. (`sgpo` names the rounds of any method; their
+    # keys carry the method's name, so `run.stops_after` cannot match it.)
     evaluated = EvaluationOutput() if run.script_args.stop_after == "sgpo" else evaluation(run, done[-1].stage)
     rounds = [output.stage.root for output in done if output.key.startswith(f"{run.method.name}_iter")]
     return finish(run, done, evaluated, publish(run, done[-1].model, evaluated.files, rounds))
