@@ -4,9 +4,9 @@ the bundled embedder."""
 import math
 
 import pytest
-import torch
 
 from helpers.openai_stub import OpenAIStub
+from helpers.tiny import build_tiny_reward_model
 from trl_sgpo.evaluation.judges import (
     OpenAIPairwiseJudge,
     PointwiseJudge,
@@ -84,20 +84,7 @@ def test_unanswerable_rows_abstain(api_key):
 
 
 def test_reward_model_judge_is_bradley_terry_on_a_tiny_classifier(tiny_tokenizer, tmp_path):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    build_tiny_reward_model(tiny_tokenizer).save_pretrained(tmp_path / "rm")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
     judge = RewardModelJudge(str(tmp_path / "rm"), device="cpu", batch_size=2)
     prompts = ["What is 2+2?", "Name a colour."]
