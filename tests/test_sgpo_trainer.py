@@ -20,6 +20,19 @@ def make_args(tmp_path, **kw):
     return tiny_config(SGPOConfig, tmp_path, **{**dict(max_steps=2, max_length=128, learning_rate=1e-3), **kw})
 
 
+def judged_trainer(tmp_path, model, tokenizer, judge):
+    """An SGPO trainer over 8 prompts in windows of 4, its pairs scored by ``judge`` and written by FixedAnswers."""
+    trainer = SGPOTrainer(
+        model,
+        reward_funcs=judge,
+        args=make_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=conv_dataset(8),
+        processing_class=tokenizer,
+    )
+    trainer._sample = FixedAnswers(tokenizer)
+    return trainer
+
+
 class FixedAnswers:
     """Stand-in for the sampler: the policy always says `bad`, the improver always says `good`."""
 
@@ -280,14 +293,7 @@ def test_judge_drops_pairs_it_does_not_prefer(tmp_path, tiny_model, tiny_tokeniz
             scores.append(1.0 if improved == even else 0.0)
         return scores
 
-    trainer = SGPOTrainer(
-        tiny_model,
-        reward_funcs=judge,
-        args=make_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
-        train_dataset=conv_dataset(8),
-        processing_class=tiny_tokenizer,
-    )
-    trainer._sample = FixedAnswers(tiny_tokenizer)
+    trainer = judged_trainer(tmp_path, tiny_model, tiny_tokenizer, judge)
     trainer.train()
     counts = trainer.pair_counts
     assert {k: counts[k] for k in ("made", "kept", "empty", "identical", "judge_rejected")} == {
@@ -315,14 +321,7 @@ def test_a_judge_that_abstains_drops_the_pair(tmp_path, tiny_model, tiny_tokeniz
             scores.append((float("nan") if question == 2 else None) if abstains else score)
         return scores
 
-    trainer = SGPOTrainer(
-        tiny_model,
-        reward_funcs=judge,
-        args=make_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
-        train_dataset=conv_dataset(8),
-        processing_class=tiny_tokenizer,
-    )
-    trainer._sample = FixedAnswers(tiny_tokenizer)
+    trainer = judged_trainer(tmp_path, tiny_model, tiny_tokenizer, judge)
     pairs = trainer.generate_pairs(
         trainer.model, [[{"role": "user", "content": f"What is {i} plus {i}?"}] for i in (0, 1, 2, 3)]
     )
