@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from helpers.recipes import load_recipe
 from helpers.tiny import build_tiny_model, build_tiny_tokenizer
 
 
@@ -43,3 +44,9 @@ def tiny_model_dir(tmp_path, tiny_model, tiny_tokenizer):
     tiny_model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    """``recipes/sgpo.py`` as a module."""
+    return load_recipe("sgpo")

@@ -10,7 +10,6 @@ failed main process waits (at most 60 s) for the others' files first: torchrun e
 exits, and the test wants to see them end on their own.
 """
 
-import importlib.util
 import json
 import os
 import sys
@@ -18,9 +17,10 @@ import time
 import traceback
 from pathlib import Path
 
+from helpers.recipes import load_recipe
+
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-RECIPE = Path(__file__).parent.parent / "recipes" / "sgpo.py"
 
 
 class InjectedFailure(RuntimeError):
@@ -34,9 +34,7 @@ class InjectedFailure(RuntimeError):
 def main(out_dir: str, fail_stage: str, argv: list[str]) -> None:
     from accelerate import PartialState
 
-    spec = importlib.util.spec_from_file_location("sgpo_recipe", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("sgpo")
     args = recipe.parse_args(argv)
     state = PartialState()  # after the arguments: TrainingArguments sets up the processes (use_cpu on CPU)
     if fail_stage == "targets" and state.is_main_process:

@@ -1,22 +1,11 @@
 """recipes/compare.py end to end on a tiny model, and recipes/sgpo.py --method for SPPO and SSO."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from helpers.recipes import load_recipe
 from trl_sgpo.evaluation.judges import PointwiseJudge
-
-
-ROOT = Path(__file__).parent.parent
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class LengthJudge(PointwiseJudge):
@@ -48,7 +37,7 @@ def common_argv(model_dir, data, out):
 
 
 def test_compare_trains_every_method_and_writes_one_table_and_plot(tiny_model_dir, prompt_file, tmp_path, capsys):
-    compare = load_script("compare")
+    compare = load_recipe("compare")
     out = tmp_path / "cmp"
     argv = common_argv(tiny_model_dir, prompt_file, out) + [
         "--num_eval_prompts", "4", "--eval_max_new_tokens", "6", "--n_bootstrap", "50",
@@ -91,7 +80,7 @@ def test_compare_trains_every_method_and_writes_one_table_and_plot(tiny_model_di
 
 
 def test_sgpo_recipe_method_flag_skips_the_improver_stages(tiny_model_dir, prompt_file, tmp_path, capsys):
-    recipe = load_script("sgpo")
+    recipe = load_recipe("sgpo")
     out = tmp_path / "sso"
     summary = recipe.main(*recipe.parse_args(common_argv(tiny_model_dir, prompt_file, out) + ["--method", "sso"]))
     assert list(summary["stages"]) == ["sso_iter1"]
@@ -107,7 +96,7 @@ def test_sgpo_recipe_method_flag_skips_the_improver_stages(tiny_model_dir, promp
 
 
 def test_compare_evaluation_judge_options(monkeypatch, tiny_model_dir):
-    compare = load_script("compare")
+    compare = load_recipe("compare")
     base = ["--output_dir", "o", "--judge", "openai", "--judge_model", "j", "--base_url", "http://127.0.0.1:9/v1"]
     base += ["--writer_model", "w"]  # the recipe shares --base_url between the writer and the judge
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
@@ -136,7 +125,7 @@ def test_compare_evaluation_judge_options(monkeypatch, tiny_model_dir):
 
 
 def test_compare_refuses_stop_after(tiny_model_dir, prompt_file, tmp_path):
-    compare = load_script("compare")
+    compare = load_recipe("compare")
     argv = [*common_argv(tiny_model_dir, prompt_file, tmp_path), "--stop_after", "sgpo"]
     parsed = compare.make_parser().parse_args_and_config(argv)
     with pytest.raises(ValueError, match="`--stop_after sgpo`: the comparison evaluates every method's final model"):
@@ -145,7 +134,7 @@ def test_compare_refuses_stop_after(tiny_model_dir, prompt_file, tmp_path):
 
 
 def test_comparison_table_shows_standard_errors():
-    compare = load_script("compare")
+    compare = load_recipe("compare")
     row = dict(method="sgpo", win_rate=0.625, ci_low=0.5, ci_high=0.75, se=0.061, lc_win_rate=0.58, lc_se=0.052)
     row.update(lc_identified=True, lc_reason=None, wins=5, ties=0, losses=3, avg_length=120.0, train_seconds=60.0)
     unknown = {**row, "method": "sso", "se": None, "lc_se": float("nan")}
@@ -158,7 +147,7 @@ def test_comparison_table_shows_standard_errors():
 def test_the_held_out_rows_read_references_from_reference_column(tmp_path):
     from test_gpu_config import ultrafeedback_like
 
-    compare = load_script("compare")
+    compare = load_recipe("compare")
     data = ultrafeedback_like(tmp_path / "uf.jsonl", n=8)
     argv = [
         "--output_dir",

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.recipes import load_recipe
+
 
 HERE = Path(__file__).parent
 CPU_CONFIG = HERE.parent / "recipes" / "accelerate" / "cpu_2proc.yaml"
@@ -85,16 +87,13 @@ def data_stage_argv(model_dir, out):
 
 @pytest.mark.slow
 def test_data_stages_share_the_rows_over_processes_and_merge_what_one_process_makes(tmp_path, tiny_model_dir):
-    import importlib.util
 
     from trl_sgpo.io.jsonl import read_jsonl
 
     two = tmp_path / "two"
     proc = launch("dist_pipeline_script.py", tmp_path, "--", *data_stage_argv(tiny_model_dir, two), port=29519)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    spec = importlib.util.spec_from_file_location("sgpo_recipe", HERE.parent / "recipes" / "sgpo.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("sgpo")
     one = tmp_path / "one"
     recipe.main(*recipe.parse_args(data_stage_argv(tiny_model_dir, one)))
 

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from helpers.openai_stub import OpenAIStub
+from helpers.recipes import load_recipe
 from helpers.tiny import build_tiny_reward_model
 from trl_sgpo.evaluation.judges import (
     OpenAIPairwiseJudge,
@@ -232,15 +233,10 @@ def test_one_judge_factory_builds_every_kind_and_names_the_missing_option(monkey
 
 def test_the_recipes_share_the_judge_settings():
     import dataclasses
-    import importlib.util
-    from pathlib import Path
 
     from trl_sgpo.pipeline.methods import JudgeArguments, MethodArguments
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / "compare.py"
-    spec = importlib.util.spec_from_file_location("compare_recipe_judges", path)
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = load_recipe("compare")
     assert issubclass(compare.CompareArguments, JudgeArguments) and issubclass(MethodArguments, JudgeArguments)
     compare_args = compare.CompareArguments(judge="reward-model", reward_model="rm", similarity_temperature=0.2)
     method_args = compare_args.method_arguments("online_dpo")

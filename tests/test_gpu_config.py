@@ -41,16 +41,6 @@ OVERRIDES = {
 }
 
 
-@pytest.fixture(scope="module")
-def recipe():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sgpo_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def ultrafeedback_like(path, n=8):
     """Rows shaped like HuggingFaceH4/ultrafeedback_binarized: a string prompt, `chosen`/`rejected` chats."""
     with open(path, "w") as f:

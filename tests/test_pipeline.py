@@ -1,6 +1,5 @@
 """The recipe's pipeline end to end on a tiny model: stages, resume, foreign folders, bad arguments, Hub push."""
 
-import importlib.util
 import json
 import math
 import re
@@ -14,14 +13,6 @@ from trl_sgpo.pipeline.stages import StageConfigMismatchError
 
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "sgpo.py"
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location("sgpo_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_prompts(path):
