@@ -136,13 +136,17 @@ def perplexity_filter(data: DataRun, written: StageOutput) -> StageOutput:
 
     run, script_args = data.run, data.run.script_args
     stage = Stage(run.folder("filter"), "filter", run.settings("filter"), after=written.stage)
-    targets = written.stage.root / "targets.jsonl"
+
+    def merge_scores():
+        return _apply_filter(stage, targets, script_args)  # `targets`: read in the block, which runs first
+
     message = f"[3/6] perplexity filter on {run.state.num_processes} process(es)"
-    with run_stage(stage, run.state, message, data.peers, lambda: _apply_filter(stage, targets, script_args)) as todo:
+    with run_stage(stage, run.state, message, data.peers, merge_scores) as todo:
         if todo is not None:  # not finished yet
+            targets = load_rows(written.stage.root / "targets.jsonl")
             score_targets(
                 *data.policy(),
-                load_rows(targets),
+                targets,
                 _share_file(stage, data.peers, "scores"),
                 # A few rows per forward: the completions' logits over the whole vocabulary are the filter's peak
                 # memory (16 rows: about 3 GB for SmolLM2's 49k tokens), and a CPU gains little from larger batches.
@@ -155,11 +159,11 @@ def perplexity_filter(data: DataRun, written: StageOutput) -> StageOutput:
     return StageOutput("filter", stage.summary, stage)
 
 
-def _apply_filter(stage: Stage, targets: Path, script_args) -> dict[str, Any]:
-    """Merge every share's scores of the ``targets`` file, keep the targets that pass, and return the summary."""
+def _apply_filter(stage: Stage, targets: Dataset, script_args) -> dict[str, Any]:
+    """Merge every share's scores of ``targets``, keep the targets that pass, and return the stage's summary."""
     from ..data.perplexity import REPORT_FILE, PerplexityFilterConfig, apply_filter
 
-    scored = _merge_shards(load_rows(targets), stage.root / "shards", "scores.*.jsonl")
+    scored = _merge_shards(targets, stage.root / "shards", "scores.*.jsonl")
     write_jsonl_atomic(stage.root / "scores.jsonl", scored.to_list())
     # Offline targets at step_fraction 1 are the references by definition: asked for, so not dropped as copies.
     offline = script_args.writer_model is None
